@@ -1,0 +1,228 @@
+"""The one interface every stage talks to: an image-text ``Encoder``.
+
+Two layers:
+
+* ``Encoder`` — what indexing, search and evaluation need: ``encode_text`` and
+  ``encode_images`` return L2-normalised float32 numpy arrays, batched, with an optional
+  progress bar; plus ``dim``, ``name``, ``family`` and a ``fingerprint``.
+* ``TorchEncoder`` — what training needs on top: ``tokenize``/``preprocess`` turn raw
+  inputs into tensors, and ``embed_text``/``embed_images`` run a differentiable forward
+  pass returning normalised embeddings. ``encode_*`` is the no-grad batched loop over
+  them, so training and inference share one code path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+ImageInput = "Image.Image | str | os.PathLike[str]"
+
+
+def batched(items: Sequence[Any], batch_size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), batch_size):
+        yield items[start : start + batch_size]
+
+
+def load_rgb(image: Any) -> Image.Image:
+    """A PIL image in RGB from a PIL image or a path (EXIF orientation applied)."""
+    from PIL import Image, ImageOps
+
+    if isinstance(image, Image.Image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    with Image.open(image) as opened:
+        return ImageOps.exif_transpose(opened).convert("RGB")
+
+
+def l2_normalize(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+
+
+class Encoder(ABC):
+    """Maps texts and images into one L2-normalised vector space."""
+
+    name: str
+    family: str
+    dim: int
+    batch_size: int = 32
+    #: multiplier that turns cosine similarities into logits (CLIP: exp(logit_scale))
+    logit_scale: float = 20.0
+
+    @property
+    @abstractmethod
+    def fingerprint(self) -> str:
+        """Hash of the weights and the preprocessing: two encoders with the same
+        fingerprint produce the same vectors."""
+
+    @abstractmethod
+    def _encode_text_batch(self, texts: Sequence[str]) -> np.ndarray: ...
+
+    @abstractmethod
+    def _encode_image_batch(self, images: Sequence[Any]) -> np.ndarray: ...
+
+    def encode_text(
+        self,
+        texts: Sequence[str] | str,
+        *,
+        batch_size: int | None = None,
+        show_progress: bool = False,
+    ) -> np.ndarray:
+        """float32 [n, dim], L2-normalised."""
+        if isinstance(texts, str):
+            texts = [texts]
+        return self._run(list(texts), self._encode_text_batch, batch_size, show_progress, "text")
+
+    def encode_images(
+        self,
+        images: Sequence[Any] | Any,
+        *,
+        batch_size: int | None = None,
+        show_progress: bool = False,
+    ) -> np.ndarray:
+        """float32 [n, dim], L2-normalised. Accepts PIL images or paths."""
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        return self._run(list(images), self._encode_image_batch, batch_size, show_progress, "images")
+
+    def _run(self, items, encode_batch, batch_size, show_progress, unit) -> np.ndarray:
+        if not items:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        size = batch_size or self.batch_size
+        parts = []
+        progress = None
+        if show_progress:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=len(items), desc=f"encode {unit}", unit=unit.rstrip("s"))
+        for batch in batched(items, size):
+            parts.append(np.asarray(encode_batch(batch), dtype=np.float32))
+            if progress is not None:
+                progress.update(len(batch))
+        if progress is not None:
+            progress.close()
+        return l2_normalize(np.concatenate(parts, axis=0))
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "family": self.family, "dim": self.dim, "fingerprint": self.fingerprint}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, family={self.family!r}, dim={self.dim})"
+
+
+class TorchEncoder(Encoder):
+    """An encoder backed by a torch ``nn.Module`` that training can update in place."""
+
+    model: torch.nn.Module
+    device: torch.device
+    dtype: torch.dtype
+    source_dir: Path | None = None
+
+    @abstractmethod
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Model inputs for ``texts`` (on CPU; ``embed_text`` moves them)."""
+
+    @abstractmethod
+    def preprocess(self, images: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """Model inputs for ``images`` (PIL images or paths)."""
+
+    @abstractmethod
+    def _text_features(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+    @abstractmethod
+    def _image_features(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+    @abstractmethod
+    def save(self, out_dir: str | os.PathLike[str]) -> Path:
+        """Write a plain model directory that ``load_encoder`` and ``from_pretrained`` open."""
+
+    def embed_text(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Differentiable: normalised float embeddings [n, dim]."""
+        import torch.nn.functional as F
+
+        return F.normalize(self._text_features(self._to_device(inputs)).float(), dim=-1)
+
+    def embed_images(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        return F.normalize(self._image_features(self._to_device(inputs)).float(), dim=-1)
+
+    def _to_device(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        import torch
+
+        moved = {}
+        for key, value in inputs.items():
+            if isinstance(value, torch.Tensor):
+                value = value.to(self.device)
+                if value.is_floating_point():
+                    value = value.to(self.dtype)
+            moved[key] = value
+        return moved
+
+    def _encode_text_batch(self, texts: Sequence[str]) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return self.embed_text(self.tokenize(texts)).float().cpu().numpy()
+
+    def _encode_image_batch(self, images: Sequence[Any]) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return self.embed_images(self.preprocess(images)).float().cpu().numpy()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def fingerprint(self) -> str:
+        cached = getattr(self, "_fingerprint", None)
+        if cached is None:
+            cached = self._fingerprint = self.compute_fingerprint()
+        return cached
+
+    def invalidate_fingerprint(self) -> None:
+        """Call after the weights change (training) so the next read re-hashes them."""
+        self._fingerprint = None
+
+    def preprocessing_config(self) -> dict[str, Any]:
+        """What, besides the weights, decides the vectors (processor numbers, prompts)."""
+        return {}
+
+    def compute_fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        digest.update(json.dumps(
+            {"family": self.family, "dim": self.dim, "pre": self.preprocessing_config()},
+            sort_keys=True, default=str,
+        ).encode())
+        digest.update(weights_digest(self.model).encode())
+        return digest.hexdigest()[:16]
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer (names, shapes, dtypes and bytes).
+
+    Hashing the tensors rather than the files makes the fingerprint the same whether a
+    model came from a directory, the hub cache or a training run still in memory.
+    """
+    import torch
+
+    digest = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach()
+        digest.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        if tensor.dtype == torch.bfloat16:
+            tensor = tensor.view(torch.int16)
+        digest.update(tensor.contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()

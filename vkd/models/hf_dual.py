@@ -1,0 +1,139 @@
+"""Dual-encoder backend: CLIP, SigLIP and any transformers model with
+``get_text_features`` / ``get_image_features``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vkd.models.base import TorchEncoder, load_rgb
+
+# Families whose text tower was trained on fixed-length padded input: their pooled token
+# sits at a fixed position, so batch padding must be to max_length, exactly as in training.
+PAD_TO_MAX_LENGTH = {"siglip", "siglip2"}
+
+
+class HFDualEncoder(TorchEncoder):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        image_processor: Any,
+        *,
+        name: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        batch_size: int = 32,
+        max_text_length: int | None = None,
+        source_dir: Path | None = None,
+    ) -> None:
+        for method in ("get_text_features", "get_image_features"):
+            if not hasattr(model, method):
+                raise ValueError(f"{name}: model class {type(model).__name__} has no {method}()")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.name = name
+        self.family = model.config.model_type
+        self.device = device
+        self.dtype = dtype
+        self.batch_size = batch_size
+        self.source_dir = source_dir
+        text_config = getattr(model.config, "text_config", model.config)
+        self.max_text_length = max_text_length or getattr(text_config, "max_position_embeddings", 77)
+        self.pad_to_max_length = self.family in PAD_TO_MAX_LENGTH
+        self.dim = int(getattr(model.config, "projection_dim", 0) or text_config.hidden_size)
+        self._fingerprint = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        batch_size: int = 32,
+        trust_remote_code: bool = False,
+        max_text_length: int | None = None,
+    ) -> HFDualEncoder:
+        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+        model = AutoModel.from_pretrained(
+            name_or_path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        image_processor = AutoImageProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        model.to(device).eval()
+        source = Path(name_or_path) if Path(name_or_path).is_dir() else None
+        return cls(
+            model, tokenizer, image_processor, name=str(name_or_path), device=device, dtype=dtype,
+            batch_size=batch_size, max_text_length=max_text_length, source_dir=source,
+        )
+
+    @property
+    def logit_scale(self) -> float:  # type: ignore[override]
+        scale = getattr(self.model, "logit_scale", None)
+        return float(scale.detach().float().exp()) if scale is not None else 1.0 / 0.05
+
+    def logit_scale_tensor(self) -> torch.Tensor:
+        """exp(logit_scale) as a tensor, differentiable when the model learns it."""
+        scale = getattr(self.model, "logit_scale", None)
+        if scale is None:
+            return torch.tensor(1.0 / 0.05, device=self.device)
+        return scale.float().exp().clamp(max=100.0)
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        encoded = self.tokenizer(
+            list(texts),
+            padding="max_length" if self.pad_to_max_length else True,
+            truncation=True,
+            max_length=self.max_text_length,
+            return_tensors="pt",
+        )
+        return dict(encoded)
+
+    def preprocess(self, images: Sequence[Any]) -> dict[str, torch.Tensor]:
+        pixels = self.image_processor(images=[load_rgb(image) for image in images], return_tensors="pt")
+        return {"pixel_values": pixels["pixel_values"]}
+
+    def _text_features(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return _pooled(self.model.get_text_features(**inputs))
+
+    def _image_features(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return _pooled(self.model.get_image_features(**inputs))
+
+    def preprocessing_config(self) -> dict[str, Any]:
+        processor = self.image_processor.to_dict() if hasattr(self.image_processor, "to_dict") else {}
+        keep = ("size", "crop_size", "image_mean", "image_std", "do_center_crop", "resample", "rescale_factor")
+        return {
+            "image": {key: processor.get(key) for key in keep},
+            "max_text_length": self.max_text_length,
+            "pad_to_max_length": self.pad_to_max_length,
+            "vocab_size": len(self.tokenizer),
+        }
+
+    def save(self, out_dir: str | os.PathLike[str]) -> Path:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(out, safe_serialization=True)
+        self.tokenizer.save_pretrained(out)
+        self.image_processor.save_pretrained(out)
+        return out
+
+    def image_size(self) -> int:
+        vision = getattr(self.model.config, "vision_config", None)
+        return int(getattr(vision, "image_size", 224))
+
+
+def _pooled(output: Any) -> torch.Tensor:
+    # transformers 5 returns an output object; 4.x returned the tensor itself.
+    if isinstance(output, torch.Tensor):
+        return output
+    pooled = getattr(output, "pooler_output", None)
+    if pooled is None:
+        raise TypeError(f"feature method returned {type(output).__name__} without pooler_output")
+    return pooled
