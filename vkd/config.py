@@ -1,8 +1,8 @@
 """Typed configuration read from YAML, with ``key=value`` overrides on top.
 
 A config is a dataclass whose type hints and field ``metadata`` (``help``, ``choices``, ``min``,
-``max``, ``gt``, ``lt``) drive parsing and validation: adding a setting means adding a field, not
-writing parsing code. Unknown keys, wrong types and out-of-range values are errors naming where
+``max``, ``gt``, ``lt``, ``required_if``) drive parsing and validation: adding a setting means
+adding a field, not writing parsing code. Unknown keys, wrong types and out-of-range values are errors naming where
 the value came from (the YAML file or ``--set``), the key, the value, what is accepted and the
 closest known key. ``from_dict`` works for any such dataclass, so other parts (indexing,
 serving) can define their own configs on the same machinery by subclassing ``Config``.
@@ -26,7 +26,7 @@ import yaml
 T = TypeVar("T")
 
 OVERRIDE_SOURCE = "--set"
-_META_KEYS = frozenset({"help", "choices", "min", "max", "gt", "lt"})
+_META_KEYS = frozenset({"help", "choices", "min", "max", "gt", "lt", "required_if"})
 _TRUE = frozenset({"true", "yes", "on", "1"})
 _FALSE = frozenset({"false", "no", "off", "0"})
 _NULL = frozenset({"", "null", "none", "~"})
@@ -48,7 +48,7 @@ class ConfigError(ValueError):
 
 
 class _Invalid(Exception):
-    """A value that does not fit its field; no reason means it has the wrong type."""
+    """A value that does not fit its field; ``hint`` is appended to what is accepted."""
 
     def __init__(self, reason: str = "has the wrong type", hint: str = "") -> None:
         super().__init__(reason)
@@ -62,6 +62,10 @@ class Config:
     def from_dict(cls: type[T], data: Mapping[str, Any], source: str | Path = "config",
                   key_sources: Mapping[str, str] | None = None) -> T:
         return from_dict(cls, data, source, key_sources)
+
+    def validated(self: T) -> T:
+        """A copy checked like a config read from a file, for configs built in Python."""
+        return from_dict(type(self), dataclasses.asdict(self), "config")  # type: ignore[call-overload]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
@@ -120,7 +124,13 @@ def _build(cls: type[T], data: Mapping[Any, Any], where: Callable[[str], str], p
         except ConfigError as e:  # a nested config (a stage) reports its own keys
             problems.extend(e.problems)
     for key, spec in fields.items():
-        if key not in data and spec.default is MISSING and spec.default_factory is MISSING:
+        condition = spec.metadata.get("required_if")  # a bool field that makes this one required
+        if condition:
+            absent = values.get(key) is None if key in values else key not in data
+            missing = absent and bool(values.get(condition, fields[condition].default))
+        else:
+            missing = key not in data and spec.default is MISSING and spec.default_factory is MISSING
+        if missing:
             what = spec.metadata.get("help") or _describe(hints[key], spec.metadata)
             fix = "" if prefix else f"; set it in the config file or pass --set {key}=VALUE"
             problems.append(f"{where(key)}: missing required key {prefix}{key} ({what}){fix}")
@@ -186,7 +196,7 @@ def _describe(tp: Any, meta: Mapping[str, Any]) -> str:
         return ("an integer" if tp is int else "a number") + (" " + " and ".join(bounds) if bounds else "")
     if tp is str and meta.get("choices"):
         return "one of " + ", ".join(repr(c) for c in meta["choices"])
-    return {str: "a string", dict: "a mapping"}.get(tp, "any value")
+    return "a mapping" if dict in (tp, origin) else "a string" if tp is str else "any value"
 
 
 def _coerce(raw: Any, tp: Any, label: str, name: str) -> Any:
@@ -198,7 +208,7 @@ def _coerce(raw: Any, tp: Any, label: str, name: str) -> Any:
         return _coerce_union(raw, get_args(tp), label, name)
     if origin is list:
         inner = get_args(tp)[0]
-        items = _as_list(raw, structured=dataclasses.is_dataclass(inner) or inner is dict)
+        items = _as_list(raw, structured=dataclasses.is_dataclass(inner) or dict in (inner, get_origin(inner)))
         return [_coerce(item, inner, label, f"{name}[{i}]") for i, item in enumerate(items)]
     if dataclasses.is_dataclass(tp):
         if isinstance(raw, tp):
@@ -209,7 +219,7 @@ def _coerce(raw: Any, tp: Any, label: str, name: str) -> Any:
         if problems:
             raise ConfigError(problems)
         return obj
-    if tp is dict:
+    if dict in (tp, origin):
         if isinstance(raw, str):
             raw = _parse_yaml_value(raw)
         if not isinstance(raw, Mapping):
@@ -317,7 +327,8 @@ LOSS_TYPES = ("kl_divergence", "feature_mse", "icl", "similarity_mse")
 
 @dataclass(kw_only=True)
 class Stage(Config):
-    """One stage of a staged schedule; stages run in order and replace the top-level values."""
+    """One stage of a schedule; stages run in order, each replacing the top-level epochs,
+    temperature, distillation_weight (and learning_rate when given)."""
 
     epochs: int = field(metadata={"help": "epochs in this stage", "min": 1})
     temperature: float = field(metadata={"help": "KD softmax temperature in this stage", "gt": 0})
@@ -332,7 +343,8 @@ class DistillConfig(Config):
     # models
     model_name_or_path: str = field(metadata={"help": "the student: a local model directory or hub id"})
     teacher_model_name_or_path: str | list[str] | None = field(
-        default=None, metadata={"help": "the teacher(s); required when use_distillation is true"})
+        default=None, metadata={"help": "the teacher model(s); needed because use_distillation is true",
+                                "required_if": "use_distillation"})
     teacher_weights: list[float] | None = field(
         default=None, metadata={"help": "one weight per teacher; null = equal weights", "min": 0})
     teacher_mode: str = field(default="frozen", metadata={"choices": ["frozen", "ema"]})
@@ -341,7 +353,7 @@ class DistillConfig(Config):
     teacher_cache: bool = field(default=True, metadata={"help": "store teacher embeddings once per sample"})
     teacher_cache_dir: str | None = field(default=None, metadata={"help": "null = <output_dir>/teacher_cache"})
     # data
-    data_path: str = field(metadata={"help": "the training pair file (.jsonl)"})
+    data_path: str = field(metadata={"help": "the training pair file, a .jsonl"})
     val_data_path: str | None = field(default=None, metadata={"help": "validation pair file; null = none"})
     output_dir: str = field(metadata={"help": "where the merged student, checkpoints and logs go"})
     max_text_length: int | None = field(default=None, metadata={"help": "null = the model's limit", "min": 1})
@@ -351,7 +363,7 @@ class DistillConfig(Config):
     distillation_loss_type: str | list[str] = field(default="kl_divergence", metadata={"choices": list(LOSS_TYPES)})
     temperature: float = field(default=2.0, metadata={"help": "KD softmax temperature", "gt": 0})
     distillation_weight: float = field(default=0.5, metadata={"help": "w in (1-w)·CE + w·KD", "min": 0, "max": 1})
-    stages: list[Stage] | None = field(default=None, metadata={"help": "staged schedule; null = one stage"})
+    stages: list[Stage] | None = field(default=None, metadata={"help": "stages run in order; null = one stage"})
     matryoshka_dim: int | None = field(default=None, metadata={"help": "truncate embeddings to this size", "min": 1})
     # optimisation
     epochs: int = field(default=3, metadata={"min": 1})
@@ -394,9 +406,8 @@ class DistillConfig(Config):
     def check(self) -> list[tuple[str, str]]:
         problems = []
         if self.use_distillation and not self.teachers:
-            problems.append(("teacher_model_name_or_path", "missing required key teacher_model_name_or_path "
-                             "(needed because use_distillation is true); name a teacher model or set "
-                             "use_distillation: false"))
+            problems.append(("teacher_model_name_or_path", "teacher_model_name_or_path is empty; name a "
+                             "teacher model or set use_distillation: false"))
         if self.teacher_weights is not None and self.teachers:
             if len(self.teacher_weights) != len(self.teachers):
                 problems.append(("teacher_weights", f"teacher_weights = {self.teacher_weights!r} has "
@@ -435,8 +446,8 @@ def parse_override_args(args: Sequence[str]) -> list[str]:
         else:
             items.append(token)
             expecting = None
-    if expecting == "--set":
-        problems.append("--set needs a key=value after it, e.g. --set epochs=3")
+    if expecting:
+        problems.append(f"{expecting} needs a key=value after it, e.g. {expecting} epochs=3")
     for item in items:
         try:
             split_override(item)
@@ -492,10 +503,11 @@ class _StrictLoader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue
             key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, str) and key in seen:
-                raise yaml.constructor.ConstructorError(
-                    "while reading a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark)
-            seen.add(key if isinstance(key, str) else id(key_node))
+            if isinstance(key, str):  # other keys are reported as unknown anyway
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark)
+                seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
 

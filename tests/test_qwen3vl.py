@@ -1,0 +1,189 @@
+"""Qwen3-VL-Embedding backend on a tiny random Qwen3-VL (real patch/merge sizes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_images
+from PIL import Image
+
+from vkd.models import load_encoder
+from vkd.models.qwen3vl import (
+    LORA_TARGET_MODULES,
+    MAX_PIXELS,
+    MIN_PIXELS,
+    Qwen3VLEncoder,
+    normalize_instruction,
+    smart_resize,
+)
+
+TEXTS = ["a dog on a beach with a red ball", "cat", ""]
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_qwen3vl: Path) -> Qwen3VLEncoder:
+    return load_encoder(tiny_qwen3vl, device="cpu")
+
+
+def _mixed_items() -> list[tuple[Image.Image | None, str | None]]:
+    """Inputs of different lengths and kinds, so a batch needs padding."""
+    first, second = make_images(2, seed=3)
+    return [(first, "a dog"), (second.resize((50, 100)), None), (None, "a cat sitting on grass near the lake"), (None, "")]
+
+
+def test_forward_through_load_encoder(encoder: Qwen3VLEncoder, images: list[Image.Image]) -> None:
+    assert isinstance(encoder, Qwen3VLEncoder)
+    assert (encoder.family, encoder.dim) == ("qwen3_vl", 32)
+    for vectors, n in ((encoder.encode_text(TEXTS), 3), (encoder.encode_images(images), 4)):
+        assert vectors.shape == (n, 32) and vectors.dtype == np.float32
+        np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+        assert np.abs(vectors[0] - vectors[1]).max() > 1e-3  # different inputs, different vectors
+    assert encoder.logit_scale == pytest.approx(20.0)
+    assert float(encoder.logit_scale_tensor()) == pytest.approx(20.0)
+
+
+def test_embedding_is_differentiable(encoder: Qwen3VLEncoder, images: list[Image.Image]) -> None:
+    encoder.model.zero_grad()
+    loss = encoder.embed_text(encoder.tokenize(["a dog"])).sum() + encoder.embed_images(encoder.preprocess(images[:1])).sum()
+    loss.backward()
+    assert encoder.model.language_model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert encoder.model.visual.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    encoder.model.zero_grad()
+
+
+def test_prompt_comes_from_the_chat_template(encoder: Qwen3VLEncoder) -> None:
+    assert encoder.prompt("a dog", image=True) == (
+        "<|im_start|>system\nRepresent the user's input.<|im_end|>\n"
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>a dog<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    assert encoder.prompt("", image=False) == (
+        "<|im_start|>system\nRepresent the user's input.<|im_end|>\n"
+        "<|im_start|>user\nNULL<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    assert encoder.prompt(None, image=True, instruction="  Find the matching photo ").startswith(
+        "<|im_start|>system\nFind the matching photo.<|im_end|>\n<|im_start|>user\n"
+        "<|vision_start|><|image_pad|><|vision_end|><|im_end|>\n"
+    )
+
+
+def test_instruction_normalisation() -> None:
+    assert normalize_instruction("  Retrieve images relevant to the query  ") == "Retrieve images relevant to the query."
+    assert normalize_instruction("Is this a dog?") == "Is this a dog?"
+    assert normalize_instruction("Represent the user's input.") == "Represent the user's input."
+    assert normalize_instruction("   ") == normalize_instruction(None) == "Represent the user's input."
+
+
+def test_image_tokens_expand_to_the_merged_grid(encoder: Qwen3VLEncoder) -> None:
+    image = make_images(1, size=(40, 32))[0]  # 32x40 -> min bound -> 64x96 -> grid 4x6 -> 6 tokens
+    inputs = encoder.preprocess([image])
+    assert inputs["image_grid_thw"].tolist() == [[1, 4, 6]]
+    assert inputs["pixel_values"].shape == (24, 3 * 2 * 16 * 16)
+    expected = encoder.prompt(None, image=True).replace("<|image_pad|>", "<|image_pad|>" * 6)
+    assert encoder.processor.tokenizer.decode(inputs["input_ids"][0]) == expected  # no extra special tokens
+    assert inputs["mm_token_type_ids"].sum() == 6
+
+
+def test_resize_bounds(encoder: Qwen3VLEncoder) -> None:
+    small = encoder.processor.resize(Image.new("RGB", (12, 9)))
+    assert small.width % 32 == 0 and small.height % 32 == 0
+    assert MIN_PIXELS <= small.width * small.height < MIN_PIXELS * 2
+    assert small.size == (96, 64)  # 4:3 kept as closely as the 32-grid allows
+
+    huge = encoder.processor.resize(Image.new("RGB", (4000, 3000)))
+    assert huge.width % 32 == 0 and huge.height % 32 == 0
+    assert MAX_PIXELS * 0.9 <= huge.width * huge.height <= MAX_PIXELS
+    assert huge.width / huge.height == pytest.approx(4 / 3, rel=0.03)
+
+    fits = Image.new("RGB", (320, 224))
+    assert encoder.processor.resize(fits).size == (320, 224)  # already on the grid, in bounds: unchanged
+    assert smart_resize(6000, 40) == (6016, 32)  # a narrow side never rounds below one 32-cell
+    with pytest.raises(ValueError, match="aspect ratio"):
+        smart_resize(10_000, 40)
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_pooling_is_the_last_real_tokens_hidden_state(tiny_qwen3vl: Path, padding_side: str) -> None:
+    encoder = Qwen3VLEncoder.from_pretrained(tiny_qwen3vl, padding_side=padding_side)
+    items = _mixed_items()
+    inputs = encoder.prepare(items)
+    mask = inputs["attention_mask"]
+    assert (mask[:, 0] == 0).any() if padding_side == "left" else (mask[:, -1] == 0).any()
+    with torch.no_grad():
+        pooled = encoder.embed(inputs)
+        hidden = encoder.model(**inputs).last_hidden_state
+        for row, item in enumerate(items):
+            last = mask.shape[1] - 1 if padding_side == "left" else int(mask[row].sum()) - 1
+            by_hand = torch.nn.functional.normalize(hidden[row, last], dim=-1)
+            torch.testing.assert_close(pooled[row], by_hand, atol=1e-5, rtol=0)
+            alone = encoder.prepare([item])  # no padding at all: the last token is the last position
+            unpadded = encoder.model(**alone).last_hidden_state[0, -1]
+            torch.testing.assert_close(pooled[row], torch.nn.functional.normalize(unpadded, dim=-1), atol=1e-5, rtol=0)
+
+
+def test_padding_side_does_not_change_vectors(tiny_qwen3vl: Path, encoder: Qwen3VLEncoder) -> None:
+    left = Qwen3VLEncoder.from_pretrained(tiny_qwen3vl, padding_side="left")
+    np.testing.assert_allclose(left.encode_text(TEXTS), encoder.encode_text(TEXTS), atol=1e-5)
+    images, texts = zip(*_mixed_items(), strict=True)
+    np.testing.assert_allclose(
+        left.encode_multimodal(images, texts), encoder.encode_multimodal(images, texts), atol=1e-5
+    )
+    assert left.fingerprint == encoder.fingerprint
+
+
+def test_encode_multimodal_matches_single_modalities(encoder: Qwen3VLEncoder, images: list[Image.Image]) -> None:
+    pairs = encoder.encode_multimodal([images[0], None, images[1]], [None, "a dog", "a dog"])
+    np.testing.assert_allclose(pairs[0], encoder.encode_images(images[:1])[0], atol=1e-5)
+    np.testing.assert_allclose(pairs[1], encoder.encode_text(["a dog"])[0], atol=1e-5)
+    assert np.abs(pairs[2] - pairs[0]).max() > 1e-3  # the text changes the image's vector
+
+
+def test_matryoshka_prefix_is_renormalised(tiny_qwen3vl: Path, encoder: Qwen3VLEncoder) -> None:
+    short = load_encoder(tiny_qwen3vl, device="cpu", matryoshka_dim=8)
+    assert short.dim == 8
+    full = encoder.encode_text(TEXTS)
+    prefix = full[:, :8] / np.linalg.norm(full[:, :8], axis=1, keepdims=True)
+    np.testing.assert_allclose(short.encode_text(TEXTS), prefix, atol=1e-5)
+    assert short.fingerprint != encoder.fingerprint
+    with pytest.raises(ValueError, match="matryoshka_dim=64 is outside 1..32"):
+        load_encoder(tiny_qwen3vl, device="cpu", matryoshka_dim=64)
+
+
+def test_save_and_reload_give_identical_vectors(tiny_qwen3vl: Path, tmp_path: Path, images: list[Image.Image]) -> None:
+    original = load_encoder(tiny_qwen3vl, device="cpu", instruction="Find the matching photo", matryoshka_dim=16)
+    out = original.save(tmp_path / "saved")
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja", "preprocessor_config.json"):
+        assert (out / name).is_file(), name
+    reopened = load_encoder(out, device="cpu")
+    assert (reopened.instruction, reopened.dim) == ("Find the matching photo.", 16)
+    assert reopened.fingerprint == original.fingerprint
+    np.testing.assert_array_equal(reopened.encode_text(TEXTS), original.encode_text(TEXTS))
+    np.testing.assert_array_equal(reopened.encode_images(images), original.encode_images(images))
+    direct = Qwen3VLEncoder.from_pretrained(out)
+    np.testing.assert_array_equal(direct.encode_text(TEXTS), original.encode_text(TEXTS))
+
+
+def test_preprocessing_config_names_what_decides_the_vectors(encoder: Qwen3VLEncoder) -> None:
+    config = encoder.preprocessing_config()
+    assert config["instruction"] == "Represent the user's input."
+    assert (config["min_pixels"], config["max_pixels"], config["factor"]) == (4 * 32 * 32, 1800 * 32 * 32, 32)
+    assert config["matryoshka_dim"] is None
+    assert config["image"]["patch_size"] == 16 and config["image"]["merge_size"] == 2
+
+
+def test_lora_targets_cover_language_and_vision_blocks(tiny_qwen3vl: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    model = Qwen3VLEncoder.from_pretrained(tiny_qwen3vl).model
+    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=LORA_TARGET_MODULES))
+    adapted = {name.split("model.", 1)[1] for name, module in wrapped.named_modules() if hasattr(module, "lora_A")}
+    language = {f"language_model.layers.{i}.{part}" for i in range(2) for part in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    vision = {f"visual.blocks.{i}.{part}" for i in range(2) for part in (
+        "attn.qkv", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2")}
+    assert adapted == language | vision  # mergers and the patch embedding stay frozen

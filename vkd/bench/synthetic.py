@@ -1,0 +1,274 @@
+"""Structured synthetic embedding corpora for the search benchmark.
+
+Corpora of 100k or 1M images cannot be encoded on a CPU inside a benchmark run, so the
+search benchmark searches vectors made here, optionally mixed with real encoded vectors.
+The model is deliberately simple and stated in every result:
+
+* **The teacher space is the truth.** Cluster centres are points on the unit sphere of
+  the teacher's dimension (random directions, or real teacher image vectors when real
+  vectors are given, so synthetic items sit where real images sit). Cluster sizes follow
+  a power law: cluster k (in a random order) holds a share proportional to ``(k + 1) ** -a``.
+  An item is its centre plus isotropic Gaussian noise, L2-normalised.
+* **The student is a noisy projection of the teacher.** ``student = normalise(teacher @ M + e)``
+  with one fixed map ``M`` for the whole corpus: a random Gaussian matrix, or, when real
+  vectors are given, the ridge least-squares fit of the real student vectors on the real
+  teacher vectors (its residuals' spread then sets the noise ``e``).
+* **Queries are noisy copies of corpus items**, so every query has a known right answer
+  (its ground truth): ``query_teacher = normalise(item_teacher + n)`` and the query's
+  student vector is its own noisy projection through the same ``M``. Real queries (encoded
+  captions) keep their real image as ground truth.
+
+Everything depends only on the arguments and the seed: corpora are generated in fixed-size
+chunks, each from its own seeded generator, so the same call gives identical arrays and
+memory stays bounded (teacher vectors are kept as float16, as the index stores them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+CHUNK_ROWS = 65_536
+GENERATOR_NAME = "vkd.bench.synthetic.make_corpus"
+
+
+@dataclass
+class RealVectors:
+    """Encoded vectors of a real pair set, from both models.
+
+    Rows of ``*_images`` are unique images; rows of ``*_texts`` are captions and
+    ``text_to_image[i]`` is the image row of caption ``i``.
+    """
+
+    student_images: np.ndarray
+    teacher_images: np.ndarray
+    student_texts: np.ndarray
+    teacher_texts: np.ndarray
+    text_to_image: np.ndarray
+
+    def __post_init__(self) -> None:
+        n_images, n_texts = len(self.student_images), len(self.student_texts)
+        if len(self.teacher_images) != n_images or len(self.teacher_texts) != n_texts:
+            raise ValueError(
+                f"real vectors disagree in counts: student {n_images} images / {n_texts} texts, "
+                f"teacher {len(self.teacher_images)} images / {len(self.teacher_texts)} texts"
+            )
+        if self.text_to_image.shape != (n_texts,):
+            raise ValueError(f"text_to_image must have one entry per text ({n_texts}), got {self.text_to_image.shape}")
+        if n_images == 0 or n_texts == 0:
+            raise ValueError("real vectors need at least one image and one text")
+
+
+@dataclass
+class VectorCorpus:
+    """A searchable corpus with queries and ground truth.
+
+    ``student`` float32 [n, ds] and ``teacher`` float16 [n, dt], both L2-normalised rows;
+    ``query_student`` float32 [q, ds], ``query_teacher`` float32 [q, dt];
+    ``ground_truth[i]`` is the corpus row that answers query ``i``. The first ``n_real`` corpus
+    rows and the first ``n_real_queries`` queries are real encoded vectors.
+    """
+
+    student: np.ndarray
+    teacher: np.ndarray
+    query_student: np.ndarray
+    query_teacher: np.ndarray
+    ground_truth: np.ndarray
+    n_real: int = 0
+    n_real_queries: int = 0
+    description: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.student)
+
+    @property
+    def n_queries(self) -> int:
+        return len(self.query_student)
+
+
+def normalize_rows(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def power_law_shares(n_clusters: int, exponent: float, rng: np.random.Generator) -> np.ndarray:
+    """Cluster shares proportional to ``(rank + 1) ** -exponent``, ranks in a random order."""
+    if n_clusters < 1:
+        raise ValueError(f"n_clusters={n_clusters}: need at least one cluster")
+    if exponent < 0:
+        raise ValueError(f"exponent={exponent}: a power-law exponent must be >= 0 (0 = equal sizes)")
+    shares = (np.arange(n_clusters, dtype=np.float64) + 1.0) ** -exponent
+    shares /= shares.sum()
+    return shares[rng.permutation(n_clusters)]
+
+
+def ridge_map(source: np.ndarray, target: np.ndarray, alpha: float = 1e-2) -> tuple[np.ndarray, float]:
+    """``M`` minimising ``|source @ M - target|² + alpha·n·|M|²`` and the residuals' per-dim std."""
+    source = np.asarray(source, dtype=np.float64)
+    target = np.asarray(target, dtype=np.float64)
+    gram = source.T @ source + alpha * len(source) * np.eye(source.shape[1])
+    mapping = np.linalg.solve(gram, source.T @ target)
+    residual = target - source @ mapping
+    return mapping.astype(np.float32), float(residual.std())
+
+
+def default_clusters(n_corpus: int) -> int:
+    # about sqrt(n) clusters: 100 at 10k, 1000 at 1M, like coarse topics of a photo collection
+    return int(max(16, round(np.sqrt(n_corpus))))
+
+
+def make_corpus(
+    n_corpus: int,
+    n_queries: int,
+    *,
+    student_dim: int = 64,
+    teacher_dim: int = 128,
+    n_clusters: int | None = None,
+    size_exponent: float = 1.0,
+    cluster_spread: float = 0.9,
+    centre_spread: float = 0.35,
+    query_noise: float = 0.55,
+    student_noise: float | None = None,
+    real: RealVectors | None = None,
+    seed: int = 0,
+) -> VectorCorpus:
+    """A corpus of ``n_corpus`` rows (real ones first) and ``n_queries`` queries.
+
+    Noise levels are norms relative to a unit vector (per-dimension std = level / sqrt(dim)):
+    ``cluster_spread`` of items around their centre, ``centre_spread`` of centres around the
+    real image they copy (real vectors only), ``query_noise`` of a query around its item and
+    ``student_noise`` of the projection (default: 0.6 without real vectors; with them the fit's
+    residuals). With ``real``, dims come from the real vectors, its images are the first
+    corpus rows and its captions the first queries (up to half of ``n_queries``).
+    """
+    if n_corpus < 1 or n_queries < 1:
+        raise ValueError(f"n_corpus={n_corpus}, n_queries={n_queries}: both must be positive")
+    for name, value in (("cluster_spread", cluster_spread), ("centre_spread", centre_spread),
+                        ("query_noise", query_noise)):
+        if value < 0:
+            raise ValueError(f"{name}={value}: a noise level cannot be negative")
+    rng = np.random.default_rng([seed, 1])
+    n_real = n_real_queries = 0
+    if real is not None:
+        student_dim = real.student_images.shape[1]
+        teacher_dim = real.teacher_images.shape[1]
+        real_teacher_images = normalize_rows(real.teacher_images)
+        real_student_images = normalize_rows(real.student_images)
+        n_real = min(len(real.student_images), n_corpus)
+        # at most half the queries are real, so both kinds are measured
+        n_real_queries = min(len(real.student_texts), n_queries // 2)
+        mapping, residual = ridge_map(real_teacher_images, real_student_images)
+        projection_noise = residual * np.sqrt(student_dim) if student_noise is None else student_noise
+        source = "ridge fit of the real student image vectors on the real teacher image vectors"
+    else:
+        mapping = (rng.standard_normal((teacher_dim, student_dim)) / np.sqrt(student_dim)).astype(np.float32)
+        projection_noise = 0.6 if student_noise is None else student_noise
+        source = "random Gaussian matrix, entries N(0, 1/student_dim)"
+    if projection_noise < 0:
+        raise ValueError(f"student_noise={projection_noise}: a noise level cannot be negative")
+    n_synth = n_corpus - n_real
+    clusters = n_clusters if n_clusters is not None else default_clusters(n_corpus)
+
+    if real is not None:
+        picks = rng.integers(0, len(real_teacher_images), size=clusters)
+        centres = normalize_rows(real_teacher_images[picks] + centre_spread / np.sqrt(teacher_dim)
+                                 * rng.standard_normal((clusters, teacher_dim)).astype(np.float32))
+    else:
+        centres = normalize_rows(rng.standard_normal((clusters, teacher_dim)).astype(np.float32))
+    shares = power_law_shares(clusters, size_exponent, rng)
+
+    def project(teacher: np.ndarray, noise_rng: np.random.Generator) -> np.ndarray:
+        noise = noise_rng.standard_normal((len(teacher), student_dim)).astype(np.float32)
+        return normalize_rows(teacher @ mapping + projection_noise / np.sqrt(student_dim) * noise)
+
+    student = np.empty((n_corpus, student_dim), dtype=np.float32)
+    teacher = np.empty((n_corpus, teacher_dim), dtype=np.float16)
+    assignment = np.empty(n_synth, dtype=np.int64)
+    if n_real:
+        student[:n_real] = real_student_images[:n_real]
+        teacher[:n_real] = real_teacher_images[:n_real]
+    for chunk, start in enumerate(range(0, n_synth, CHUNK_ROWS)):
+        stop = min(start + CHUNK_ROWS, n_synth)
+        chunk_rng = np.random.default_rng([seed, 2, chunk])
+        ids = chunk_rng.choice(clusters, size=stop - start, p=shares)
+        noise = chunk_rng.standard_normal((stop - start, teacher_dim)).astype(np.float32)
+        items = normalize_rows(centres[ids] + cluster_spread / np.sqrt(teacher_dim) * noise)
+        teacher[n_real + start:n_real + stop] = items
+        student[n_real + start:n_real + stop] = project(items, chunk_rng)
+        assignment[start:stop] = ids
+
+    query_rng = np.random.default_rng([seed, 3])
+    n_synth_queries = n_queries - n_real_queries
+    if n_synth_queries and n_synth == 0:
+        raise ValueError(f"n_corpus={n_corpus} holds only real vectors, so {n_synth_queries} synthetic "
+                         "queries have no item to copy; raise n_corpus or lower n_queries")
+    targets = n_real + query_rng.choice(n_synth, size=n_synth_queries, replace=n_synth_queries > n_synth) \
+        if n_synth_queries else np.zeros(0, dtype=np.int64)
+    query_teacher = np.empty((n_queries, teacher_dim), dtype=np.float32)
+    query_student = np.empty((n_queries, student_dim), dtype=np.float32)
+    ground_truth = np.empty(n_queries, dtype=np.int64)
+    if n_real_queries:
+        # keep captions whose image made it into the corpus (all of them unless n_corpus < images)
+        keep = np.flatnonzero(np.asarray(real.text_to_image) < n_real)[:n_real_queries]
+        n_real_queries = len(keep)
+        query_teacher[:n_real_queries] = normalize_rows(real.teacher_texts[keep])
+        query_student[:n_real_queries] = normalize_rows(real.student_texts[keep])
+        ground_truth[:n_real_queries] = np.asarray(real.text_to_image)[keep]
+        if n_real_queries < n_queries - n_synth_queries:
+            raise ValueError(f"n_corpus={n_corpus} is smaller than the real images the queries refer to; "
+                             "raise n_corpus")
+    if n_synth_queries:
+        noise = query_rng.standard_normal((n_synth_queries, teacher_dim)).astype(np.float32)
+        queries = normalize_rows(teacher[targets].astype(np.float32) + query_noise / np.sqrt(teacher_dim) * noise)
+        query_teacher[n_real_queries:] = queries
+        query_student[n_real_queries:] = project(queries, query_rng)
+        ground_truth[n_real_queries:] = targets
+
+    sizes = np.bincount(assignment, minlength=clusters) if n_synth else np.zeros(clusters, dtype=np.int64)
+    description = {
+        "generator": GENERATOR_NAME,
+        "summary": describe_model(real is not None),
+        "seed": seed,
+        "n_corpus": n_corpus,
+        "n_real_items": n_real,
+        "n_synthetic_items": n_synth,
+        "n_queries": n_queries,
+        "n_real_queries": n_real_queries,
+        "n_synthetic_queries": n_synth_queries,
+        "student_dim": student_dim,
+        "teacher_dim": teacher_dim,
+        "n_clusters": clusters,
+        "cluster_size_exponent": size_exponent,
+        "largest_cluster_items": int(sizes.max()) if n_synth else 0,
+        "smallest_cluster_items": int(sizes.min()) if n_synth else 0,
+        "cluster_spread": cluster_spread,
+        "centre_spread": centre_spread if real is not None else None,
+        "query_noise": query_noise,
+        "student_noise": float(projection_noise),
+        "teacher_to_student_map": source,
+        "teacher_dtype": "float16",
+    }
+    return VectorCorpus(student=student, teacher=teacher, query_student=query_student,
+                        query_teacher=query_teacher, ground_truth=ground_truth, n_real=n_real,
+                        n_real_queries=n_real_queries, description=description)
+
+
+def describe_model(with_real: bool) -> str:
+    """One paragraph saying exactly how the corpus was made (goes into JSON and Markdown)."""
+    base = (
+        "Synthetic vectors, not encoded images: a mixture of Gaussian clusters on the unit sphere of the "
+        "teacher space with power-law cluster sizes (share of cluster k proportional to (k+1)^-a); the "
+        "teacher space is the truth and each student vector is a noisy projection of its teacher vector "
+        "through one fixed map plus Gaussian noise, L2-normalised; queries are noisy copies of corpus items, "
+        "whose row is the query's ground truth."
+    )
+    if with_real:
+        return base + (
+            " The corpus also holds the real encoded test images of the demo (student and teacher vectors) "
+            "and the queries include its real encoded captions with their images as ground truth; cluster "
+            "centres are real teacher image vectors plus noise and the map is the ridge least-squares fit "
+            "of the real student vectors on the real teacher vectors."
+        )
+    return base + " No real vectors were available: the map is a random Gaussian matrix."

@@ -1,0 +1,605 @@
+"""Qwen3-VL-Embedding backend: one chat-formatted input per item, last-token pooling.
+
+The recipe (DESIGN.md, "Encoders") as the reference embedder applies it:
+
+* a system turn holds the instruction (default "Represent the user's input.", stripped,
+  a final "." added when it ends without punctuation); the user turn holds the image,
+  then the text; an input with neither becomes the text "NULL";
+* the prompt string comes from the model's own chat template with the generation
+  prompt, never from a hand-built string;
+* images are resized here to multiples of 32 (patch 16 x merge 2) within
+  ``min_pixels``..``max_pixels`` keeping the aspect ratio, and the image processor is
+  called without resizing again;
+* the embedding is the final (normed) hidden state of the last real token, found from
+  the attention mask so either padding side works, L2-normalised; ``matryoshka_dim``
+  keeps a prefix, normalised again.
+
+``Qwen3VLProcessor`` needs a video processor and that needs torchvision, which vkd does
+not depend on, so ``Qwen3VLEmbeddingProcessor`` below does the processor's part for
+images and text only: resize, patchify (the PIL image processor), expand each
+``<|image_pad|>`` to one token per merged patch, tokenize.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import unicodedata
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vkd.models.base import TorchEncoder, load_rgb
+
+DEFAULT_INSTRUCTION = "Represent the user's input."
+NULL_TEXT = "NULL"
+PATCH_SIZE = 16
+MERGE_SIZE = 2
+TEMPORAL_PATCH_SIZE = 2
+IMAGE_FACTOR = PATCH_SIZE * MERGE_SIZE
+MIN_PIXELS = 4 * IMAGE_FACTOR * IMAGE_FACTOR
+MAX_PIXELS = 1800 * IMAGE_FACTOR * IMAGE_FACTOR
+MAX_LENGTH = 8192
+# Qwen's resize refuses more extreme shapes; the vision tower never saw them in training.
+MAX_ASPECT_RATIO = 200
+# DESIGN: a model without a learned logit scale uses 1/0.05.
+DEFAULT_LOGIT_SCALE = 1.0 / 0.05
+IMAGE_TOKEN = "<|image_pad|>"
+VIDEO_TOKEN = "<|video_pad|>"
+VISION_START_TOKEN = "<|vision_start|>"
+VISION_END_TOKEN = "<|vision_end|>"
+# Written by ``save`` next to the model so that reopening restores the same options.
+OPTIONS_FILE = "vkd_qwen3vl.json"
+
+#: PEFT ``target_modules`` (suffix match) for LoRA on Qwen3-VL: the language model's
+#: attention and MLP projections, and each vision block's attention (``attn.qkv``,
+#: ``attn.proj``) and MLP (``mlp.linear_fc1/2``). The patch mergers (``merger.linear_fc*``)
+#: and the patch embedding convolution are deliberately left out.
+LORA_TARGET_MODULES: list[str] = [
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    "attn.qkv", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2",
+]
+
+# The structure of the real Qwen3-VL chat template (system turn, content parts rendered
+# in order, image/video placeholders wrapped in vision start/end, generation prompt)
+# without its tool-calling and reasoning branches, which embeddings never use.
+CHAT_TEMPLATE = (
+    "{%- macro render_content(content) -%}"
+    "{%- if content is string -%}{{- content -}}"
+    "{%- else -%}{%- for item in content -%}"
+    "{%- if item.type == 'image' or 'image' in item or 'image_url' in item -%}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif item.type == 'video' or 'video' in item -%}"
+    "{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
+    "{%- elif 'text' in item -%}{{- item.text -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message.role + '\\n' -}}{{- render_content(message.content) -}}{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+# Dimensions per size of the tiny random model (real 2B: text 2048, vision 1024 x 24).
+TINY_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "hidden": 32, "layers": 2, "heads": 2, "kv_heads": 1, "head_dim": 16, "mrope_section": [4, 2, 2],
+        "vision_hidden": 32, "vision_depth": 2, "vision_heads": 2, "deepstack": [0, 1],
+    },
+    "small": {
+        "hidden": 64, "layers": 4, "heads": 4, "kv_heads": 2, "head_dim": 16, "mrope_section": [4, 2, 2],
+        "vision_hidden": 64, "vision_depth": 4, "vision_heads": 4, "deepstack": [1, 2, 3],
+    },
+}
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", VISION_START_TOKEN, VISION_END_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN,
+]
+
+
+def normalize_instruction(instruction: str | None) -> str:
+    """The system-turn text: stripped, "." appended unless it ends in punctuation.
+
+    ``None`` or a blank string means the default instruction.
+    """
+    text = (instruction or "").strip()
+    if not text:
+        return DEFAULT_INSTRUCTION
+    if not unicodedata.category(text[-1]).startswith("P"):
+        text += "."
+    return text
+
+
+def smart_resize(
+    height: int, width: int, *, factor: int = IMAGE_FACTOR, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS
+) -> tuple[int, int]:
+    """(height, width) rounded to multiples of ``factor`` with the pixel count in bounds.
+
+    Each side is rounded to the nearest multiple; when the area is then too large both
+    sides are scaled down (rounded down), when too small scaled up (rounded up), by the
+    same factor so the aspect ratio is kept as closely as the grid allows.
+    """
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size {width}x{height}: both sides must be positive")
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ValueError(
+            f"image size {width}x{height}: aspect ratio above {MAX_ASPECT_RATIO}; crop or pad it first"
+        )
+    if min_pixels > max_pixels:
+        raise ValueError(f"min_pixels={min_pixels} is larger than max_pixels={max_pixels}")
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def build_conversation(text: str | None, image: bool, instruction: str | None = None) -> list[dict[str, Any]]:
+    """The chat messages for one input: system = instruction, user = [image] [text]."""
+    content: list[dict[str, Any]] = []
+    if image:
+        content.append({"type": "image"})
+    if text:
+        content.append({"type": "text", "text": text})
+    if not content:
+        content.append({"type": "text", "text": NULL_TEXT})
+    return [
+        {"role": "system", "content": [{"type": "text", "text": normalize_instruction(instruction)}]},
+        {"role": "user", "content": content},
+    ]
+
+
+def last_token_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """hidden_states[i, last position where attention_mask[i] is 1], any padding side."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    last = (positions * (attention_mask != 0)).argmax(dim=1)
+    return hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last.to(hidden_states.device)]
+
+
+def _pil_image_processor_class() -> type:
+    try:  # transformers 5: the numpy/PIL backend, which needs no torchvision
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        return Qwen2VLImageProcessorPil
+    except ImportError:  # transformers 4.x: the slow processor is the PIL one
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+
+        return Qwen2VLImageProcessor
+
+
+class Qwen3VLEmbeddingProcessor:
+    """Chat template + resize + image processor + tokenizer, for images and text."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        image_processor: Any,
+        *,
+        min_pixels: int = MIN_PIXELS,
+        max_pixels: int = MAX_PIXELS,
+        max_length: int = MAX_LENGTH,
+        padding_side: str = "right",
+    ) -> None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("the tokenizer has no chat template; Qwen3-VL-Embedding prompts come from it")
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side={padding_side!r}: choose 'left' or 'right'")
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.min_pixels = int(min_pixels)
+        self.max_pixels = int(max_pixels)
+        self.max_length = int(max_length)
+        self.padding_side = padding_side
+        self.patch_size = int(image_processor.patch_size)
+        self.merge_size = int(image_processor.merge_size)
+        self.factor = self.patch_size * self.merge_size
+        if not 0 < self.min_pixels <= self.max_pixels:
+            raise ValueError(
+                f"min_pixels={self.min_pixels}, max_pixels={self.max_pixels}: need 0 < min_pixels <= max_pixels"
+            )
+        self.image_token_id = self._token_id(IMAGE_TOKEN)
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token; batches of different lengths need one")
+
+    def _token_id(self, token: str) -> int:
+        token_id = self.tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == self.tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer has no {token} token; it is not a Qwen3-VL tokenizer")
+        return int(token_id)
+
+    def render(self, conversation: list[dict[str, Any]]) -> str:
+        """The prompt string from the model's own chat template, with the generation prompt."""
+        return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+
+    def resize(self, image: Any) -> Any:
+        """The RGB image resized (bicubic) to ``smart_resize`` of its size."""
+        from PIL import Image
+
+        image = load_rgb(image)
+        height, width = smart_resize(
+            image.height, image.width, factor=self.factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels
+        )
+        if (height, width) == (image.height, image.width):
+            return image
+        return image.resize((width, height), resample=Image.Resampling.BICUBIC)
+
+    def __call__(self, prompts: Sequence[str], images: Sequence[Any] = ()) -> dict[str, torch.Tensor]:
+        """Model inputs for rendered prompts; ``images`` fill the image placeholders in order.
+
+        Returns input_ids, attention_mask, mm_token_type_ids (1 on image tokens) and, when
+        there are images, pixel_values and image_grid_thw.
+        """
+        placeholders = sum(prompt.count(IMAGE_TOKEN) for prompt in prompts)
+        if placeholders != len(images):
+            raise ValueError(f"{placeholders} image placeholders in the prompts but {len(images)} images")
+        inputs: dict[str, torch.Tensor] = {}
+        expected = [0] * len(prompts)
+        if images:
+            resized = [self.resize(image) for image in images]
+            pixels = self.image_processor(images=resized, do_resize=False, return_tensors="pt")
+            grid = torch.as_tensor(pixels["image_grid_thw"])
+            inputs["pixel_values"] = torch.as_tensor(pixels["pixel_values"])
+            inputs["image_grid_thw"] = grid
+            counts = iter((grid.prod(-1) // self.merge_size**2).tolist())
+            expanded = []
+            for row, prompt in enumerate(prompts):
+                parts = prompt.split(IMAGE_TOKEN)
+                text = parts[0]
+                for part in parts[1:]:
+                    count = next(counts)
+                    expected[row] += count
+                    text += IMAGE_TOKEN * count + part
+                expanded.append(text)
+            prompts = expanded
+        self.tokenizer.padding_side = self.padding_side
+        encoded = self.tokenizer(
+            list(prompts), add_special_tokens=False, padding=True, truncation=True,
+            max_length=self.max_length, return_tensors="pt",
+        )
+        input_ids = encoded["input_ids"]
+        mm_token_type_ids = (input_ids == self.image_token_id).to(torch.int32)
+        found = mm_token_type_ids.sum(dim=1).tolist()
+        if found != expected:
+            raise ValueError(
+                f"image tokens per input {found} != {expected} expected: max_length={self.max_length} "
+                "truncated an image; raise max_length or lower max_pixels"
+            )
+        inputs.update(
+            input_ids=input_ids, attention_mask=encoded["attention_mask"], mm_token_type_ids=mm_token_type_ids
+        )
+        return inputs
+
+    def config(self) -> dict[str, Any]:
+        processor = self.image_processor.to_dict() if hasattr(self.image_processor, "to_dict") else {}
+        keep = ("image_mean", "image_std", "rescale_factor", "patch_size", "merge_size", "temporal_patch_size")
+        template = self.tokenizer.chat_template
+        return {
+            "min_pixels": self.min_pixels,
+            "max_pixels": self.max_pixels,
+            "factor": self.factor,
+            "max_length": self.max_length,
+            "image": {key: processor.get(key) for key in keep},
+            "chat_template_sha256": hashlib.sha256(str(template).encode()).hexdigest(),
+            "vocab_size": len(self.tokenizer),
+        }
+
+
+Item = tuple[Any, "str | None"]
+
+
+class Qwen3VLEncoder(TorchEncoder):
+    """Qwen3-VL-Embedding (or any ``qwen3_vl`` model) as an image-text ``Encoder``."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        processor: Qwen3VLEmbeddingProcessor,
+        *,
+        name: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        batch_size: int = 32,
+        instruction: str | None = None,
+        matryoshka_dim: int | None = None,
+        source_dir: Path | None = None,
+    ) -> None:
+        self.model = model
+        self.processor = processor
+        self.name = name
+        self.family = model.config.model_type
+        self.device = device
+        self.dtype = dtype
+        self.batch_size = batch_size
+        self.source_dir = source_dir
+        self.instruction = normalize_instruction(instruction)
+        self.hidden_size = int(model.config.get_text_config().hidden_size)
+        if matryoshka_dim is not None and not 1 <= int(matryoshka_dim) <= self.hidden_size:
+            raise ValueError(
+                f"{name}: matryoshka_dim={matryoshka_dim} is outside 1..{self.hidden_size} (the hidden size)"
+            )
+        self.matryoshka_dim = int(matryoshka_dim) if matryoshka_dim is not None else None
+        self.dim = self.matryoshka_dim or self.hidden_size
+        self._fingerprint = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike[str],
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        batch_size: int = 32,
+        trust_remote_code: bool = False,
+        instruction: str | None = None,
+        matryoshka_dim: int | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        max_length: int | None = None,
+        padding_side: str | None = None,
+    ) -> Qwen3VLEncoder:
+        """Open a Qwen3-VL directory or hub id; options not given fall back to what
+        ``save`` recorded there, then to the reference defaults."""
+        from transformers import AutoTokenizer, Qwen3VLModel
+
+        name = str(name_or_path)
+        saved = _saved_options(name)
+        options = {
+            "instruction": instruction if instruction is not None else saved.get("instruction"),
+            "matryoshka_dim": matryoshka_dim if matryoshka_dim is not None else saved.get("matryoshka_dim"),
+            "min_pixels": min_pixels if min_pixels is not None else saved.get("min_pixels", MIN_PIXELS),
+            "max_pixels": max_pixels if max_pixels is not None else saved.get("max_pixels", MAX_PIXELS),
+            "max_length": max_length if max_length is not None else saved.get("max_length", MAX_LENGTH),
+            "padding_side": padding_side if padding_side is not None else saved.get("padding_side", "right"),
+        }
+        # The embedding needs the base model only: a ForConditionalGeneration checkpoint
+        # loads into it with its lm_head left out.
+        model, info = Qwen3VLModel.from_pretrained(
+            name, dtype=dtype, use_safetensors=True, output_loading_info=True
+        )
+        if info.get("missing_keys"):
+            missing = sorted(info["missing_keys"])
+            raise ValueError(
+                f"{name}: {len(missing)} weights of Qwen3VLModel are not in the checkpoint "
+                f"(e.g. {', '.join(missing[:3])}); expected a Qwen3-VL checkpoint"
+            )
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        if not getattr(tokenizer, "chat_template", None):
+            tokenizer.chat_template = _find_chat_template(name)
+        image_processor = _pil_image_processor_class().from_pretrained(name)
+        processor = Qwen3VLEmbeddingProcessor(
+            tokenizer, image_processor, min_pixels=options["min_pixels"], max_pixels=options["max_pixels"],
+            max_length=options["max_length"], padding_side=options["padding_side"],
+        )
+        device = torch.device(device)
+        model.to(device).eval()
+        return cls(
+            model, processor, name=name, device=device, dtype=dtype, batch_size=batch_size,
+            instruction=options["instruction"], matryoshka_dim=options["matryoshka_dim"],
+            source_dir=Path(name) if Path(name).is_dir() else None,
+        )
+
+    @property
+    def logit_scale(self) -> float:  # type: ignore[override]
+        return DEFAULT_LOGIT_SCALE
+
+    def logit_scale_tensor(self) -> torch.Tensor:
+        """The fixed 1/0.05 as a tensor (Qwen3-VL-Embedding learns no logit scale)."""
+        return torch.tensor(DEFAULT_LOGIT_SCALE, device=self.device)
+
+    # -- inputs -----------------------------------------------------------------------
+
+    def prompt(self, text: str | None = None, image: bool = False, instruction: str | None = None) -> str:
+        """The chat-formatted string for one input (one ``<|image_pad|>`` per image, before
+        expansion to the image's token count)."""
+        return self.processor.render(build_conversation(text, image, instruction or self.instruction))
+
+    def prepare(self, items: Sequence[Item], instruction: str | None = None) -> dict[str, torch.Tensor]:
+        """Model inputs for (image or None, text or None) items."""
+        prompts = [self.prompt(text, image is not None, instruction) for image, text in items]
+        images = [image for image, _ in items if image is not None]
+        return self.processor(prompts, images)
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        return self.prepare([(None, text) for text in texts])
+
+    def preprocess(self, images: Sequence[Any]) -> dict[str, torch.Tensor]:
+        return self.prepare([(image, None) for image in images])
+
+    # -- forward ----------------------------------------------------------------------
+
+    def last_hidden_state(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The language model's final normed hidden states [n, seq, hidden]."""
+        inputs = dict(inputs)
+        if "pixel_values" not in inputs:
+            # Text only: the model would number positions 0..L-1 over the padding too;
+            # counting real tokens instead gives left padding the same positions as right.
+            mask = inputs["attention_mask"]
+            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+            inputs["position_ids"] = positions.unsqueeze(0).expand(3, -1, -1)
+        return self.model(**inputs, use_cache=False).last_hidden_state
+
+    def _features(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        pooled = last_token_pool(self.last_hidden_state(inputs), inputs["attention_mask"])
+        if self.matryoshka_dim is not None:
+            pooled = pooled[:, : self.matryoshka_dim]
+        return pooled
+
+    def _text_features(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._features(inputs)
+
+    def _image_features(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._features(inputs)
+
+    def embed(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Differentiable: normalised embeddings [n, dim] for any ``prepare`` output."""
+        import torch.nn.functional as F
+
+        return F.normalize(self._features(self._to_device(inputs)).float(), dim=-1)
+
+    def encode_multimodal(
+        self,
+        images: Sequence[Any],
+        texts: Sequence[str | None],
+        *,
+        batch_size: int | None = None,
+        show_progress: bool = False,
+    ) -> torch.Tensor | Any:
+        """float32 [n, dim] for (image, text) pairs; either side of a pair may be None."""
+        if len(images) != len(texts):
+            raise ValueError(f"encode_multimodal: {len(images)} images but {len(texts)} texts")
+        return self._run(list(zip(images, texts, strict=True)), self._encode_item_batch, batch_size, show_progress, "inputs")
+
+    def _encode_item_batch(self, items: Sequence[Item]) -> Any:
+        with torch.inference_mode():
+            return self.embed(self.prepare(items)).float().cpu().numpy()
+
+    # -- identity and persistence -----------------------------------------------------
+
+    def options(self) -> dict[str, Any]:
+        return {
+            "instruction": self.instruction,
+            "matryoshka_dim": self.matryoshka_dim,
+            "min_pixels": self.processor.min_pixels,
+            "max_pixels": self.processor.max_pixels,
+            "max_length": self.processor.max_length,
+            "padding_side": self.processor.padding_side,
+        }
+
+    def preprocessing_config(self) -> dict[str, Any]:
+        # padding_side is left out: it does not change the vectors (see last_token_pool).
+        return {"instruction": self.instruction, "matryoshka_dim": self.matryoshka_dim, **self.processor.config()}
+
+    def save(self, out_dir: str | os.PathLike[str]) -> Path:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(out, safe_serialization=True)
+        self.processor.tokenizer.save_pretrained(out)
+        self.processor.image_processor.save_pretrained(out)
+        (out / OPTIONS_FILE).write_text(json.dumps(self.options(), indent=2) + "\n")
+        return out
+
+
+def _saved_options(name: str) -> dict[str, Any]:
+    path = Path(name) / OPTIONS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        options = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error}); delete it to use the defaults") from error
+    if not isinstance(options, dict):
+        raise ValueError(f"{path}: expected a JSON object of encoder options")
+    return options
+
+
+def _find_chat_template(name: str) -> str:
+    """The chat template from the processor files when the tokenizer config has none."""
+    from transformers.utils import cached_file
+
+    for filename in ("chat_template.jinja", "chat_template.json"):
+        path = cached_file(name, filename, _raise_exceptions_for_missing_entries=False)
+        if path is None:
+            continue
+        text = Path(path).read_text()
+        return json.loads(text)["chat_template"] if filename.endswith(".json") else text
+    raise ValueError(
+        f"{name}: no chat template (looked in tokenizer_config.json, chat_template.jinja and "
+        "chat_template.json); Qwen3-VL-Embedding prompts come from the model's own template"
+    )
+
+
+# -- tiny random model ------------------------------------------------------------------
+
+
+def train_qwen_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 1000) -> Any:
+    """A byte-level BPE tokenizer with Qwen's special tokens and the Qwen3-VL-structured
+    chat template: no BOS, eos "<|im_end|>", pad "<|endoftext|>", like the real one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from vkd.models.tiny import BASE_CORPUS
+
+    sentences = list(corpus) if corpus is not None else []
+    sentences += [" ".join(BASE_CORPUS), DEFAULT_INSTRUCTION, NULL_TEXT, "system user assistant"] + BASE_CORPUS
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=QWEN_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tokenizer.train_from_iterator(sentences, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        model_max_length=MAX_LENGTH, chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_tiny_qwen3vl(
+    out_dir: str | os.PathLike[str],
+    *,
+    size: str = "tiny",
+    seed: int = 0,
+    corpus: Iterable[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Path:
+    """A random Qwen3-VL model directory laid out like a real checkpoint.
+
+    Saved as ``Qwen3VLForConditionalGeneration`` (as the hub checkpoints are) with the
+    real patch (16), merge (2) and temporal patch (2) sizes, the PIL image processor and
+    a tokenizer carrying the chat template.
+    """
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    if size not in TINY_SIZES:
+        raise ValueError(f"size={size!r}: choose one of {', '.join(TINY_SIZES)}")
+    dims = {**TINY_SIZES[size], **(overrides or {})}
+    if sum(dims["mrope_section"]) * 2 != dims["head_dim"]:
+        raise ValueError(f"mrope_section {dims['mrope_section']} must sum to head_dim/2 = {dims['head_dim'] // 2}")
+    torch.manual_seed(seed)
+    tokenizer = train_qwen_tokenizer(corpus)
+    token = tokenizer.convert_tokens_to_ids
+    config = Qwen3VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer), "hidden_size": dims["hidden"], "intermediate_size": dims["hidden"] * 2,
+            "num_hidden_layers": dims["layers"], "num_attention_heads": dims["heads"],
+            "num_key_value_heads": dims["kv_heads"], "head_dim": dims["head_dim"],
+            "max_position_embeddings": MAX_LENGTH,
+            "rope_parameters": {
+                "rope_type": "default", "rope_theta": 5_000_000.0,
+                "mrope_section": list(dims["mrope_section"]), "mrope_interleaved": True,
+            },
+            "pad_token_id": tokenizer.pad_token_id, "bos_token_id": None, "eos_token_id": tokenizer.eos_token_id,
+        },
+        vision_config={
+            "depth": dims["vision_depth"], "hidden_size": dims["vision_hidden"],
+            "intermediate_size": dims["vision_hidden"] * 2, "num_heads": dims["vision_heads"],
+            "patch_size": PATCH_SIZE, "spatial_merge_size": MERGE_SIZE, "temporal_patch_size": TEMPORAL_PATCH_SIZE,
+            "out_hidden_size": dims["hidden"], "num_position_embeddings": 64,
+            "deepstack_visual_indexes": list(dims["deepstack"]),
+        },
+        image_token_id=token(IMAGE_TOKEN), video_token_id=token(VIDEO_TOKEN),
+        vision_start_token_id=token(VISION_START_TOKEN), vision_end_token_id=token(VISION_END_TOKEN),
+        tie_word_embeddings=True,
+    )
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    image_processor = _pil_image_processor_class()(
+        patch_size=PATCH_SIZE, merge_size=MERGE_SIZE, temporal_patch_size=TEMPORAL_PATCH_SIZE,
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS,
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    image_processor.save_pretrained(out)
+    return out
