@@ -106,10 +106,11 @@ def test_resize_bounds(encoder: Qwen3VLEncoder) -> None:
         smart_resize(10_000, 40)
 
 
+@pytest.mark.parametrize("kind", ["mixed", "text"])
 @pytest.mark.parametrize("padding_side", ["left", "right"])
-def test_pooling_is_the_last_real_tokens_hidden_state(tiny_qwen3vl: Path, padding_side: str) -> None:
+def test_pooling_is_the_last_real_tokens_hidden_state(tiny_qwen3vl: Path, padding_side: str, kind: str) -> None:
     encoder = Qwen3VLEncoder.from_pretrained(tiny_qwen3vl, padding_side=padding_side)
-    items = _mixed_items()
+    items = _mixed_items() if kind == "mixed" else [(None, text) for text in TEXTS]
     inputs = encoder.prepare(items)
     mask = inputs["attention_mask"]
     assert (mask[:, 0] == 0).any() if padding_side == "left" else (mask[:, -1] == 0).any()
@@ -180,10 +181,27 @@ def test_lora_targets_cover_language_and_vision_blocks(tiny_qwen3vl: Path) -> No
 
     model = Qwen3VLEncoder.from_pretrained(tiny_qwen3vl).model
     wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=LORA_TARGET_MODULES))
-    adapted = {name.split("model.", 1)[1] for name, module in wrapped.named_modules() if hasattr(module, "lora_A")}
+    adapted = {name.removeprefix("base_model.model.") for name, module in wrapped.named_modules() if hasattr(module, "lora_A")}
     language = {f"language_model.layers.{i}.{part}" for i in range(2) for part in (
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
     vision = {f"visual.blocks.{i}.{part}" for i in range(2) for part in (
         "attn.qkv", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2")}
     assert adapted == language | vision  # mergers and the patch embedding stay frozen
+
+
+def test_bad_model_directories_are_named(tiny_qwen3vl: Path, tmp_path: Path, encoder: Qwen3VLEncoder) -> None:
+    import shutil
+
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from vkd.models.qwen3vl import Qwen3VLEmbeddingProcessor
+
+    other = Qwen3VLEmbeddingProcessor(encoder.processor.tokenizer, Qwen2VLImageProcessorPil(patch_size=14))
+    with pytest.raises(ValueError, match=r"preprocessor_config.json .* = \(14, 2, 2\) .* \(16, 2, 2\)"):
+        Qwen3VLEncoder(encoder.model, other, name="m", device=torch.device("cpu"), dtype=torch.float32)
+
+    no_template = shutil.copytree(tiny_qwen3vl, tmp_path / "no-template")
+    (no_template / "chat_template.jinja").unlink()
+    with pytest.raises(ValueError, match="no chat template"):
+        Qwen3VLEncoder.from_pretrained(no_template)

@@ -76,6 +76,14 @@ def library_versions() -> dict[str, str | None]:
     return versions
 
 
+_ORT_THREADS: int | None = None
+
+
+def ort_threads() -> int | None:
+    """Intra-op threads for the ONNX Runtime sessions a benchmark opens (None: ORT's default)."""
+    return _ORT_THREADS
+
+
 def threads_in_use() -> dict[str, int | None]:
     """Threads each compute library is set to use right now (``None``: library not installed)."""
     threads: dict[str, int | None] = {"torch": None, "faiss": None, "onnxruntime": None}
@@ -91,8 +99,8 @@ def threads_in_use() -> dict[str, int | None]:
         threads["faiss"] = int(faiss.omp_get_max_threads())
     except ImportError:
         pass
-    ort = os.environ.get("VKD_BENCH_ORT_THREADS")
-    threads["onnxruntime"] = int(ort) if ort else None
+    # ONNX Runtime has no global setting: the benchmarks pass this to the sessions they open
+    threads["onnxruntime"] = _ORT_THREADS
     return threads
 
 
@@ -114,10 +122,11 @@ def machine_info() -> dict[str, Any]:
 
 
 def set_threads(n: int) -> None:
-    """Use ``n`` threads in torch, FAISS and ONNX Runtime sessions the benchmarks create."""
+    """Use ``n`` threads in torch, FAISS and the ONNX Runtime sessions the benchmarks create."""
+    global _ORT_THREADS
     if n < 1:
         raise ValueError(f"threads={n}: use at least one thread")
-    os.environ["VKD_BENCH_ORT_THREADS"] = str(n)
+    _ORT_THREADS = n
     import torch
 
     torch.set_num_threads(n)
@@ -198,8 +207,11 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *,
         if len(row) != len(headers):
             raise ValueError(f"row {index} has {len(row)} cells, the table has {len(headers)} columns")
     if align is None:
-        first = rows[0] if rows else [""] * len(headers)
-        align = ["r" if isinstance(cell, (int, float)) and not isinstance(cell, bool) else "l" for cell in first]
+        def numeric(column: int) -> bool:
+            cells = [row[column] for row in rows if row[column] is not None]
+            return bool(cells) and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in cells)
+
+        align = ["r" if numeric(column) else "l" for column in range(len(headers))]
     if len(align) != len(headers) or any(a not in ("l", "r") for a in align):
         raise ValueError(f"align must hold 'l' or 'r' for each of the {len(headers)} columns, got {list(align)}")
     rule = ["---:" if a == "r" else ":---" for a in align]

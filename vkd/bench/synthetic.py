@@ -4,15 +4,19 @@ Corpora of 100k or 1M images cannot be encoded on a CPU inside a benchmark run, 
 search benchmark searches vectors made here, optionally mixed with real encoded vectors.
 The model is deliberately simple and stated in every result:
 
-* **The teacher space is the truth.** Cluster centres are points on the unit sphere of
-  the teacher's dimension (random directions, or real teacher image vectors when real
-  vectors are given, so synthetic items sit where real images sit). Cluster sizes follow
-  a power law: cluster k (in a random order) holds a share proportional to ``(k + 1) ** -a``.
-  An item is its centre plus isotropic Gaussian noise, L2-normalised.
+* **The teacher space is the truth.** It has a decaying spectrum, as real embeddings do:
+  noise along direction j has variance proportional to ``(j + 1) ** -decay``, in a random
+  basis, or along the real teacher vectors' principal directions when real vectors are
+  given (noise is then also scaled to the real vectors' spread, their RMS distance from
+  their mean). Cluster centres are points on the unit sphere drawn from that spectrum (or
+  real teacher image vectors plus such noise, so synthetic items sit where real images
+  sit). Cluster sizes follow a power law: cluster k (in a random order) holds a share
+  proportional to ``(k + 1) ** -a``. An item is its centre plus noise, L2-normalised.
 * **The student is a noisy projection of the teacher.** ``student = normalise(teacher @ M + e)``
-  with one fixed map ``M`` for the whole corpus: a random Gaussian matrix, or, when real
-  vectors are given, the ridge least-squares fit of the real student vectors on the real
-  teacher vectors (its residuals' spread then sets the noise ``e``).
+  with one fixed map ``M`` for the whole corpus and isotropic Gaussian ``e``: without real
+  vectors, ``M`` projects onto the teacher space's top ``student_dim`` directions and rotates
+  randomly; with real vectors, ``M`` is the ridge least-squares fit of the real student
+  vectors on the real teacher vectors (its residuals' spread then sets ``e``).
 * **Queries are noisy copies of corpus items**, so every query has a known right answer
   (its ground truth): ``query_teacher = normalise(item_teacher + n)`` and the query's
   student vector is its own noisy projection through the same ``M``. Real queries (encoded
@@ -119,6 +123,43 @@ def default_clusters(n_corpus: int) -> int:
     return int(max(16, round(np.sqrt(n_corpus))))
 
 
+def spectrum_basis(teacher_dim: int, decay: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(basis [dt, dt] with one unit direction per row, scales [dt]) of a power-law spectrum.
+
+    Direction j carries variance proportional to ``(j + 1) ** -decay`` (real embeddings put
+    most of their variance in a few directions); scales are normalised so that the squared
+    scales sum to ``teacher_dim`` and a noise level keeps meaning "norm relative to a unit vector".
+    """
+    if decay < 0:
+        raise ValueError(f"spectrum_decay={decay}: must be >= 0 (0 = isotropic)")
+    scales = (np.arange(teacher_dim, dtype=np.float64) + 1.0) ** (-decay / 2.0)
+    scales *= np.sqrt(teacher_dim / np.sum(scales**2))
+    basis = np.linalg.qr(rng.standard_normal((teacher_dim, teacher_dim)))[0].T
+    return basis.astype(np.float32), scales.astype(np.float32)
+
+
+def real_basis(teacher_images: np.ndarray, decay: float) -> tuple[np.ndarray, np.ndarray]:
+    """The power-law scales of :func:`spectrum_basis` along the real vectors' principal directions.
+
+    The spectrum's shape stays the synthetic power law (a few hundred real images cannot
+    pin down the small variances, and the shape sets how hard search is); its directions
+    are the real ones, largest variance first, so synthetic items spread the way real images
+    do and the fitted teacher-to-student map has seen those directions.
+    """
+    centred = teacher_images - teacher_images.mean(axis=0, keepdims=True)
+    _, _, vt = np.linalg.svd(centred.astype(np.float64), full_matrices=True)
+    _, scales = spectrum_basis(teacher_images.shape[1], decay, np.random.default_rng(0))
+    return vt.astype(np.float32), scales
+
+
+def top_subspace_map(basis: np.ndarray, student_dim: int, rng: np.random.Generator) -> np.ndarray:
+    """[dt, ds]: project onto the ``student_dim`` highest-variance directions, then rotate randomly."""
+    teacher_dim = basis.shape[0]
+    keep = min(student_dim, teacher_dim)
+    rotation = np.linalg.qr(rng.standard_normal((student_dim, student_dim)))[0][:keep]
+    return (basis[:keep].T @ rotation).astype(np.float32)
+
+
 def make_corpus(
     n_corpus: int,
     n_queries: int,
@@ -127,26 +168,33 @@ def make_corpus(
     teacher_dim: int = 128,
     n_clusters: int | None = None,
     size_exponent: float = 1.0,
+    spectrum_decay: float = 1.0,
     cluster_spread: float = 0.9,
     centre_spread: float = 0.35,
-    query_noise: float = 0.55,
+    query_noise: float = 0.9,
     student_noise: float | None = None,
     real: RealVectors | None = None,
     seed: int = 0,
 ) -> VectorCorpus:
     """A corpus of ``n_corpus`` rows (real ones first) and ``n_queries`` queries.
 
-    Noise levels are norms relative to a unit vector (per-dimension std = level / sqrt(dim)):
-    ``cluster_spread`` of items around their centre, ``centre_spread`` of centres around the
-    real image they copy (real vectors only), ``query_noise`` of a query around its item and
-    ``student_noise`` of the projection (default: 0.6 without real vectors; with them the fit's
-    residuals). With ``real``, dims come from the real vectors, its images are the first
-    corpus rows and its captions the first queries (up to half of ``n_queries``).
+    Noise levels are norms in units of the corpus spread (1 for random unit vectors; with
+    ``real``, the real teacher vectors' RMS distance from their mean), shaped by the teacher
+    space's spectrum (per-direction std = level * spread * scale_j / sqrt(dim)): ``cluster_spread`` of items
+    around their centre, ``centre_spread`` of centres around the real image they copy (real
+    vectors only), ``query_noise`` of a query around its item. ``student_noise`` is isotropic
+    noise added after the map (default 0.3; with real vectors, the ridge fit's residuals).
+
+    Without ``real`` the spectrum is a power law (``spectrum_decay``) in random directions and
+    the map projects onto its top ``student_dim`` directions and rotates randomly. With
+    ``real``, dims come from the real vectors, the power law lies along their principal
+    directions, the map is the ridge fit, its images are the first corpus rows and its
+    captions the first queries (at most half of ``n_queries``).
     """
     if n_corpus < 1 or n_queries < 1:
         raise ValueError(f"n_corpus={n_corpus}, n_queries={n_queries}: both must be positive")
     for name, value in (("cluster_spread", cluster_spread), ("centre_spread", centre_spread),
-                        ("query_noise", query_noise)):
+                        ("query_noise", query_noise), ("student_noise", student_noise or 0.0)):
         if value < 0:
             raise ValueError(f"{name}={value}: a noise level cannot be negative")
     rng = np.random.default_rng([seed, 1])
@@ -159,29 +207,45 @@ def make_corpus(
         n_real = min(len(real.student_images), n_corpus)
         # at most half the queries are real, so both kinds are measured
         n_real_queries = min(len(real.student_texts), n_queries // 2)
+        basis, scales = real_basis(real_teacher_images, spectrum_decay)
+        # noise levels are relative to how spread the real vectors are, so synthetic items sit
+        # as far from each other as real ones do (a trained model's vectors fill a narrow cone)
+        spread = float(np.sqrt(np.mean(np.sum(
+            (real_teacher_images - real_teacher_images.mean(axis=0)) ** 2, axis=1))))
         mapping, residual = ridge_map(real_teacher_images, real_student_images)
         projection_noise = residual * np.sqrt(student_dim) if student_noise is None else student_noise
-        source = "ridge fit of the real student image vectors on the real teacher image vectors"
+        source = ("ridge least-squares fit of the real student image vectors on the real teacher image "
+                  f"vectors; noise with a power-law spectrum (decay {spectrum_decay}) along the real teacher "
+                  "vectors' principal directions")
     else:
-        mapping = (rng.standard_normal((teacher_dim, student_dim)) / np.sqrt(student_dim)).astype(np.float32)
-        projection_noise = 0.6 if student_noise is None else student_noise
-        source = "random Gaussian matrix, entries N(0, 1/student_dim)"
-    if projection_noise < 0:
-        raise ValueError(f"student_noise={projection_noise}: a noise level cannot be negative")
+        basis, scales = spectrum_basis(teacher_dim, spectrum_decay, rng)
+        spread = 1.0  # random unit vectors lie at RMS distance ~1 from their mean
+        mapping = top_subspace_map(basis, student_dim, rng)
+        projection_noise = 0.3 if student_noise is None else student_noise
+        source = (f"projection onto the {min(student_dim, teacher_dim)} highest-variance directions of the "
+                  f"teacher space (power-law spectrum, decay {spectrum_decay}, random directions), then a "
+                  "random rotation")
     n_synth = n_corpus - n_real
     clusters = n_clusters if n_clusters is not None else default_clusters(n_corpus)
 
-    if real is not None:
-        picks = rng.integers(0, len(real_teacher_images), size=clusters)
-        centres = normalize_rows(real_teacher_images[picks] + centre_spread / np.sqrt(teacher_dim)
-                                 * rng.standard_normal((clusters, teacher_dim)).astype(np.float32))
-    else:
-        centres = normalize_rows(rng.standard_normal((clusters, teacher_dim)).astype(np.float32))
-    shares = power_law_shares(clusters, size_exponent, rng)
+    # unit norm on average: per-direction std scale_j / sqrt(dt); float32 throughout for speed
+    direction_std = (spread * scales / np.sqrt(teacher_dim)).astype(np.float32)
+    noise_scale = np.float32(projection_noise / np.sqrt(student_dim))
+
+    def shaped_noise(noise_rng: np.random.Generator, rows: int) -> np.ndarray:
+        draws = noise_rng.standard_normal((rows, teacher_dim), dtype=np.float32)
+        return (draws * direction_std) @ basis
 
     def project(teacher: np.ndarray, noise_rng: np.random.Generator) -> np.ndarray:
-        noise = noise_rng.standard_normal((len(teacher), student_dim)).astype(np.float32)
-        return normalize_rows(teacher @ mapping + projection_noise / np.sqrt(student_dim) * noise)
+        noise = noise_rng.standard_normal((len(teacher), student_dim), dtype=np.float32)
+        return normalize_rows(teacher @ mapping + noise_scale * noise)
+
+    if real is not None:
+        picks = rng.integers(0, len(real_teacher_images), size=clusters)
+        centres = normalize_rows(real_teacher_images[picks] + centre_spread * shaped_noise(rng, clusters))
+    else:
+        centres = normalize_rows(shaped_noise(rng, clusters))
+    shares = power_law_shares(clusters, size_exponent, rng)
 
     student = np.empty((n_corpus, student_dim), dtype=np.float32)
     teacher = np.empty((n_corpus, teacher_dim), dtype=np.float16)
@@ -193,35 +257,30 @@ def make_corpus(
         stop = min(start + CHUNK_ROWS, n_synth)
         chunk_rng = np.random.default_rng([seed, 2, chunk])
         ids = chunk_rng.choice(clusters, size=stop - start, p=shares)
-        noise = chunk_rng.standard_normal((stop - start, teacher_dim)).astype(np.float32)
-        items = normalize_rows(centres[ids] + cluster_spread / np.sqrt(teacher_dim) * noise)
+        items = normalize_rows(centres[ids] + np.float32(cluster_spread) * shaped_noise(chunk_rng, stop - start))
         teacher[n_real + start:n_real + stop] = items
         student[n_real + start:n_real + stop] = project(items, chunk_rng)
         assignment[start:stop] = ids
 
     query_rng = np.random.default_rng([seed, 3])
-    n_synth_queries = n_queries - n_real_queries
-    if n_synth_queries and n_synth == 0:
-        raise ValueError(f"n_corpus={n_corpus} holds only real vectors, so {n_synth_queries} synthetic "
-                         "queries have no item to copy; raise n_corpus or lower n_queries")
-    targets = n_real + query_rng.choice(n_synth, size=n_synth_queries, replace=n_synth_queries > n_synth) \
-        if n_synth_queries else np.zeros(0, dtype=np.int64)
     query_teacher = np.empty((n_queries, teacher_dim), dtype=np.float32)
     query_student = np.empty((n_queries, student_dim), dtype=np.float32)
     ground_truth = np.empty(n_queries, dtype=np.int64)
     if n_real_queries:
-        # keep captions whose image made it into the corpus (all of them unless n_corpus < images)
+        # captions whose image made it into the corpus (all of them unless n_corpus < images)
         keep = np.flatnonzero(np.asarray(real.text_to_image) < n_real)[:n_real_queries]
         n_real_queries = len(keep)
         query_teacher[:n_real_queries] = normalize_rows(real.teacher_texts[keep])
         query_student[:n_real_queries] = normalize_rows(real.student_texts[keep])
         ground_truth[:n_real_queries] = np.asarray(real.text_to_image)[keep]
-        if n_real_queries < n_queries - n_synth_queries:
-            raise ValueError(f"n_corpus={n_corpus} is smaller than the real images the queries refer to; "
-                             "raise n_corpus")
+    n_synth_queries = n_queries - n_real_queries
+    if n_synth_queries and n_synth == 0:
+        raise ValueError(f"n_corpus={n_corpus} holds only real vectors, so {n_synth_queries} synthetic "
+                         "queries have no item to copy; raise n_corpus or lower n_queries")
     if n_synth_queries:
-        noise = query_rng.standard_normal((n_synth_queries, teacher_dim)).astype(np.float32)
-        queries = normalize_rows(teacher[targets].astype(np.float32) + query_noise / np.sqrt(teacher_dim) * noise)
+        targets = n_real + query_rng.choice(n_synth, size=n_synth_queries, replace=n_synth_queries > n_synth)
+        queries = normalize_rows(teacher[targets].astype(np.float32)
+                                 + query_noise * shaped_noise(query_rng, n_synth_queries))
         query_teacher[n_real_queries:] = queries
         query_student[n_real_queries:] = project(queries, query_rng)
         ground_truth[n_real_queries:] = targets
@@ -243,10 +302,12 @@ def make_corpus(
         "cluster_size_exponent": size_exponent,
         "largest_cluster_items": int(sizes.max()) if n_synth else 0,
         "smallest_cluster_items": int(sizes.min()) if n_synth else 0,
+        "spectrum_decay": spectrum_decay,
         "cluster_spread": cluster_spread,
         "centre_spread": centre_spread if real is not None else None,
         "query_noise": query_noise,
         "student_noise": float(projection_noise),
+        "noise_unit": spread,
         "teacher_to_student_map": source,
         "teacher_dtype": "float16",
     }
@@ -259,16 +320,20 @@ def describe_model(with_real: bool) -> str:
     """One paragraph saying exactly how the corpus was made (goes into JSON and Markdown)."""
     base = (
         "Synthetic vectors, not encoded images: a mixture of Gaussian clusters on the unit sphere of the "
-        "teacher space with power-law cluster sizes (share of cluster k proportional to (k+1)^-a); the "
-        "teacher space is the truth and each student vector is a noisy projection of its teacher vector "
-        "through one fixed map plus Gaussian noise, L2-normalised; queries are noisy copies of corpus items, "
-        "whose row is the query's ground truth."
+        "teacher space with power-law cluster sizes (share of cluster k proportional to (k+1)^-a) and "
+        "noise shaped by a decaying spectrum; the teacher space is the truth and each student vector is a "
+        "noisy projection of its teacher vector through one fixed map plus Gaussian noise, L2-normalised; "
+        "queries are noisy copies of corpus items, whose row is the query's ground truth."
     )
     if with_real:
         return base + (
-            " The corpus also holds the real encoded test images of the demo (student and teacher vectors) "
-            "and the queries include its real encoded captions with their images as ground truth; cluster "
-            "centres are real teacher image vectors plus noise and the map is the ridge least-squares fit "
-            "of the real student vectors on the real teacher vectors."
+            " The corpus also holds the real encoded test images (student and teacher vectors) and the "
+            "queries include the real encoded captions with their images as ground truth; cluster centres "
+            "are real teacher image vectors plus noise, the spectrum lies along the real vectors' principal "
+            "directions and is scaled to their spread, and the map is the ridge least-squares fit of the real "
+            "student vectors on the real teacher vectors."
         )
-    return base + " No real vectors were available: the map is a random Gaussian matrix."
+    return base + (
+        " No real vectors were available: the spectrum is a power law in random directions and the map "
+        "projects onto its top student-dimension directions, then rotates randomly."
+    )

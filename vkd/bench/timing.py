@@ -7,6 +7,7 @@ reported in milliseconds, and every summary carries the number of timed repetiti
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import threading
@@ -112,6 +113,35 @@ def time_each(fn: Callable[[Any], Any], items: Sequence[Any], *, warmup: int = 1
         result = fn(item)
         seconds.append(time.perf_counter() - start)
     return Timing(seconds=seconds, warmup=min(warmup, len(items)), result=result)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+_mallinfo2: Any = None
+
+
+def allocated_bytes() -> int | None:
+    """Bytes the C heap has handed out and not taken back (glibc ``mallinfo2``), or None.
+
+    Unlike RSS, this sees an allocation even when the allocator serves it from pages the
+    process already holds, so the difference around loading an object is its size in memory
+    (FAISS and numpy allocate through malloc). None where glibc's ``mallinfo2`` is missing.
+    """
+    global _mallinfo2
+    if _mallinfo2 is None:
+        try:
+            function = ctypes.CDLL(None).mallinfo2
+            function.restype = _MallInfo2
+            _mallinfo2 = function
+        except (OSError, AttributeError):
+            _mallinfo2 = False
+    if _mallinfo2 is False:
+        return None
+    info = _mallinfo2()
+    return int(info.uordblks + info.hblkhd)
 
 
 def rss_bytes() -> int:

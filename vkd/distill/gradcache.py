@@ -100,7 +100,7 @@ def cached_step(
     for embed, chunks, embs, states, leaf in ((embed_text, text_chunks, text_embs, text_states, text_all),
                                               (embed_image, image_chunks, image_embs, image_states, image_all)):
         grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)  # a loss blind to one modality
-        jobs += zip([embed] * len(chunks), chunks, states, grad.split([e.shape[0] for e in embs]))
+        jobs += zip([embed] * len(chunks), chunks, states, grad.split([e.shape[0] for e in embs]), strict=True)
 
     cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=cuda_devices):
@@ -139,5 +139,5 @@ def all_reduce_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat)
         flat /= world
-        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
             g.copy_(part.view_as(g))

@@ -53,7 +53,7 @@ def gather_with_local_grad(x: Tensor) -> Tensor:
     padded[: x.shape[0]] = x.detach()
     slices = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(slices, padded)
-    slices = [s[:r] for s, r in zip(slices, rows)]
+    slices = [s[:r] for s, r in zip(slices, rows, strict=True)]
     slices[rank] = x
     return torch.cat(slices)
 
@@ -137,10 +137,12 @@ def teacher_targets(teachers: Sequence[TeacherOutput], temperature: float, image
     as n × n probability matrices, never as raw vectors."""
     weights = _teacher_weights(teachers)
     device = torch.device(device) if device is not None else teachers[0].text.device
-    like = torch.empty(teachers[0].text.shape[0], 0, device=device)
+    # at least float32: a float16 cache would make the softmax of large logits coarse
+    dtype = torch.promote_types(teachers[0].text.dtype, torch.float32)
+    like = torch.empty(teachers[0].text.shape[0], 0, device=device, dtype=dtype)
     mask = _same_image_mask(image_ids, like.shape[0], device)
     p_text_to_image = p_image_to_text = like.new_zeros(())
-    for teacher, weight in zip(teachers, weights):
+    for teacher, weight in zip(teachers, weights, strict=True):
         text, image = _teacher_embeddings(teacher, like)
         scale = torch.as_tensor(teacher.logit_scale, dtype=like.dtype, device=device).detach()
         logits = _masked(scale * text @ image.T / temperature, mask)
@@ -209,7 +211,7 @@ class FeatureMSELoss(nn.Module):
     def forward(self, student_text: Tensor, student_image: Tensor, teachers: Sequence[TeacherOutput]) -> Tensor:
         self.projections.check(teachers)
         total = student_text.new_zeros(())
-        for k, (teacher, weight) in enumerate(zip(teachers, _teacher_weights(teachers))):
+        for k, (teacher, weight) in enumerate(zip(teachers, _teacher_weights(teachers), strict=True)):
             t_text, t_image = _teacher_embeddings(teacher, student_text)
             text_err = (self.projections(student_text, k) - t_text).pow(2).sum(-1).mean()
             image_err = (self.projections(student_image, k) - t_image).pow(2).sum(-1).mean()
@@ -232,7 +234,7 @@ class ICLLoss(nn.Module):
         self.projections.check(teachers)
         mask = _same_image_mask(image_ids, student_text.shape[0], student_text.device)
         total = student_text.new_zeros(())
-        for k, (teacher, weight) in enumerate(zip(teachers, _teacher_weights(teachers))):
+        for k, (teacher, weight) in enumerate(zip(teachers, _teacher_weights(teachers), strict=True)):
             t_text, t_image = _teacher_embeddings(teacher, student_text)
             s_text, s_image = self.projections(student_text, k), self.projections(student_image, k)
             text_to_image = _cross_entropy_rows(student_scale * s_text @ t_image.T, mask)
@@ -248,7 +250,7 @@ class SimilarityMSELoss(nn.Module):
     def forward(self, student_text: Tensor, student_image: Tensor, teachers: Sequence[TeacherOutput]) -> Tensor:
         similarity = student_text @ student_image.T
         total = similarity.new_zeros(())
-        for teacher, weight in zip(teachers, _teacher_weights(teachers)):
+        for teacher, weight in zip(teachers, _teacher_weights(teachers), strict=True):
             t_text, t_image = _teacher_embeddings(teacher, student_text)
             total = total + weight * (similarity - t_text @ t_image.T).pow(2).mean()
         return total

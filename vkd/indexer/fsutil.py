@@ -53,7 +53,7 @@ def atomic_write(target: Path, write: Callable[[BinaryIO], None]) -> None:
     fsync_dir(target.parent)
 
 
-def atomic_write_bytes(target: Path, data: bytes) -> None:
+def atomic_write_bytes(target: Path, data: bytes | memoryview) -> None:
     atomic_write(target, lambda handle: handle.write(data))
 
 
@@ -81,9 +81,7 @@ def writer_lock(directory: Path) -> Iterator[None]:
     except ImportError:  # Windows: no flock; a single writer is then the user's job
         yield
         return
-    lock_path = directory / ".lock"
-    handle = open(lock_path, "a+")
-    try:
+    with open(directory / ".lock", "a+") as handle:
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -98,5 +96,3 @@ def writer_lock(directory: Path) -> Iterator[None]:
         handle.write(str(os.getpid()))
         handle.flush()
         yield
-    finally:
-        handle.close()

@@ -31,6 +31,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from vkd.models.base import TorchEncoder, load_rgb
@@ -261,10 +262,10 @@ class Qwen3VLEmbeddingProcessor:
                     text += IMAGE_TOKEN * count + part
                 expanded.append(text)
             prompts = expanded
-        self.tokenizer.padding_side = self.padding_side
+        # Qwen tokenizers add no BOS/EOS; saying so keeps other tokenizers from adding theirs.
         encoded = self.tokenizer(
-            list(prompts), add_special_tokens=False, padding=True, truncation=True,
-            max_length=self.max_length, return_tensors="pt",
+            list(prompts), add_special_tokens=False, padding=True, padding_side=self.padding_side,
+            truncation=True, max_length=self.max_length, return_tensors="pt",
         )
         input_ids = encoded["input_ids"]
         mm_token_type_ids = (input_ids == self.image_token_id).to(torch.int32)
@@ -322,6 +323,14 @@ class Qwen3VLEncoder(TorchEncoder):
         self.batch_size = batch_size
         self.source_dir = source_dir
         self.instruction = normalize_instruction(instruction)
+        vision = model.config.vision_config
+        model_sizes = (vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size)
+        processor_sizes = (processor.patch_size, processor.merge_size, processor.image_processor.temporal_patch_size)
+        if tuple(model_sizes) != tuple(processor_sizes):
+            raise ValueError(
+                f"{name}: preprocessor_config.json (patch, merge, temporal patch) = {processor_sizes} but "
+                f"config.json vision_config has {model_sizes}; they must match"
+            )
         self.hidden_size = int(model.config.get_text_config().hidden_size)
         if matryoshka_dim is not None and not 1 <= int(matryoshka_dim) <= self.hidden_size:
             raise ValueError(
@@ -453,13 +462,13 @@ class Qwen3VLEncoder(TorchEncoder):
         *,
         batch_size: int | None = None,
         show_progress: bool = False,
-    ) -> torch.Tensor | Any:
+    ) -> np.ndarray:
         """float32 [n, dim] for (image, text) pairs; either side of a pair may be None."""
         if len(images) != len(texts):
             raise ValueError(f"encode_multimodal: {len(images)} images but {len(texts)} texts")
         return self._run(list(zip(images, texts, strict=True)), self._encode_item_batch, batch_size, show_progress, "inputs")
 
-    def _encode_item_batch(self, items: Sequence[Item]) -> Any:
+    def _encode_item_batch(self, items: Sequence[Item]) -> np.ndarray:
         with torch.inference_mode():
             return self.embed(self.prepare(items)).float().cpu().numpy()
 
@@ -579,7 +588,9 @@ def build_tiny_qwen3vl(
                 "rope_type": "default", "rope_theta": 5_000_000.0,
                 "mrope_section": list(dims["mrope_section"]), "mrope_interleaved": True,
             },
-            "pad_token_id": tokenizer.pad_token_id, "bos_token_id": None, "eos_token_id": tokenizer.eos_token_id,
+            # As in the real config: bos is <|endoftext|> although the tokenizer adds none.
+            "pad_token_id": tokenizer.pad_token_id, "bos_token_id": token("<|endoftext|>"),
+            "eos_token_id": tokenizer.eos_token_id,
         },
         vision_config={
             "depth": dims["vision_depth"], "hidden_size": dims["vision_hidden"],

@@ -27,7 +27,9 @@ SIZES: dict[str, dict[str, dict[str, int]]] = {
     },
 }
 
-SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+# </s> must not get id 2: CLIP's text pooler treats eos_token_id == 2 as the legacy OpenAI vocab
+# and pools at the highest token id instead of at the end-of-text token.
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>"]
 
 # Words the demo's captions and ordinary queries use, so the trained vocabulary is useful;
 # byte-level BPE still encodes any text, these only decide which words get whole tokens.

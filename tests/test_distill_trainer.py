@@ -1,0 +1,233 @@
+"""The distillation trainer on tiny models: teacher cache, ensembles, stages, EMA, gradient
+caching and exact resumption."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vkd.config import DistillConfig
+from vkd.distill.trainer import Trainer, distill, latest_checkpoint
+
+
+@pytest.fixture(scope="module")
+def pair_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24 captioned synthetic scenes (8 images, several captions each): three batches of 8."""
+    from vkd.data.pairs import read_pairs, write_pairs
+    from vkd.data.synth import generate
+
+    root = tmp_path_factory.mktemp("distill-data")
+    generate(root / "synth", 12, seed=0, size=32, val_frac=0.0, test_frac=0.0)
+    pairs = read_pairs(root / "synth" / "train.jsonl")[:24]
+    path = root / "pairs.jsonl"
+    write_pairs(path, [{"image": p.image, "text": p.text, "image_id": p.image_id} for p in pairs])
+    return path
+
+
+def make_config(out: Path, data: Path, student: Path, teacher: Path | list[Path], **overrides: Any) -> DistillConfig:
+    teachers = [str(t) for t in teacher] if isinstance(teacher, list) else str(teacher)
+    values: dict[str, Any] = {
+        "model_name_or_path": str(student), "teacher_model_name_or_path": teachers,
+        "data_path": str(data), "output_dir": str(out), "epochs": 1, "batch_size": 8,
+        "learning_rate": 1e-3, "warmup_ratio": 0.0, "logging_steps": 1, "eval_strategy": "no",
+        "lora_dropout": 0.0, "distillation_loss_type": ["kl_divergence", "feature_mse"],
+    }
+    values.update(overrides)
+    return DistillConfig.from_dict(values)
+
+
+def train_rows(out: Path) -> list[dict[str, Any]]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [row for row in map(json.loads, lines) if row["type"] == "train"]
+
+
+def last_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(latest_checkpoint(out / "checkpoints") / "trainable.safetensors")
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=name)
+
+
+def counting(encoder: Any) -> dict[str, int]:
+    """Count the rows the real teacher embeds (wrapping its own embed functions)."""
+    counts = {"text": 0, "image": 0}
+    embed_text, embed_images = encoder.embed_text, encoder.embed_images
+
+    def text(inputs: dict) -> torch.Tensor:
+        out = embed_text(inputs)
+        counts["text"] += out.shape[0]
+        return out
+
+    def images(inputs: dict) -> torch.Tensor:
+        out = embed_images(inputs)
+        counts["image"] += out.shape[0]
+        return out
+
+    encoder.embed_text, encoder.embed_images = text, images
+    return counts
+
+
+def test_teacher_cache_runs_the_teacher_once_per_sample(
+    tmp_path: Path, pair_file: Path, tiny_clip: Path, tiny_clip_teacher: Path
+) -> None:
+    """Three epochs over 24 pairs: the cached teacher embeds each pair once (72 without the
+    cache), and the student ends with the same weights and per-step losses either way."""
+    from vkd.models import load_encoder
+
+    results = {}
+    for cached in (True, False):
+        teacher = load_encoder(tiny_clip_teacher, device="cpu")
+        counts = counting(teacher)
+        out = tmp_path / f"cache-{cached}"
+        config = make_config(out, pair_file, tiny_clip, tiny_clip_teacher, epochs=3, teacher_cache=cached)
+        result = distill(config, teachers=[teacher])
+        results[cached] = (counts, result.report, train_rows(out), last_weights(out))
+
+    counts, report, rows, weights = results[True]
+    assert counts == {"text": 24, "image": 24}
+    assert report["teacher_cache"] == {"hits": 48, "misses": 24}
+    assert report["teachers"][0]["forward_rows"] == 24
+    assert len(list((tmp_path / "cache-True" / "teacher_cache").glob("*.arrow"))) == 1
+
+    plain_counts, plain_report, plain_rows, plain_weights = results[False]
+    assert plain_counts == {"text": 72, "image": 72}
+    assert plain_report["teacher_cache"] == {"hits": 0, "misses": 0}
+    assert len(rows) == len(plain_rows) == 9
+    for row, plain in zip(rows, plain_rows, strict=True):
+        for key in ("loss", "ce", "kl_divergence", "feature_mse"):
+            assert row[key] == pytest.approx(plain[key], abs=1e-5), (row["step"], key)
+    assert_same_weights(weights, plain_weights, atol=1e-5)
+
+
+def test_a_second_run_reads_the_cache_of_the_first(
+    tmp_path: Path, pair_file: Path, tiny_clip: Path, tiny_clip_teacher: Path
+) -> None:
+    cache_dir = tmp_path / "shared-cache"
+    first = distill(make_config(tmp_path / "a", pair_file, tiny_clip, tiny_clip_teacher,
+                                teacher_cache_dir=str(cache_dir)))
+    second = distill(make_config(tmp_path / "b", pair_file, tiny_clip, tiny_clip_teacher,
+                                 teacher_cache_dir=str(cache_dir)))
+    assert first.report["teacher_cache"] == {"hits": 0, "misses": 24}
+    assert second.report["teacher_cache"] == {"hits": 24, "misses": 0}
+    assert second.report["teacher_forward_rows"] == 0
+
+
+def test_ensemble_of_teachers_with_different_dimensions(
+    tmp_path: Path, pair_file: Path, tiny_clip: Path, tiny_clip_teacher: Path, tiny_siglip: Path
+) -> None:
+    """A 48-d CLIP and a 32-d SigLIP teach a 32-d student together, with every KD term."""
+    config = make_config(tmp_path, pair_file, tiny_clip, [tiny_clip_teacher, tiny_siglip], teacher_weights=[2, 1],
+                         distillation_loss_type=["kl_divergence", "feature_mse", "icl", "similarity_mse"])
+    trainer = Trainer(config)
+    projections = dict(trainer.loss.named_parameters())
+    # one learned map into the 48-d teacher; the 32-d teacher needs none
+    assert {name: tuple(p.shape) for name, p in projections.items()} == {
+        "kd.feature_mse.projections.maps.0.weight": (48, 32)}
+    before = projections["kd.feature_mse.projections.maps.0.weight"].detach().clone()
+    result = trainer.train()
+
+    rows = train_rows(tmp_path)
+    assert len(rows) == 3
+    for row in rows:
+        for key in ("ce", "kl_divergence", "feature_mse", "icl", "similarity_mse"):
+            assert 0 <= row[key] < 100, (key, row)
+    assert not torch.equal(before, projections["kd.feature_mse.projections.maps.0.weight"])
+    teachers = result.report["teachers"]
+    assert [(t["dim"], t["family"], t["weight"]) for t in teachers] == [(48, "clip", 2.0), (32, "siglip", 1.0)]
+    assert result.report["teacher_cache"]["misses"] == 48
+
+
+def test_stages_run_in_order(tmp_path: Path, pair_file: Path, tiny_clip: Path, tiny_clip_teacher: Path) -> None:
+    config = make_config(tmp_path, pair_file, tiny_clip, tiny_clip_teacher, stages=[
+        {"epochs": 1, "temperature": 4.0, "distillation_weight": 0.9},
+        {"epochs": 2, "temperature": 1.0, "distillation_weight": 0.3, "learning_rate": 1e-5},
+    ])
+    trainer = Trainer(config)
+    seen = []
+    forward = trainer.loss.forward
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        seen.append((trainer.loss.temperature, trainer.loss.distillation_weight))
+        return forward(*args, **kwargs)
+
+    trainer.loss.forward = recording
+    trainer.train()
+    assert seen == [(4.0, 0.9)] * 3 + [(1.0, 0.3)] * 6
+    rows = train_rows(tmp_path)
+    assert [row["stage"] for row in rows] == [0] * 3 + [1] * 6
+    assert [row["temperature"] for row in rows] == [4.0] * 3 + [1.0] * 6
+    # each stage has its own schedule: stage 1 starts at its own learning rate, then decays
+    assert rows[0]["lr"] < 1e-3 and rows[3]["lr"] <= 1e-5 and rows[3]["lr"] > rows[8]["lr"]
+
+
+def test_ema_teacher_updates_every_n_steps(tmp_path: Path, pair_file: Path, tiny_clip: Path,
+                                           tiny_clip_teacher: Path) -> None:
+    config = make_config(tmp_path, pair_file, tiny_clip, tiny_clip_teacher, epochs=2, teacher_mode="ema",
+                         teacher_cache=False, update_teacher_every=2, teacher_momentum=0.5)
+    trainer = Trainer(config)
+    assert trainer.loss.kd["feature_mse"].projections.teacher_dims == (48, 32)  # the teacher, then the EMA
+    result = trainer.train()
+    assert result.report["ema_teacher"]["updates"] == 3  # steps 2, 4, 6
+    ema = trainer.ema.encoder.model
+    assert not any(p.requires_grad for p in ema.parameters())
+
+
+def test_gradient_cache_matches_the_plain_step(
+    tmp_path: Path, pair_file: Path, tiny_clip: Path, tiny_clip_teacher: Path
+) -> None:
+    """Chunks of 3 rows (uneven: 3+3+2) give the per-step losses and weights of whole batches."""
+    runs = {}
+    for cached in (False, True):
+        out = tmp_path / f"gc-{cached}"
+        distill(make_config(out, pair_file, tiny_clip, tiny_clip_teacher, epochs=2, use_gradient_cache=cached,
+                            gradient_cache_chunk_size=3, distillation_loss_type=["kl_divergence", "icl"]))
+        runs[cached] = (train_rows(out), last_weights(out))
+    (plain_rows, plain_weights), (rows, weights) = runs[False], runs[True]
+    assert len(rows) == 6
+    for row, plain in zip(rows, plain_rows, strict=True):
+        for key in ("loss", "ce", "kl_divergence", "icl"):
+            assert row[key] == pytest.approx(plain[key], abs=1e-5), (row["step"], key)
+    assert_same_weights(weights, plain_weights, atol=1e-5)
+
+
+def test_resume_continues_exactly(tmp_path: Path, pair_file: Path, tiny_clip: Path, tiny_clip_teacher: Path) -> None:
+    """A run cut after step 4 (mid-epoch, LoRA dropout on) and resumed by a new Trainer ends
+    with the weights, losses and evaluations of the uninterrupted run."""
+    common = {"epochs": 3, "lora_dropout": 0.2, "val_data_path": str(pair_file), "eval_strategy": "epoch",
+              "stages": [{"epochs": 1, "temperature": 3.0, "distillation_weight": 0.7},
+                         {"epochs": 2, "temperature": 1.0, "distillation_weight": 0.5}]}
+    full = tmp_path / "full"
+    distill(make_config(full, pair_file, tiny_clip, tiny_clip_teacher, **common))
+
+    cut = tmp_path / "cut"
+    first = distill(make_config(cut, pair_file, tiny_clip, tiny_clip_teacher, max_steps=4, **common))
+    assert first.report["steps"] == 4 and latest_checkpoint(cut / "checkpoints").name == "step-000004"
+    resumed = distill(make_config(cut, pair_file, tiny_clip, tiny_clip_teacher, resume_from_checkpoint="latest",
+                                  **common))
+    assert resumed.report["resumed_from"].endswith("step-000004") and resumed.report["steps"] == 9
+
+    assert_same_weights(last_weights(cut), last_weights(full), atol=0)
+    full_rows, cut_rows = train_rows(full), train_rows(cut)
+    assert [r["step"] for r in cut_rows] == list(range(1, 10))  # rows of the cut run are not repeated
+    assert [r["loss"] for r in cut_rows] == [r["loss"] for r in full_rows]
+    full_report = json.loads((full / "report.json").read_text())
+    assert resumed.report["val"] == full_report["val"] and resumed.report["best"] == full_report["best"]
+    for name in ("model.safetensors",):
+        assert_same_weights(load_file(cut / "model" / name), load_file(full / "model" / name), atol=0)
+
+
+def test_a_fresh_run_refuses_an_output_dir_with_checkpoints(
+    tmp_path: Path, pair_file: Path, tiny_clip: Path, tiny_clip_teacher: Path
+) -> None:
+    config = make_config(tmp_path, pair_file, tiny_clip, tiny_clip_teacher, max_steps=1)
+    distill(config)
+    with pytest.raises(ValueError, match="already holds checkpoints.*resume_from_checkpoint: latest"):
+        distill(config)

@@ -1,0 +1,52 @@
+"""Distillation: losses, gradient caching, teachers (cache, EMA), LoRA and the trainer.
+
+``vkd.distill.distill(config) -> DistillResult`` is the library entry point; ``vkd distill``
+the command. Names load on first use, so importing this package (as ``vkd --help`` does)
+does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS: dict[str, str] = {
+    "distill": "vkd.distill.trainer",
+    "DistillResult": "vkd.distill.trainer",
+    "Trainer": "vkd.distill.trainer",
+    "latest_checkpoint": "vkd.distill.trainer",
+    "DistillationLoss": "vkd.distill.losses",
+    "TeacherOutput": "vkd.distill.losses",
+    "TeacherCache": "vkd.distill.teacher",
+    "EmaTeacher": "vkd.distill.teacher",
+    "bench_distill_step": "vkd.distill.benchmark",
+}
+
+__all__ = [
+    "DistillResult",
+    "DistillationLoss",
+    "EmaTeacher",
+    "TeacherCache",
+    "TeacherOutput",
+    "Trainer",
+    "bench_distill_step",
+    "distill",
+    "latest_checkpoint",
+]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from vkd.distill.benchmark import bench_distill_step
+    from vkd.distill.losses import DistillationLoss, TeacherOutput
+    from vkd.distill.teacher import EmaTeacher, TeacherCache
+    from vkd.distill.trainer import DistillResult, Trainer, distill, latest_checkpoint
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vkd.distill' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

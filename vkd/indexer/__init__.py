@@ -1,0 +1,60 @@
+"""Index image folders with a student (and teacher) encoder: Arrow shards + FAISS + a manifest.
+
+``Index.build(images_dir, student=...)`` makes or updates an index, ``Index.open(path)``
+reads one; ``choose_index`` is the pure rule that picks each shard's FAISS index.
+Names are imported on first use so that ``vkd index --help`` does not load pyarrow.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS: dict[str, str] = {
+    "BuildResult": "vkd.indexer.build",
+    "CompactResult": "vkd.indexer.build",
+    "IndexMismatchError": "vkd.indexer.build",
+    "build_index": "vkd.indexer.build",
+    "compact_index": "vkd.indexer.build",
+    "IndexSpec": "vkd.indexer.faiss_index",
+    "choose_index": "vkd.indexer.faiss_index",
+    "Index": "vkd.indexer.index",
+    "Shard": "vkd.indexer.index",
+    "ManifestError": "vkd.indexer.manifest",
+    "verify_index": "vkd.indexer.verify",
+    "measure_indexing": "vkd.indexer.benchmark",
+}
+
+__all__ = [
+    "BuildResult",
+    "CompactResult",
+    "Index",
+    "IndexMismatchError",
+    "IndexSpec",
+    "ManifestError",
+    "Shard",
+    "build_index",
+    "choose_index",
+    "compact_index",
+    "measure_indexing",
+    "verify_index",
+]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from vkd.indexer.benchmark import measure_indexing
+    from vkd.indexer.build import BuildResult, CompactResult, IndexMismatchError, build_index, compact_index
+    from vkd.indexer.faiss_index import IndexSpec, choose_index
+    from vkd.indexer.index import Index, Shard
+    from vkd.indexer.manifest import ManifestError
+    from vkd.indexer.verify import verify_index
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vkd.indexer' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

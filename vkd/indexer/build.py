@@ -1,0 +1,495 @@
+"""Running the stages: scan → decode → encode → write shard → commit manifest.
+
+Each stage is a plain function over a batch (``scan.scan_images``, ``decode.decode_file`` /
+``decode.decode_batch``, ``encode.EncodeStage``, ``shards.write_shard``,
+``manifest.commit_manifest``), so a distributed engine can run the same code: with Ray Data,
+``ds.map_batches(decode_batch)`` → ``ds.map_batches(EncodeStage, ...)`` → one writer per
+shard. Locally, ``build_index`` runs them as a pipeline:
+
+* decoding in a thread pool (PIL releases the GIL while it decodes), a bounded window of
+  files ahead of the encoder, so the encoder always has the next batch ready and memory stays
+  bounded by ``prefetch`` decoded images;
+* encoding in the calling thread, ``batch_size`` images at a time;
+* writing the finished shard (Arrow, FAISS build, checksums) and committing the manifest in a
+  single writer thread, while the next shard is already being decoded and encoded.
+
+A shard is committed as soon as it is written, so a run killed at any moment loses at most
+the shards in flight; the next run skips every file already in a committed shard.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from vkd.indexer.decode import DEFAULT_MAX_PIXELS, Decoded, decode_file, pixel_guard
+from vkd.indexer.encode import EncodeStage
+from vkd.indexer.faiss_index import INDEX_TYPES, choose_index
+from vkd.indexer.fsutil import writer_lock
+from vkd.indexer.manifest import (
+    MANIFEST_NAME,
+    SHARD_FILE,
+    SKIPPED_NAME,
+    ManifestError,
+    commit_manifest,
+    model_record,
+    new_manifest,
+    read_manifest,
+    read_skipped,
+    remove_unlisted,
+    write_skipped,
+)
+from vkd.indexer.scan import FileEntry, SkipRecord, scan_images
+from vkd.indexer.shards import STUDENT_COLUMN, make_record_batch, open_arrow, shard_name, write_shard
+
+if TYPE_CHECKING:
+    from vkd.models.base import Encoder
+
+INDEX_SUFFIX = ".vkd"
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+class IndexMismatchError(ValueError):
+    """The index on disk was built with other models or from another folder."""
+
+
+def default_out_dir(images_dir: str | os.PathLike[str]) -> Path:
+    """``photos/`` → ``photos.vkd/`` next to it: outside the scanned tree, easy to find."""
+    root = Path(images_dir).expanduser().resolve()
+    return root.with_name(root.name + INDEX_SUFFIX)
+
+
+def parse_bytes(value: int | str | None) -> int | None:
+    """``4GB``, ``512MiB``, ``1e9`` or an int → bytes (None stays None)."""
+    if value is None or isinstance(value, int):
+        return value
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
+    unit = match.group(2).lower() if match else None
+    if not match or unit not in _UNITS:
+        raise ValueError(f"memory budget {value!r}: expected a size such as 2GB, 512MiB or 1000000000")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+@dataclass
+class BuildResult:
+    index_dir: Path
+    scanned: int = 0
+    unchanged: int = 0
+    to_encode: int = 0
+    added: int = 0
+    retired: int = 0
+    skipped: int = 0
+    new_skips: int = 0
+    shards_written: int = 0
+    seconds: float = 0.0
+    encode_seconds: float = 0.0
+    #: time the encoder waited for decoded images (0 when decoding keeps up)
+    starved_seconds: float = 0.0
+    removed_leftovers: list[str] = field(default_factory=list)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.to_encode / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {k: v for k, v in self.__dict__.items() if k != "index_dir"}
+        data["index_dir"] = str(self.index_dir)
+        data["images_per_s"] = self.images_per_s
+        return data
+
+
+@dataclass
+class _Live:
+    shard: str
+    id: str
+    size: int
+    mtime: int
+
+
+@dataclass
+class _Plan:
+    todo: list[FileEntry]
+    unchanged: int
+    old_rows: dict[str, _Live]  # path -> row to retire when the path is re-processed
+    deleted: dict[str, list[str]]  # shard -> ids whose files are gone
+    kept_skips: list[SkipRecord]
+
+
+def _live_rows(index_dir: Path, manifest: dict[str, Any]) -> dict[str, _Live]:
+    live: dict[str, _Live] = {}
+    for entry in manifest["shards"]:
+        table = open_arrow(index_dir / entry["arrow"]).select(["id", "path", "size", "mtime"])
+        retired = set(entry["retired"])
+        for row_id, path, size, mtime in zip(table.column("id").to_pylist(), table.column("path").to_pylist(),
+                                             table.column("size").to_pylist(), table.column("mtime").to_pylist(),
+                                             strict=True):
+            if row_id not in retired:
+                live[path] = _Live(entry["name"], row_id, size, mtime)
+    return live
+
+
+def plan_run(index_dir: Path, manifest: dict[str, Any], entries: Sequence[FileEntry],
+             max_pixels: int) -> _Plan:
+    """Which files need encoding: new ones, and ones whose size or mtime changed."""
+    live = _live_rows(index_dir, manifest)
+    previous_skips = {record.path: record for record in read_skipped(index_dir)}
+    todo, kept, old_rows, unchanged = [], [], {}, 0
+    seen = set()
+    for entry in entries:
+        seen.add(entry.path)
+        old = live.get(entry.path)
+        if old is not None:
+            if old.size == entry.size and old.mtime == entry.mtime:
+                unchanged += 1
+                continue
+            old_rows[entry.path] = old
+        else:
+            skip = previous_skips.get(entry.path)
+            # a file skipped before is not retried until it changes (or the pixel bound grows)
+            if (skip is not None and skip.size == entry.size and skip.mtime == entry.mtime
+                    and not (skip.max_pixels is not None and max_pixels > skip.max_pixels)):
+                kept.append(skip)
+                continue
+        todo.append(entry)
+    deleted: dict[str, list[str]] = {}
+    for path, old in live.items():
+        if path not in seen:
+            deleted.setdefault(old.shard, []).append(old.id)
+    return _Plan(todo, unchanged, old_rows, deleted, kept)
+
+
+def decode_stream(entries: Sequence[FileEntry], *, workers: int, prefetch: int,
+                  max_pixels: int) -> Iterator[Decoded | SkipRecord]:
+    """Decode ``entries`` in a thread pool, in order, at most ``prefetch`` files ahead."""
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vkd-decode")
+    pending: deque[Future] = deque()
+    upcoming = iter(entries)
+    try:
+        for entry in upcoming:
+            pending.append(pool.submit(decode_file, entry, max_pixels=max_pixels))
+            if len(pending) >= prefetch:
+                break
+        while pending:
+            done = pending.popleft()
+            following = next(upcoming, None)
+            if following is not None:
+                pending.append(pool.submit(decode_file, following, max_pixels=max_pixels))
+            yield done.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _check_compatible(index_dir: Path, manifest: dict[str, Any], root: Path, student: dict[str, Any],
+                      teacher: dict[str, Any] | None) -> None:
+    fix = f"pass --rebuild to re-index everything into {index_dir}, or choose another --out"
+    old = manifest["student"]
+    if old["fingerprint"] != student["fingerprint"]:
+        raise IndexMismatchError(
+            f"{index_dir}: this index holds vectors of student {old['name']} (fingerprint "
+            f"{old['fingerprint']}, dim {old['dim']}), but the student given is {student['name']} "
+            f"(fingerprint {student['fingerprint']}, dim {student['dim']}); vectors of different models "
+            f"cannot share an index: {fix}")
+    old_teacher = manifest.get("teacher")
+    if old_teacher is None and teacher is not None:
+        raise IndexMismatchError(
+            f"{index_dir}: this index was built without a teacher, so its shards have no teacher vectors; "
+            f"to store teacher vectors of {teacher['name']}, {fix}")
+    if old_teacher is not None and teacher is None:
+        raise IndexMismatchError(
+            f"{index_dir}: this index stores teacher vectors of {old_teacher['name']} (fingerprint "
+            f"{old_teacher['fingerprint']}); pass --teacher {old_teacher['name']} to add to it, or {fix}")
+    if old_teacher is not None and teacher is not None and old_teacher["fingerprint"] != teacher["fingerprint"]:
+        raise IndexMismatchError(
+            f"{index_dir}: this index stores teacher vectors of {old_teacher['name']} (fingerprint "
+            f"{old_teacher['fingerprint']}), but the teacher given is {teacher['name']} (fingerprint "
+            f"{teacher['fingerprint']}): {fix}")
+    if Path(manifest["images_root"]) != root:
+        raise IndexMismatchError(
+            f"{index_dir}: this index was built from {manifest['images_root']}, not {root}; {fix}")
+
+
+def _check_out_dir(index_dir: Path) -> None:
+    """Refuse to turn a folder with other content into an index (--rebuild deletes shard files)."""
+    if not index_dir.is_dir():
+        return
+    foreign = [p.name for p in index_dir.iterdir()
+               if not (SHARD_FILE.match(p.name) or p.name in (SKIPPED_NAME, ".lock") or ".tmp-" in p.name)]
+    if foreign:
+        raise ValueError(f"{index_dir} exists and holds files that are not a vkd index ({', '.join(sorted(foreign)[:3])}"
+                         f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty --out")
+
+
+class _ShardBuffer:
+    """Rows of the shard being filled: metadata lists and vector blocks."""
+
+    def __init__(self) -> None:
+        self.columns: dict[str, list[Any]] = {k: [] for k in ("id", "path", "size", "mtime", "sha256",
+                                                                "width", "height")}
+        self.student: list[np.ndarray] = []
+        self.teacher: list[np.ndarray] = []
+
+    def add(self, decoded: Sequence[Decoded], student: np.ndarray, teacher: np.ndarray | None) -> None:
+        for item in decoded:
+            entry = item.entry
+            for key, value in (("id", entry.id), ("path", entry.path), ("size", entry.size),
+                               ("mtime", entry.mtime), ("sha256", item.sha256), ("width", item.width),
+                               ("height", item.height)):
+                self.columns[key].append(value)
+        self.student.append(student)
+        if teacher is not None:
+            self.teacher.append(teacher)
+
+    def __len__(self) -> int:
+        return len(self.columns["id"])
+
+
+def _limit_faiss_threads(threads: int) -> None:
+    # OpenMP's thread count is per calling thread: this caps FAISS builds in the writer thread
+    # only, leaving the cores the encoder uses in the main thread. Two OpenMP pools (torch's
+    # and faiss's) spinning on the same cores slow each other down by orders of magnitude.
+    import faiss
+
+    faiss.omp_set_num_threads(max(1, threads))
+
+
+def build_index(
+    images_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str] | None = None,
+    *,
+    student: str | Encoder,
+    teacher: str | Encoder | None = None,
+    batch_size: int = 32,
+    workers: int | None = None,
+    shard_size: int = 50_000,
+    index_type: str = "auto",
+    memory_budget: int | str | None = None,
+    rebuild: bool = False,
+    show_progress: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    device: Any = None,
+    prefetch: int | None = None,
+    faiss_threads: int | None = None,
+) -> BuildResult:
+    """Index the images under ``images_dir`` into ``out_dir`` (default: ``<images_dir>.vkd``).
+
+    Incremental: files already indexed with the same size and mtime are kept, changed and
+    deleted files' old rows are retired. ``rebuild`` starts from an empty index.
+    ``memory_budget`` (bytes or "4GB") caps the RAM of all FAISS indexes together.
+    ``workers`` decode threads (default min(8, CPUs)) keep ``prefetch`` images ahead of the
+    encoder; ``faiss_threads`` (default half the CPUs) build each shard's FAISS index while
+    the next shard is encoded.
+    Raises ``IndexMismatchError`` when ``out_dir`` holds an index of other models or folder.
+    """
+    started = time.perf_counter()
+    root = Path(images_dir).expanduser().resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"{images_dir}: not a directory of images")
+    index_dir = default_out_dir(root) if out_dir is None else Path(out_dir).expanduser().resolve()
+    if index_dir == root:
+        raise ValueError(f"--out {index_dir} is the images folder itself; choose another directory")
+    for name, value in (("batch_size", batch_size), ("shard_size", shard_size), ("max_pixels", max_pixels)):
+        if int(value) < 1:
+            raise ValueError(f"{name}={value}: must be at least 1")
+    if index_type not in INDEX_TYPES:
+        raise ValueError(f"index_type={index_type!r}: choose one of {', '.join(INDEX_TYPES)}")
+    workers = max(1, int(workers) if workers else min(8, os.cpu_count() or 1))
+    prefetch = prefetch or max(2 * batch_size, 4 * workers)
+    faiss_threads = faiss_threads or max(1, (os.cpu_count() or 1) // 2)
+    budget = parse_bytes(memory_budget)
+    if budget is not None and budget <= 0:
+        raise ValueError(f"memory_budget={memory_budget!r}: must be positive")
+
+    stage = EncodeStage(student, teacher, batch_size=batch_size, device=device)
+    student_info = model_record(stage.student.describe())
+    teacher_info = model_record(stage.teacher.describe()) if stage.teacher is not None else None
+    build_params = {"index_type": index_type, "memory_budget": budget, "shard_size": shard_size,
+                    "max_pixels": max_pixels}
+
+    index_dir.mkdir(parents=True, exist_ok=True)
+    result = BuildResult(index_dir)
+    with writer_lock(index_dir):
+        manifest = None
+        if (index_dir / MANIFEST_NAME).exists():
+            try:
+                manifest = read_manifest(index_dir)
+            except ManifestError as error:
+                if not rebuild:
+                    raise ManifestError(f"{error}; pass --rebuild to start this index over") from None
+        else:
+            _check_out_dir(index_dir)
+        if manifest is not None and not rebuild:
+            _check_compatible(index_dir, manifest, root, student_info, teacher_info)
+        else:
+            fresh = new_manifest(root, student_info, teacher_info, build_params)
+            if manifest is not None:  # new names, so readers of the old snapshot keep theirs
+                fresh["next_shard"] = int(manifest.get("next_shard", 0))
+            manifest = fresh
+            write_skipped(index_dir, [])
+            commit_manifest(index_dir, manifest)
+        manifest["build"] = build_params
+        result.removed_leftovers = remove_unlisted(index_dir, manifest)
+
+        entries, scan_skips = scan_images(root, exclude=[index_dir])
+        plan = plan_run(index_dir, manifest, entries, max_pixels)
+        result.scanned, result.unchanged, result.to_encode = len(entries), plan.unchanged, len(plan.todo)
+        expected_rows = plan.unchanged + len(plan.todo)
+        skips: list[SkipRecord] = plan.kept_skips + scan_skips
+        previous_skips = sorted(r.to_json()["path"] for r in read_skipped(index_dir))
+        pending_retire: dict[str, list[str]] = {k: list(v) for k, v in plan.deleted.items()}
+
+        def commit(buffer: _ShardBuffer | None, retire: dict[str, list[str]], skip_list: list[SkipRecord]) -> None:
+            # runs in the writer thread; the main thread touches `manifest` only after joining it
+            if buffer is not None and len(buffer):
+                student_vecs = np.concatenate(buffer.student)
+                teacher_vecs = np.concatenate(buffer.teacher) if buffer.teacher else None
+                metadata = {"vkd.student_fingerprint": student_info["fingerprint"],
+                            "vkd.teacher_fingerprint": teacher_info["fingerprint"] if teacher_info else ""}
+                batch = make_record_batch(buffer.columns, student_vecs, teacher_vecs, metadata)
+                share = None if budget is None else max(1, budget * len(buffer) // max(expected_rows, 1))
+                spec = choose_index(len(buffer), student_vecs.shape[1], share, index_type)
+                entry = write_shard(index_dir, shard_name(int(manifest["next_shard"])), batch, spec)
+                manifest["shards"].append(entry)
+                manifest["next_shard"] = int(manifest["next_shard"]) + 1
+                result.shards_written += 1
+                result.added += len(buffer)
+            for shard in manifest["shards"]:
+                if shard["name"] in retire:
+                    shard["retired"] = sorted(set(shard["retired"]) | set(retire[shard["name"]]))
+                    result.retired += len(retire[shard["name"]])
+            manifest["skipped"] = write_skipped(index_dir, skip_list)
+            commit_manifest(index_dir, manifest)
+
+        progress = None
+        if show_progress:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=len(plan.todo), desc="index", unit="img", dynamic_ncols=True)
+
+        def encode_into(buffer: _ShardBuffer, batch: list[Decoded]) -> None:
+            tick = time.perf_counter()
+            encoded = stage.encode([item.image for item in batch])
+            result.encode_seconds += time.perf_counter() - tick
+            buffer.add([batch[i] for i in encoded.ok], encoded.student, encoded.teacher)
+            for position, reason in encoded.failed.items():
+                entry = batch[position].entry
+                skips.append(SkipRecord(entry.path, reason, entry.size, entry.mtime))
+
+        writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vkd-write",
+                                    initializer=_limit_faiss_threads, initargs=(faiss_threads,))
+        stream = decode_stream(plan.todo, workers=workers, prefetch=prefetch, max_pixels=max_pixels)
+        in_flight: Future | None = None
+        committed_any = False
+        try:
+            with pixel_guard(max_pixels):
+                for start in range(0, len(plan.todo), shard_size):
+                    chunk = plan.todo[start:start + shard_size]
+                    buffer = _ShardBuffer()
+                    batch: list[Decoded] = []
+                    for _ in chunk:
+                        tick = time.perf_counter()
+                        item = next(stream)
+                        result.starved_seconds += time.perf_counter() - tick
+                        if isinstance(item, SkipRecord):
+                            skips.append(item)
+                            result.new_skips += 1
+                        else:
+                            batch.append(item)
+                            if len(batch) == batch_size:
+                                encode_into(buffer, batch)
+                                batch = []
+                        if progress is not None:
+                            progress.update(1)
+                            progress.set_postfix(skipped=result.new_skips, refresh=False)
+                    if batch:
+                        encode_into(buffer, batch)
+                    for entry in chunk:
+                        old = plan.old_rows.get(entry.path)
+                        if old is not None:
+                            pending_retire.setdefault(old.shard, []).append(old.id)
+                    if in_flight is not None:
+                        in_flight.result()
+                    in_flight = writer.submit(commit, buffer, pending_retire, list(skips))
+                    committed_any = True
+                    pending_retire = {}
+            if in_flight is not None:
+                in_flight.result()
+            skips_changed = sorted(r.path for r in skips) != previous_skips
+            if not committed_any and (pending_retire or skips_changed):
+                commit(None, pending_retire, skips)
+        finally:
+            stream.close()
+            writer.shutdown(wait=True)
+            if progress is not None:
+                progress.close()
+        result.new_skips = len(skips) - len(plan.kept_skips) - len(scan_skips)
+        result.skipped = len(skips)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+@dataclass
+class CompactResult:
+    index_dir: Path
+    shards_before: int
+    shards_after: int
+    rows_dropped: int
+    rewritten: list[str]
+    removed_files: list[str]
+
+
+def compact_index(index_dir: str | os.PathLike[str], *, reindex: bool = False, index_type: str | None = None,
+                  memory_budget: int | str | None = None) -> CompactResult:
+    """Rewrite every shard that has retired rows without them, in one atomic commit.
+
+    ``reindex`` rewrites all shards (FAISS rebuilt from the Arrow vectors), with
+    ``index_type``/``memory_budget`` if given, else the ones the index was built with.
+    Readers that opened the index before keep their snapshot (their mapped files stay valid).
+    """
+    path = Path(index_dir).expanduser().resolve()
+    with writer_lock(path):
+        manifest = read_manifest(path)
+        remove_unlisted(path, manifest)
+        build = manifest.get("build") or {}
+        kind = index_type or build.get("index_type") or "auto"
+        if kind not in INDEX_TYPES:
+            raise ValueError(f"index_type={kind!r}: choose one of {', '.join(INDEX_TYPES)}")
+        budget = parse_bytes(memory_budget) if memory_budget is not None else build.get("memory_budget")
+        live_total = sum(int(s["rows"]) - len(s["retired"]) for s in manifest["shards"])
+        kept, rewritten, dropped = [], [], 0
+        for entry in manifest["shards"]:
+            if not entry["retired"] and not reindex:
+                kept.append(entry)
+                continue
+            table = open_arrow(path / entry["arrow"])
+            if entry["retired"]:
+                retired = pc.is_in(table.column("id"), value_set=pa.array(entry["retired"], type=pa.string()))
+                table = table.filter(pc.invert(retired))
+            dropped += int(entry["rows"]) - table.num_rows
+            rewritten.append(entry["name"])
+            if table.num_rows == 0:
+                continue
+            batch = table.combine_chunks().to_batches()[0]
+            share = None if budget is None else max(1, int(budget) * table.num_rows // max(live_total, 1))
+            spec = choose_index(table.num_rows, table.schema.field(STUDENT_COLUMN).type.list_size, share, kind)
+            name = shard_name(int(manifest["next_shard"]))
+            manifest["next_shard"] = int(manifest["next_shard"]) + 1
+            kept.append(write_shard(path, name, batch, spec))
+        before = len(manifest["shards"])
+        manifest["shards"] = kept
+        if index_type is not None or memory_budget is not None:
+            manifest["build"] = {**build, "index_type": kind, "memory_budget": budget}
+        commit_manifest(path, manifest)
+        removed = remove_unlisted(path, manifest)
+    return CompactResult(path, before, len(kept), dropped, rewritten, removed)

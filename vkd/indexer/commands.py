@@ -1,0 +1,239 @@
+"""``vkd index``: build an index from an image folder, and inspect, check or compact one.
+
+``vkd index IMAGES_DIR ...`` builds; ``vkd index info|verify|compact INDEX_DIR`` are
+subcommands. The group treats its first argument as a subcommand when it names one and as
+IMAGES_DIR otherwise (a folder literally called ``info`` is reached as ``./info``).
+torch, transformers and faiss load only inside the commands.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from vkd.indexer.faiss_index import INDEX_TYPES
+
+BUILD = "build"
+DEFAULT_MAX_PIXELS = 89_478_485  # = vkd.indexer.decode.DEFAULT_MAX_PIXELS (PIL's), without importing PIL
+
+
+def _memory_budget(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    from vkd.indexer.build import parse_bytes
+
+    try:
+        return parse_bytes(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
+
+
+def _library_errors() -> tuple[type[BaseException], ...]:
+    from vkd.indexer.fsutil import IndexLockedError
+
+    # the library's messages name the file or value at fault and the fix: show them as they are
+    return (ValueError, FileNotFoundError, IndexLockedError)
+
+
+class _DefaultCommand(click.Command):
+    """The build command, shown as ``vkd index IMAGES_DIR`` rather than ``vkd index build``."""
+
+    def format_usage(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        parent = ctx.parent.command_path if ctx.parent else ctx.command_path
+        formatter.write_usage(parent, " ".join(self.collect_usage_pieces(ctx)))
+
+
+class IndexGroup(click.Group):
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = [BUILD, *args]
+        return super().parse_args(ctx, args)
+
+    def format_usage(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        formatter.write_usage(ctx.command_path, "IMAGES_DIR --model STUDENT [OPTIONS]")
+        formatter.write_usage(ctx.command_path, "info|verify|compact INDEX_DIR [OPTIONS]", prefix="       ")
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        build_command = self.commands[BUILD]
+        build_ctx = click.Context(build_command, info_name=ctx.info_name, parent=ctx.parent)
+        rows = [record for param in build_command.get_params(build_ctx)
+                if isinstance(param, click.Option) and (record := param.get_help_record(build_ctx)) is not None]
+        with formatter.section("Build options (vkd index IMAGES_DIR ...)"):
+            formatter.write_dl(rows)
+        self.format_commands(ctx, formatter)
+
+
+@click.group(cls=IndexGroup, no_args_is_help=True)
+def index() -> None:
+    """Encode an image folder into Arrow shards + FAISS indexes, incrementally.
+
+    Running it again adds new images, re-encodes changed ones and retires deleted ones;
+    a killed run resumes where it stopped. Images that cannot be decoded are skipped and
+    listed in INDEX_DIR/skipped.jsonl.
+
+    \b
+    Examples:
+      vkd index ./photos --model out/student --teacher out/teacher   # -> ./photos.vkd
+      vkd index ./photos --model out/student --out idx --shard-size 20000 --memory-budget 4GB
+      vkd index info ./photos.vkd --json
+      vkd index verify ./photos.vkd
+      vkd index compact ./photos.vkd
+    """
+
+
+@index.command(BUILD, cls=_DefaultCommand, hidden=True)
+@click.argument("images_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--model", "-m", "student", required=True,
+              help="Student model (directory or hub id): its vectors drive the ANN search.")
+@click.option("--teacher", "-t", default=None,
+              help="Teacher model: its vectors are stored (float16) for the rerank stage.")
+@click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Index directory.  [default: IMAGES_DIR.vkd, next to IMAGES_DIR]")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Images per encoder call.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Decoding threads.  [default: min(8, CPUs)]")
+@click.option("--shard-size", type=click.IntRange(min=1), default=50_000, show_default=True,
+              help="Rows per shard; each shard is committed as soon as it is written.")
+@click.option("--index-type", type=click.Choice(INDEX_TYPES), default="auto", show_default=True,
+              help="FAISS index per shard; auto: flat, HNSW or IVF-PQ by shard size and budget.")
+@click.option("--memory-budget", callback=_memory_budget, default=None,
+              help="RAM for all FAISS indexes together, e.g. 4GB or 512MiB.  [default: unbounded]")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
+              help="Images with more pixels are skipped (decompression-bomb guard).")
+@click.option("--device", default=None, help="torch device for the encoders.  [default: cuda if available]")
+@click.option("--rebuild", is_flag=True, help="Discard the existing index at --out and start over.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
+def build_command(images_dir: Path, student: str, teacher: str | None, out_dir: Path | None, batch_size: int,
+                  workers: int | None, shard_size: int, index_type: str, memory_budget: int | None,
+                  max_pixels: int, device: str | None, rebuild: bool, progress: bool, as_json: bool) -> None:
+    """Index IMAGES_DIR (recursively) with the student, and the teacher if given.
+
+    \b
+    Example:
+      vkd index ./photos --model out/student --teacher out/teacher --out photos.vkd
+    """
+    from vkd.indexer.build import build_index
+    from vkd.indexer.index import Index
+
+    try:
+        result = build_index(images_dir, out_dir, student=student, teacher=teacher, batch_size=batch_size,
+                             workers=workers, shard_size=shard_size, index_type=index_type,
+                             memory_budget=memory_budget, rebuild=rebuild, show_progress=progress,
+                             max_pixels=max_pixels, device=device)
+        opened = Index.open(result.index_dir)
+    except _library_errors() as error:
+        raise click.ClickException(str(error)) from None
+    if as_json:
+        click.echo(json.dumps({**result.to_dict(), "live_rows": len(opened), "shards": len(opened.shards)},
+                              indent=2))
+        return
+    click.echo(f"indexed {result.added} images in {result.seconds:.1f} s ({result.images_per_s:.1f} img/s); "
+               f"{result.unchanged} unchanged, {result.retired} retired, {result.skipped} skipped"
+               + (f" (listed in {result.index_dir / 'skipped.jsonl'})" if result.skipped else ""))
+    click.echo(f"index {result.index_dir}: {len(opened)} images in {len(opened.shards)} shards; "
+               f"{_models(opened.student, opened.teacher)}")
+
+
+def _models(student: dict[str, Any], teacher: dict[str, Any] | None) -> str:
+    text = f"student {student['name']} (dim {student['dim']}, {student['fingerprint']})"
+    if teacher:
+        text += f", teacher {teacher['name']} (dim {teacher['dim']}, {teacher['fingerprint']})"
+    return text
+
+
+def _human(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+INDEX_DIR = click.argument("index_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+
+
+@index.command("info")
+@INDEX_DIR
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def info_command(index_dir: Path, as_json: bool) -> None:
+    """Rows, live rows, shards, models, bytes on disk and skipped files of an index.
+
+    \b
+    Example:
+      vkd index info ./photos.vkd --json
+    """
+    from vkd.indexer.index import Index
+
+    try:
+        info = Index.open(index_dir).info()
+    except _library_errors() as error:
+        raise click.ClickException(str(error)) from None
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(info["index_types"].items())) or "none"
+    click.echo(f"index        {info['path']}")
+    click.echo(f"images       {info['images_root']}")
+    click.echo(f"rows         {info['live_rows']} live of {info['rows']} ({info['retired_rows']} retired)")
+    click.echo(f"shards       {info['shards']} ({kinds})")
+    click.echo(f"student      {_models(info['student'], None)[len('student '):]}")
+    teacher = info["teacher"]
+    click.echo("teacher      " + (_models(teacher, None)[len("student "):] if teacher else "none"))
+    click.echo(f"on disk      {_human(info['bytes_on_disk'])}")
+    click.echo(f"skipped      {info['skipped']}" + (" (see skipped.jsonl)" if info["skipped"] else ""))
+    click.echo(f"updated      {info['updated']}")
+
+
+@index.command("verify")
+@INDEX_DIR
+@click.option("--json", "as_json", is_flag=True, help="Print the problems as a JSON list.")
+def verify_command(index_dir: Path, as_json: bool) -> None:
+    """Check checksums, row counts, FAISS sizes and vector dimensions; exit 1 on any problem.
+
+    \b
+    Example:
+      vkd index verify ./photos.vkd
+    """
+    from vkd.indexer.verify import verify_index
+
+    problems = verify_index(index_dir)
+    if as_json:
+        click.echo(json.dumps({"ok": not problems, "problems": problems}, indent=2))
+    else:
+        for problem in problems:
+            click.echo(problem, err=True)
+    if problems:
+        raise click.ClickException(
+            f"{index_dir}: {len(problems)} problem(s); re-create the index with "
+            "`vkd index IMAGES_DIR --model STUDENT --out INDEX_DIR --rebuild`")
+    if not as_json:
+        click.echo(f"{index_dir}: ok")
+
+
+@index.command("compact")
+@INDEX_DIR
+@click.option("--reindex", is_flag=True, help="Rewrite every shard and rebuild its FAISS index from the Arrow vectors.")
+@click.option("--index-type", type=click.Choice(INDEX_TYPES), default=None,
+              help="With --reindex: the FAISS index kind.  [default: as built]")
+@click.option("--memory-budget", callback=_memory_budget, default=None,
+              help="With --reindex: RAM for all FAISS indexes, e.g. 4GB.  [default: as built]")
+def compact_command(index_dir: Path, reindex: bool, index_type: str | None, memory_budget: int | None) -> None:
+    """Rewrite shards without their retired rows (deleted or changed images), atomically.
+
+    \b
+    Example:
+      vkd index compact ./photos.vkd
+      vkd index compact ./photos.vkd --reindex --index-type hnsw
+    """
+    from vkd.indexer.build import compact_index
+
+    try:
+        result = compact_index(index_dir, reindex=reindex, index_type=index_type, memory_budget=memory_budget)
+    except _library_errors() as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"{result.index_dir}: dropped {result.rows_dropped} retired rows; rewrote "
+               f"{len(result.rewritten)} shards; {result.shards_before} -> {result.shards_after} shards")

@@ -1,0 +1,149 @@
+"""Stage 4 — an Arrow shard and its FAISS index on disk.
+
+A shard is ``shard-NNNNN.arrow``: the Arrow IPC *file* format, uncompressed, one record
+batch, so ``pa.memory_map`` + ``ipc.open_file`` give zero-copy columns and the vectors are
+a numpy view of the mapped file. Columns:
+
+====================  ======================================  =======================================
+id                    string                                  sha256 of ``path`` (32 hex), stable
+path                  string                                  relative to the manifest's images_root,
+                                                              POSIX separators
+size                  int64                                   bytes
+mtime                 int64                                   st_mtime_ns (nanoseconds since epoch)
+sha256                string                                  of the file's bytes
+width, height         int32                                   after EXIF orientation
+student_vec           fixed_size_list<float32>[d]             L2-normalised
+teacher_vec           fixed_size_list<float16>[d_t]           only when indexed with a teacher
+====================  ======================================  =======================================
+
+``shard-NNNNN.faiss`` indexes ``student_vec`` (inner product; FAISS ids = row numbers) and
+can always be rebuilt from the Arrow file, which is the source of truth.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from vkd.indexer.faiss_index import IndexSpec, build_faiss
+from vkd.indexer.fsutil import atomic_write_bytes
+
+SHARD_FORMAT = "vkd-index-shard/1"
+META_COLUMNS = ("id", "path", "size", "mtime", "sha256", "width", "height")
+STUDENT_COLUMN = "student_vec"
+TEACHER_COLUMN = "teacher_vec"
+
+
+def shard_name(number: int) -> str:
+    return f"shard-{number:05d}"
+
+
+def shard_schema(student_dim: int, teacher_dim: int | None = None,
+                 metadata: Mapping[str, str] | None = None) -> pa.Schema:
+    fields = [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("size", pa.int64(), nullable=False),
+        pa.field("mtime", pa.int64(), nullable=False),
+        pa.field("sha256", pa.string(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field(STUDENT_COLUMN, pa.list_(pa.float32(), student_dim), nullable=False),
+    ]
+    if teacher_dim is not None:
+        fields.append(pa.field(TEACHER_COLUMN, pa.list_(pa.float16(), teacher_dim), nullable=False))
+    meta = {"vkd.format": SHARD_FORMAT, "vkd.mtime_unit": "ns",
+            "vkd.path_base": "images_root in manifest.json"}
+    meta.update(metadata or {})
+    return pa.schema(fields, metadata=meta)
+
+
+def _vector_array(vectors: np.ndarray, dtype: np.dtype, dim: int) -> pa.FixedSizeListArray:
+    flat = np.ascontiguousarray(vectors, dtype=dtype).reshape(-1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat), dim)
+
+
+def make_record_batch(columns: Mapping[str, Sequence[Any]], student_vecs: np.ndarray,
+                      teacher_vecs: np.ndarray | None = None,
+                      metadata: Mapping[str, str] | None = None) -> pa.RecordBatch:
+    """One record batch in the shard schema from metadata columns and vector matrices."""
+    student_dim = int(student_vecs.shape[1])
+    teacher_dim = int(teacher_vecs.shape[1]) if teacher_vecs is not None else None
+    schema = shard_schema(student_dim, teacher_dim, metadata)
+    arrays = [pa.array(list(columns[name]), type=schema.field(name).type) for name in META_COLUMNS]
+    arrays.append(_vector_array(student_vecs, np.float32, student_dim))
+    if teacher_vecs is not None:
+        arrays.append(_vector_array(teacher_vecs, np.float16, teacher_dim))
+    lengths = {len(a) for a in arrays}
+    if len(lengths) != 1:
+        raise ValueError(f"shard columns have different lengths: {sorted(lengths)}")
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def arrow_bytes(batch: pa.RecordBatch) -> pa.Buffer:
+    """The IPC file bytes: uncompressed, exactly one record batch."""
+    sink = pa.BufferOutputStream()
+    with ipc.new_file(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    return sink.getvalue()
+
+
+def open_arrow(path: Path) -> pa.Table:
+    """The shard's table, memory-mapped: no column is copied into RAM."""
+    return ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+
+
+def vector_view(table: pa.Table, column: str) -> np.ndarray:
+    """A zero-copy numpy [n, d] view of a fixed-size-list column of a one-chunk table."""
+    chunked = table.column(column)
+    dim = chunked.type.list_size
+    if chunked.num_chunks == 0:
+        return np.zeros((0, dim), dtype=chunked.type.value_type.to_pandas_dtype())
+    if chunked.num_chunks == 1:
+        # flatten() honours the array's offset; .values would not if the array were a slice
+        flat = chunked.chunk(0).flatten().to_numpy(zero_copy_only=True)
+    else:  # not written by vkd (one batch per shard); correct but a copy
+        flat = np.concatenate([chunk.flatten().to_numpy(zero_copy_only=True) for chunk in chunked.chunks])
+    return flat.reshape(-1, dim)
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def write_shard(out_dir: Path, name: str, batch: pa.RecordBatch, spec: IndexSpec) -> dict[str, Any]:
+    """Write ``name.arrow`` and ``name.faiss`` (each atomically) and return the manifest entry.
+
+    The files are not part of the index until a manifest listing the entry is committed.
+    """
+    import faiss
+
+    data = arrow_bytes(batch)
+    arrow_path = out_dir / f"{name}.arrow"
+    atomic_write_bytes(arrow_path, memoryview(data))
+    arrow_sha = hashlib.sha256(memoryview(data)).hexdigest()
+    vectors = vector_view(pa.Table.from_batches([batch]), STUDENT_COLUMN)
+    index = build_faiss(vectors, spec)
+    faiss_data = faiss.serialize_index(index)
+    faiss_path = out_dir / f"{name}.faiss"
+    atomic_write_bytes(faiss_path, faiss_data.tobytes())
+    return {
+        "name": name,
+        "arrow": arrow_path.name,
+        "faiss": faiss_path.name,
+        "rows": batch.num_rows,
+        "arrow_sha256": arrow_sha,
+        "faiss_sha256": hashlib.sha256(faiss_data).hexdigest(),
+        "arrow_bytes": data.size,
+        "faiss_bytes": int(faiss_data.size),
+        "index": spec.to_dict(),
+        "retired": [],
+        "created": now_iso(),
+    }

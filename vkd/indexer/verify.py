@@ -1,0 +1,132 @@
+"""``vkd index verify``: does the index on disk agree with its manifest?
+
+Checks, per shard: the files exist with the recorded sizes and sha256 checksums; the Arrow
+file has one record batch, the manifest's row count and the expected columns and vector
+dimensions; the FAISS index has ``ntotal`` equal to the Arrow rows, the student dimension
+and the inner-product metric; the vectors are finite and unit length; retired ids exist.
+Across shards: every id is live at most once, and the manifest's totals add up.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from vkd.indexer.fsutil import sha256_file
+from vkd.indexer.manifest import ManifestError, read_manifest
+from vkd.indexer.shards import META_COLUMNS, STUDENT_COLUMN, TEACHER_COLUMN, vector_view
+
+NORM_TOLERANCE = 1e-3
+
+
+def _check_vectors(problems: list[str], label: str, table: pa.Table, column: str, dim: int | None,
+                   tolerance: float) -> None:
+    if column not in table.column_names:
+        problems.append(f"{label}: no {column} column")
+        return
+    kind = table.schema.field(column).type
+    if not pa.types.is_fixed_size_list(kind) or (dim is not None and kind.list_size != dim):
+        problems.append(f"{label}: {column} is {kind}, expected fixed_size_list of dim {dim}")
+        return
+    vectors = vector_view(table, column)
+    if not len(vectors):
+        return
+    values = vectors.astype(np.float32)
+    if not np.isfinite(values).all():
+        problems.append(f"{label}: {column} holds NaN or infinite values")
+        return
+    norms = np.linalg.norm(values, axis=1)
+    worst = float(np.abs(norms - 1).max())
+    if worst > tolerance:
+        problems.append(f"{label}: {column} is not L2-normalised (|norm - 1| up to {worst:.3g})")
+
+
+def verify_index(index_dir: str | os.PathLike[str]) -> list[str]:
+    """Every problem found, as one line each naming the file at fault; empty when sound."""
+    import faiss
+
+    path = Path(index_dir)
+    try:
+        manifest = read_manifest(path)
+    except ManifestError as error:
+        return [str(error)]
+    problems: list[str] = []
+    student_dim = int(manifest["student"]["dim"])
+    teacher = manifest.get("teacher")
+    live_ids: dict[str, str] = {}
+    total_rows = total_live = 0
+    for shard in manifest["shards"]:
+        name = shard["name"]
+        arrow_path, faiss_path = path / shard["arrow"], path / shard["faiss"]
+        sound = True
+        for file_path, key in ((arrow_path, "arrow"), (faiss_path, "faiss")):
+            if not file_path.is_file():
+                problems.append(f"{file_path}: listed in the manifest but missing")
+                sound = False
+                continue
+            expected_size = shard.get(f"{key}_bytes")
+            if expected_size is not None and file_path.stat().st_size != int(expected_size):
+                problems.append(f"{file_path}: {file_path.stat().st_size} bytes, manifest says {expected_size}")
+                sound = False
+            elif sha256_file(file_path) != shard[f"{key}_sha256"]:
+                problems.append(f"{file_path}: sha256 differs from the manifest's (file changed or corrupt)")
+                sound = False
+        if not sound:
+            continue
+        try:
+            reader = ipc.open_file(pa.memory_map(str(arrow_path), "r"))
+            table = reader.read_all()
+        except (OSError, pa.ArrowInvalid) as error:
+            problems.append(f"{arrow_path}: not a readable Arrow IPC file: {error}")
+            continue
+        label = str(arrow_path)
+        if reader.num_record_batches != 1:
+            problems.append(f"{label}: {reader.num_record_batches} record batches, expected 1")
+        if table.num_rows != int(shard["rows"]):
+            problems.append(f"{label}: {table.num_rows} rows, manifest says {shard['rows']}")
+        missing = [c for c in META_COLUMNS if c not in table.column_names]
+        if missing:
+            problems.append(f"{label}: missing columns {', '.join(missing)}")
+            continue
+        _check_vectors(problems, label, table, STUDENT_COLUMN, student_dim, NORM_TOLERANCE)
+        if teacher is not None:
+            # float16 storage: ~1e-3 relative error per component
+            _check_vectors(problems, label, table, TEACHER_COLUMN, int(teacher["dim"]), 2e-2)
+        elif TEACHER_COLUMN in table.column_names:
+            problems.append(f"{label}: has {TEACHER_COLUMN} but the manifest records no teacher")
+        ids = table.column("id").to_pylist()
+        if len(set(ids)) != len(ids):
+            problems.append(f"{label}: duplicate ids")
+        retired = set(shard["retired"])
+        unknown = retired - set(ids)
+        if unknown:
+            problems.append(f"{label}: {len(unknown)} retired ids are not in the shard")
+        for row_id in ids:
+            if row_id in retired:
+                continue
+            if row_id in live_ids:
+                problems.append(f"{label}: id {row_id} is also live in {live_ids[row_id]}")
+            live_ids[row_id] = name
+        total_rows += table.num_rows
+        total_live += table.num_rows - len(retired & set(ids))
+        try:
+            index = faiss.read_index(str(faiss_path))
+        except RuntimeError as error:
+            problems.append(f"{faiss_path}: not a readable FAISS index: {error}")
+            continue
+        if index.ntotal != table.num_rows:
+            problems.append(f"{faiss_path}: ntotal={index.ntotal}, the Arrow shard has {table.num_rows} rows")
+        if index.d != student_dim:
+            problems.append(f"{faiss_path}: dimension {index.d}, the student's is {student_dim}")
+        if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+            problems.append(f"{faiss_path}: metric {index.metric_type}, expected inner product")
+    if not problems:
+        if "rows" in manifest and int(manifest["rows"]) != total_rows:
+            problems.append(f"{path / 'manifest.json'}: rows={manifest['rows']}, shards hold {total_rows}")
+        if "live_rows" in manifest and int(manifest["live_rows"]) != total_live:
+            problems.append(f"{path / 'manifest.json'}: live_rows={manifest['live_rows']}, shards hold {total_live}")
+    return problems

@@ -1,0 +1,391 @@
+"""``Retriever``: two-stage search over a vkd index.
+
+1. the student encodes the query (ONNX when the student has an export, see ``prefer``);
+2. every shard returns its ANN top-``candidates``; they are merged by score;
+3. the teacher encodes the query and the candidates are scored exactly against their
+   stored teacher vectors (gathered per shard from the memory map, only those rows);
+   the top ``k`` by that score are the result. An index without teacher vectors is
+   re-scored with the exact student vectors instead; ``rerank=False`` stops after 2.
+
+Models default to the ones the index manifest records, and a model whose fingerprint
+differs from the one the vectors were made with is refused (a teacher of the right
+dimension but another fingerprint only warns: its scores are comparable, just not the
+ones the index was built for).
+
+The retriever is safe to share between threads: a search reads one immutable snapshot
+(index + models), ``reload()`` swaps in a newer one, and encoders that are not
+thread-safe (transformers tokenizers change their state on every call) run under a lock.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from vkd.indexer import Index, IndexMismatchError
+from vkd.retrieval import stages
+from vkd.retrieval.results import Hit, SearchResult, StageTimings
+from vkd.retrieval.stages import Candidates, merge_candidates, top_k_order
+
+if TYPE_CHECKING:
+    from vkd.models.base import Encoder
+
+DEFAULT_CANDIDATES = 1000
+PREFER = ("onnx", "torch")
+
+
+def open_encoder(name: str, *, prefer: str = "onnx", device: Any = None, batch_size: int = 32) -> Encoder:
+    """An encoder by name: an ONNX export directory itself, or a model (directory or hub
+    id) through ``load_encoder`` — which takes ``<dir>/onnx`` when ``prefer="onnx"``."""
+    from vkd.export.onnx_encoder import EXPORT_MANIFEST
+
+    if (Path(name) / EXPORT_MANIFEST).is_file():
+        from vkd.export.onnx_encoder import OnnxEncoder
+
+        return OnnxEncoder(name, batch_size=batch_size)
+    from vkd.models import load_encoder
+
+    return load_encoder(name, prefer=prefer, device=device, batch_size=batch_size)
+
+
+def is_image_query(query: Any) -> bool:
+    """Text is a ``str``; an image is a PIL image or a path object (``pathlib.Path``)."""
+    if isinstance(query, str):
+        return False
+    if isinstance(query, os.PathLike):
+        return True
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - PIL is a dependency
+        return False
+    return isinstance(query, Image.Image)
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """What one search reads: never mutated, replaced whole by ``reload``."""
+
+    index: Index
+    student: Encoder
+    teacher: Encoder | None  # None: no teacher vectors, or the teacher is not loaded yet
+    student_from_manifest: bool
+    teacher_from_manifest: bool
+
+
+class Retriever:
+    """Search an index: ``Retriever(index_dir).search("a dog on a beach", k=10)``.
+
+    ``student`` / ``teacher``: a model name, an ``Encoder``, or None for the ones the
+    index manifest records. ``prefer`` picks the ONNX export of a named model when it has
+    one (``<model>/onnx``), else torch. ``candidates`` is stage 1's top-k; ``rerank``
+    the default for ``search``; ``device`` is passed to torch models.
+    """
+
+    def __init__(
+        self,
+        index_dir: str | os.PathLike[str] | None = None,
+        *,
+        student: str | Encoder | None = None,
+        teacher: str | Encoder | None = None,
+        candidates: int = DEFAULT_CANDIDATES,
+        prefer: str = "onnx",
+        rerank: bool = True,
+        device: Any = None,
+    ) -> None:
+        from vkd.paths import default_index_dir
+
+        if prefer not in PREFER:
+            raise ValueError(f"prefer={prefer!r}: choose one of {', '.join(PREFER)}")
+        if int(candidates) < 1:
+            raise ValueError(f"candidates={candidates}: must be at least 1")
+        self.path = Path(index_dir) if index_dir is not None else default_index_dir()
+        self.candidates = int(candidates)
+        self.prefer = prefer
+        self.rerank = bool(rerank)
+        self.device = device
+        self._student_arg = student
+        self._teacher_arg = teacher
+        self._lock = threading.RLock()
+        self._encoder_locks: dict[int, threading.Lock] = {}
+        self._state = self._snapshot(Index.open(self.path), previous=None, load_teacher=self.rerank)
+
+    # -- models and snapshots -------------------------------------------------------
+
+    @property
+    def index(self) -> Index:
+        return self._state.index
+
+    @property
+    def student(self) -> Encoder:
+        return self._state.student
+
+    @property
+    def teacher(self) -> Encoder | None:
+        """The teacher used for rerank (loaded on first use when ``rerank=False``)."""
+        return self._state.teacher
+
+    def _load(self, name: str, role: str) -> Encoder:
+        try:
+            return open_encoder(name, prefer=self.prefer, device=self.device)
+        except (OSError, ValueError) as error:
+            raise IndexMismatchError(
+                f"{self.path}: cannot load the {role} {name!r} recorded in the index ({error}); pass "
+                f"{role}=... (CLI: --{role} MODEL) naming where that model is now"
+            ) from error
+
+    def _snapshot(self, index: Index, previous: _Snapshot | None, load_teacher: bool) -> _Snapshot:
+        recorded = index.student
+        if self._student_arg is None:
+            reuse = previous is not None and previous.student.fingerprint == recorded["fingerprint"]
+            student = previous.student if reuse else self._load(str(recorded["name"]), "student")
+        elif isinstance(self._student_arg, str | os.PathLike):
+            student = previous.student if previous is not None else self._load(str(self._student_arg), "student")
+        else:
+            student = self._student_arg
+        check_student(index, student)
+
+        teacher: Encoder | None = None
+        if _has_teacher_vectors(index):
+            if self._teacher_arg is not None and not isinstance(self._teacher_arg, str | os.PathLike):
+                teacher = self._teacher_arg
+            elif previous is not None and previous.teacher is not None and (
+                self._teacher_arg is not None or previous.teacher.fingerprint == index.teacher["fingerprint"]
+            ):
+                teacher = previous.teacher
+            elif load_teacher:
+                name = str(self._teacher_arg) if self._teacher_arg is not None else str(index.teacher["name"])
+                teacher = self._load(name, "teacher")
+            if teacher is not None:
+                check_teacher(index, teacher)
+        elif self._teacher_arg is not None:
+            raise IndexMismatchError(
+                f"{index.path}: this index stores no teacher vectors, so a teacher cannot rerank it; search "
+                "without --teacher (the student's exact scores rerank), or re-index with --teacher MODEL --rebuild"
+            )
+        return _Snapshot(index, student, teacher, self._student_arg is None, self._teacher_arg is None)
+
+    def _ensure_teacher(self, state: _Snapshot) -> _Snapshot:
+        if state.teacher is not None or not _has_teacher_vectors(state.index):
+            return state
+        with self._lock:
+            if self._state.index is state.index and self._state.teacher is None:
+                self._state = self._snapshot(state.index, previous=state, load_teacher=True)
+            return self._state
+
+    def reload(self) -> bool:
+        """Open the index's latest committed manifest; True when it changed.
+
+        Models given by name or taken from the manifest follow it (a newly recorded
+        student or teacher is loaded); a model passed as an ``Encoder`` that no longer
+        matches raises ``IndexMismatchError`` and the old snapshot stays in use.
+        """
+        with self._lock:
+            current = self._state
+            index = Index.open(self.path)
+            if index.manifest == current.index.manifest:
+                return False
+            self._state = self._snapshot(index, previous=current, load_teacher=current.teacher is not None)
+            return True
+
+    # -- search ---------------------------------------------------------------------
+
+    def search(self, query: Any, k: int = 10, *, rerank: bool | None = None,
+               candidates: int | None = None) -> SearchResult:
+        """The top ``k`` images for a text (``str``) or an image (PIL image or ``Path``)."""
+        return self.search_batch([query], k, rerank=rerank, candidates=candidates)[0]
+
+    def search_batch(self, queries: Sequence[Any], k: int = 10, *, rerank: bool | None = None,
+                     candidates: int | None = None) -> list[SearchResult]:
+        """``search`` for many queries at once: one encoder batch per model and query type,
+        one ANN call per shard. Each result's ``timings`` are the whole batch's."""
+        if isinstance(queries, str) or not isinstance(queries, Sequence):
+            raise TypeError("search_batch takes a list of queries; use search() for one")
+        k = int(k)
+        if k < 1:
+            raise ValueError(f"k={k}: must be at least 1")
+        n_candidates = self.candidates if candidates is None else int(candidates)
+        if n_candidates < k:
+            raise ValueError(f"candidates={n_candidates} is smaller than k={k}; stage 1 must find at least k")
+        do_rerank = self.rerank if rerank is None else bool(rerank)
+        if not queries:
+            return []
+        state = self._ensure_teacher(self._state) if do_rerank else self._state
+        started = time.perf_counter()
+        timings = StageTimings(batch_size=len(queries))
+
+        tick = time.perf_counter()
+        student_queries = self._encode(state.student, queries)
+        timings.student_encode_ms = _ms(tick)
+
+        tick = time.perf_counter()
+        found = self._ann(state.index, student_queries, n_candidates if do_rerank else k)
+        timings.ann_ms = _ms(tick)
+
+        reranked: str | None = None
+        if do_rerank and found.row.size:
+            if state.teacher is not None:
+                tick = time.perf_counter()
+                teacher_queries = self._encode(state.teacher, queries)
+                timings.teacher_encode_ms = _ms(tick)
+                tick = time.perf_counter()
+                top, positions = stages.rerank(found, teacher_queries, _fetch(state.index, "teacher"), k)
+                timings.rerank_ms = _ms(tick)
+                reranked = "teacher"
+            else:
+                tick = time.perf_counter()
+                top, positions = stages.rerank(found, student_queries, _fetch(state.index, "student"), k)
+                timings.rerank_ms = _ms(tick)
+                reranked = "student"
+            student_scores = np.where(positions >= 0, np.take_along_axis(found.score, np.maximum(positions, 0), 1),
+                                      -np.inf)
+            if reranked == "student":
+                student_scores = top.score  # the exact ones
+        else:
+            order = top_k_order(found.score, found.shard, found.row, k)
+            top = Candidates(*(np.take_along_axis(a, order, axis=1) for a in (found.shard, found.row, found.score)))
+            student_scores = top.score
+
+        hits = self._hits(state.index, top, student_scores, teacher=reranked == "teacher")
+        timings.total_ms = _ms(started)
+        return [SearchResult(query_hits, query=query, timings=timings, reranked=reranked,
+                             candidates=int(found.valid[i].sum()))
+                for i, (query, query_hits) in enumerate(zip(queries, hits, strict=True))]
+
+    def _encode(self, encoder: Encoder, queries: Sequence[Any]) -> np.ndarray:
+        """float32 [len(queries), dim]: texts and images each in one batch."""
+        kinds = [is_image_query(query) for query in queries]
+        images = [i for i, is_image in enumerate(kinds) if is_image]
+        texts = [i for i, is_image in enumerate(kinds) if not is_image]
+        for i in texts:
+            if not isinstance(queries[i], str):
+                raise TypeError(f"query {i} is a {type(queries[i]).__name__}; pass text as str and images as "
+                                "PIL images or pathlib.Path")
+        out = np.zeros((len(queries), encoder.dim), dtype=np.float32)
+        lock = self._encoder_lock(encoder)
+        with lock:
+            if texts:
+                out[texts] = encoder.encode_text([queries[i] for i in texts], batch_size=len(texts))
+            if images:
+                out[images] = encoder.encode_images([queries[i] for i in images], batch_size=len(images))
+        return out
+
+    def _encoder_lock(self, encoder: Encoder) -> Any:
+        if getattr(encoder, "thread_safe", False):
+            return _NO_LOCK
+        with self._lock:
+            return self._encoder_locks.setdefault(id(encoder), threading.Lock())
+
+    @staticmethod
+    def _ann(index: Index, queries: np.ndarray, k: int) -> Candidates:
+        per_shard = []
+        for shard in index.shards:
+            if shard.live_rows == 0:
+                per_shard.append((np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)))
+                continue
+            per_shard.append(shard.search(queries, min(k, shard.live_rows)))
+        return merge_candidates(per_shard, k, len(queries))
+
+    @staticmethod
+    def _hits(index: Index, top: Candidates, student_scores: np.ndarray, *, teacher: bool) -> list[list[Hit]]:
+        results: list[list[Hit]] = []
+        for qi in range(top.row.shape[0]):
+            hits: list[Hit] = []
+            valid = np.flatnonzero(top.row[qi] >= 0)
+            records: dict[int, dict[str, Any]] = {}
+            for shard in np.unique(top.shard[qi, valid]):
+                positions = valid[top.shard[qi, valid] == shard]
+                fetched = index.shards[int(shard)].records(top.row[qi, positions])
+                records.update(zip(positions.tolist(), fetched, strict=True))
+            for rank, position in enumerate(valid.tolist(), start=1):
+                record = records[position]
+                score = float(top.score[qi, position])
+                hits.append(Hit(
+                    rank=rank, id=str(record["id"]), path=str(record["path"]), score=score,
+                    student_score=float(student_scores[qi, position]),
+                    teacher_score=score if teacher else None,
+                    shard=index.shards[int(top.shard[qi, position])].name, row=int(top.row[qi, position]),
+                    width=record.get("width"), height=record.get("height"),
+                ))
+            results.append(hits)
+        return results
+
+    def describe(self) -> dict[str, Any]:
+        state = self._state
+        return {
+            "index": str(state.index.path),
+            "images": len(state.index),
+            "shards": len(state.index.shards),
+            "student": state.student.describe(),
+            "teacher": state.teacher.describe() if state.teacher is not None else None,
+            "index_teacher": state.index.teacher,
+            "candidates": self.candidates,
+        }
+
+    def __repr__(self) -> str:
+        return f"Retriever({str(self.path)!r}, images={len(self._state.index)}, student={self._state.student!r})"
+
+
+class _NoLock:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_LOCK = _NoLock()
+
+
+def _ms(since: float) -> float:
+    return (time.perf_counter() - since) * 1000.0
+
+
+def _has_teacher_vectors(index: Index) -> bool:
+    return index.teacher is not None and all(shard.teacher_dim for shard in index.shards)
+
+
+def _fetch(index: Index, which: str) -> Any:
+    if which == "teacher":
+        return lambda shard, rows: index.shards[shard].teacher_vectors(rows)
+    return lambda shard, rows: index.shards[shard].student_vectors(rows)
+
+
+def check_student(index: Index, student: Encoder) -> None:
+    """Refuse a student whose vectors are not the ones the index holds."""
+    recorded = index.student
+    if student.fingerprint != recorded["fingerprint"] or int(student.dim) != int(recorded["dim"]):
+        raise IndexMismatchError(
+            f"{index.path}: built with student {recorded['name']} (fingerprint {recorded['fingerprint']}, dim "
+            f"{recorded['dim']}), but the student given is {student.name} (fingerprint {student.fingerprint}, dim "
+            f"{student.dim}): its query vectors would not match the stored ones. Search with the index's "
+            "student (omit --student), or re-index with this one (`vkd index IMAGES --model STUDENT --rebuild`)"
+        )
+
+
+def check_teacher(index: Index, teacher: Encoder) -> None:
+    """Refuse a teacher of another dimension than the stored vectors; warn on another
+    fingerprint (comparable shape, but not the model the vectors came from)."""
+    recorded = index.teacher or {}
+    stored_dims = {shard.teacher_dim for shard in index.shards if shard.teacher_dim}
+    expected = int(recorded.get("dim") or next(iter(stored_dims), 0))
+    if int(teacher.dim) != expected or (stored_dims and stored_dims != {expected}):
+        raise IndexMismatchError(
+            f"{index.path}: stores {expected}-d teacher vectors of {recorded.get('name')} (fingerprint "
+            f"{recorded.get('fingerprint')}), but the teacher given is {teacher.name} with {teacher.dim}-d vectors. "
+            "Rerank with the index's teacher (omit --teacher), or re-index with this one (--teacher MODEL --rebuild)"
+        )
+    if teacher.fingerprint != recorded.get("fingerprint"):
+        warnings.warn(
+            f"{index.path}: teacher {teacher.name} (fingerprint {teacher.fingerprint}) is not the one whose vectors "
+            f"the index stores ({recorded.get('name')}, fingerprint {recorded.get('fingerprint')}); rerank scores "
+            "compare its query vectors with the other model's image vectors",
+            UserWarning, stacklevel=3,
+        )
