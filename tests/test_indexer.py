@@ -239,6 +239,9 @@ def test_other_models_are_refused_until_rebuild(tmp_path: Path, tiny_clip: Path,
     other = make_plain_folder(tmp_path / "other", 1)
     with pytest.raises(IndexMismatchError, match="built from"):
         build_index(other, out, student=str(tiny_clip_teacher), device="cpu")
+    tight = runner.invoke(cli, [*args[:2], "--out", str(tmp_path / "tight"), "--model", str(tiny_clip),
+                                "--memory-budget", "10"])
+    assert tight.exit_code != 0 and "use --memory-budget" in tight.output
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "todo.txt").write_text("mine")
@@ -287,3 +290,26 @@ def test_measure_indexing_reports_throughput(tmp_path: Path, tiny_clip: Path) ->
     assert report["encoder_images_per_s"] > 0 and report["indexer_images_per_s"] > 0
     assert report["peak_rss_bytes"] >= report["peak_rss_increase_bytes"] >= 0
     assert report["incremental_rerun_seconds"] > 0 and report["index_bytes"] > 0
+
+
+def test_stages_run_on_column_batches(tmp_path: Path, tiny_clip: Path) -> None:
+    """The batch-shaped stages a distributed engine (Ray Data map_batches) would chain."""
+    from vkd.indexer.decode import decode_batch
+    from vkd.indexer.encode import EncodeStage
+    from vkd.indexer.scan import scan_images
+    from vkd.indexer.shards import make_record_batch
+
+    images = make_plain_folder(tmp_path / "imgs", 3)
+    (images / "broken.png").write_bytes(b"nope")
+    entries, _ = scan_images(images)
+    columns = {key: [getattr(e, key) for e in entries] for key in ("path", "abspath", "size", "mtime")}
+    decoded = decode_batch(columns)
+    assert [e is None for e in decoded["error"]] == [False, True, True, True]  # broken.png sorts first
+    stage = EncodeStage(load_encoder(tiny_clip, device="cpu"), batch_size=2)
+    encoded = stage(decoded)
+    assert encoded["path"] == ["img000.png", "img001.png", "img002.png"] and "image" not in encoded
+    np.testing.assert_allclose(encoded["student_vec"], stage.student.encode_images(
+        [images / p for p in encoded["path"]]), atol=1e-5)
+    encoded["id"] = [e.id for e in entries[1:]]
+    batch = make_record_batch(encoded, encoded["student_vec"])
+    assert batch.num_rows == 3 and batch.schema.field("student_vec").type.list_size == stage.student.dim

@@ -3,6 +3,7 @@ and the resumed index equals an uninterrupted one."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -32,17 +33,25 @@ def _vectors_by_id(index: Index) -> dict[str, np.ndarray]:
     return found
 
 
-def _wait_until_indexing(process: subprocess.Popen, lock: Path, timeout: float = 120.0) -> bool:
-    """True once ``process`` holds the index's writer lock (models loaded, about to scan)."""
+def _committed_shards(out: Path) -> int:
+    try:
+        return len(json.loads((out / "manifest.json").read_text())["shards"])
+    except FileNotFoundError:
+        return 0
+
+
+def _wait_for(process: subprocess.Popen, ready, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if lock.read_text().strip() == str(process.pid):
-                return True
-        except FileNotFoundError:
-            pass
-        time.sleep(0.005)
-    return False
+    while time.monotonic() < deadline and process.poll() is None and not ready():
+        time.sleep(0.002)
+
+
+def _holds_lock(process: subprocess.Popen, out: Path) -> bool:
+    """The writer lock names ``process``: models are loaded and indexing is starting."""
+    try:
+        return (out / ".lock").read_text().strip() == str(process.pid)
+    except FileNotFoundError:
+        return False
 
 
 @pytest.mark.slow
@@ -53,10 +62,8 @@ def test_kill_9_at_random_moments_then_resume(tmp_path: Path, tiny_clip: Path) -
     for i in range(N_IMAGES):
         Image.fromarray(rng.integers(0, 255, (32, 40, 3), dtype=np.uint8)).save(images / f"{i:03d}.png")
 
-    started = time.perf_counter()
     build_index(images, tmp_path / "reference", student=load_encoder(tiny_clip, device="cpu"),
                 shard_size=SHARD_SIZE, batch_size=2)
-    uninterrupted_s = time.perf_counter() - started
     want = _vectors_by_id(Index.open(tmp_path / "reference"))
     assert len(want) == N_IMAGES
 
@@ -69,8 +76,11 @@ def test_kill_9_at_random_moments_then_resume(tmp_path: Path, tiny_clip: Path) -
     kills, live_before = 0, 0
     for _ in range(4):
         process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        if _wait_until_indexing(process, out / ".lock"):
-            time.sleep(moments.uniform(0.0, uninterrupted_s))
+        _wait_for(process, lambda p=process: _holds_lock(p, out))
+        # a random moment: after 0-2 more shard commits, then somewhere inside the next shard's work
+        target = _committed_shards(out) + moments.randint(0, 2)
+        _wait_for(process, lambda t=target: _committed_shards(out) >= t)
+        time.sleep(moments.uniform(0.0, 0.15))
         if process.poll() is None:
             os.kill(process.pid, signal.SIGKILL)
             kills += 1

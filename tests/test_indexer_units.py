@@ -18,6 +18,7 @@ from vkd.indexer.decode import DecodeError, decode_bytes, decode_file, pixel_gua
 from vkd.indexer.faiss_index import (
     FLAT_MAX_ROWS,
     HNSW_MAX_ROWS,
+    BudgetTooSmallError,
     FaissSearcher,
     build_faiss,
     choose_index,
@@ -70,8 +71,10 @@ def test_memory_budget_moves_down_the_ladder() -> None:
 
 
 def test_budget_too_small_says_how_much_is_needed() -> None:
-    with pytest.raises(ValueError, match="memory-budget"):
+    with pytest.raises(BudgetTooSmallError, match="raise the budget") as caught:
         choose_index(10_000_000, 512, 1_000)
+    assert caught.value.needed > 1_000
+    assert choose_index(10_000_000, 512, caught.value.needed).estimated_bytes <= caught.value.needed
 
 
 def test_forced_types_get_parameters_that_train_on_small_shards() -> None:
@@ -252,3 +255,13 @@ def test_parse_bytes() -> None:
     assert parse_bytes("1e6") == 10**6 and parse_bytes(123) == 123 and parse_bytes(None) is None
     with pytest.raises(ValueError, match="2GB"):
         parse_bytes("lots")
+
+
+def test_one_writer_at_a_time(tmp_path: Path) -> None:
+    from vkd.indexer.fsutil import IndexLockedError, writer_lock
+
+    with writer_lock(tmp_path), pytest.raises(IndexLockedError, match=f"pid {os.getpid()}"), \
+            writer_lock(tmp_path):
+        pass
+    with writer_lock(tmp_path):  # released on exit
+        pass

@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 
 from vkd.indexer.decode import DEFAULT_MAX_PIXELS, Decoded, decode_file, pixel_guard
 from vkd.indexer.encode import EncodeStage
-from vkd.indexer.faiss_index import INDEX_TYPES, choose_index
+from vkd.indexer.faiss_index import INDEX_TYPES, BudgetTooSmallError, choose_index
 from vkd.indexer.fsutil import writer_lock
 from vkd.indexer.manifest import (
     MANIFEST_NAME,
@@ -255,6 +255,15 @@ class _ShardBuffer:
         return len(self.columns["id"])
 
 
+def _share(budget: int, shard_size: int, total_rows: int) -> int:
+    """Each shard's part of the whole index's memory budget: a full shard's share of the rows.
+
+    Every shard gets the same share, so a small last shard (or one thinned by skipped files)
+    still covers the fixed costs (codebooks, centroids) of its index.
+    """
+    return max(1, budget * min(shard_size, total_rows) // max(total_rows, 1))
+
+
 def _limit_faiss_threads(threads: int) -> None:
     # OpenMP's thread count is per calling thread: this caps FAISS builds in the writer thread
     # only, leaving the cores the encoder uses in the main thread. Two OpenMP pools (torch's
@@ -292,7 +301,6 @@ def build_index(
     the next shard is encoded.
     Raises ``IndexMismatchError`` when ``out_dir`` holds an index of other models or folder.
     """
-    started = time.perf_counter()
     root = Path(images_dir).expanduser().resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"{images_dir}: not a directory of images")
@@ -312,6 +320,7 @@ def build_index(
         raise ValueError(f"memory_budget={memory_budget!r}: must be positive")
 
     stage = EncodeStage(student, teacher, batch_size=batch_size, device=device)
+    started = time.perf_counter()  # after loading the models: the run's own cost
     student_info = model_record(stage.student.describe())
     teacher_info = model_record(stage.teacher.describe()) if stage.teacher is not None else None
     build_params = {"index_type": index_type, "memory_budget": budget, "shard_size": shard_size,
@@ -346,7 +355,17 @@ def build_index(
         result.scanned, result.unchanged, result.to_encode = len(entries), plan.unchanged, len(plan.todo)
         expected_rows = plan.unchanged + len(plan.todo)
         skips: list[SkipRecord] = plan.kept_skips + scan_skips
-        previous_skips = sorted(r.to_json()["path"] for r in read_skipped(index_dir))
+        previous_skips = sorted(r.path for r in read_skipped(index_dir))
+        share = None if budget is None else _share(budget, shard_size, expected_rows)
+        if share is not None and plan.todo:  # fail now, not after encoding a whole shard
+            first = min(shard_size, len(plan.todo))
+            try:
+                choose_index(first, int(student_info["dim"]), share, index_type)
+            except BudgetTooSmallError as error:
+                total = -(-error.needed * expected_rows // min(shard_size, expected_rows))
+                raise BudgetTooSmallError(
+                    f"--memory-budget {budget} bytes over {expected_rows} rows leaves {share} bytes for a "
+                    f"shard of {first} rows; {error}: use --memory-budget {total} or more", total) from None
         pending_retire: dict[str, list[str]] = {k: list(v) for k, v in plan.deleted.items()}
 
         def commit(buffer: _ShardBuffer | None, retire: dict[str, list[str]], skip_list: list[SkipRecord]) -> None:
@@ -357,7 +376,6 @@ def build_index(
                 metadata = {"vkd.student_fingerprint": student_info["fingerprint"],
                             "vkd.teacher_fingerprint": teacher_info["fingerprint"] if teacher_info else ""}
                 batch = make_record_batch(buffer.columns, student_vecs, teacher_vecs, metadata)
-                share = None if budget is None else max(1, budget * len(buffer) // max(expected_rows, 1))
                 spec = choose_index(len(buffer), student_vecs.shape[1], share, index_type)
                 entry = write_shard(index_dir, shard_name(int(manifest["next_shard"])), batch, spec)
                 manifest["shards"].append(entry)
@@ -481,7 +499,8 @@ def compact_index(index_dir: str | os.PathLike[str], *, reindex: bool = False, i
             if table.num_rows == 0:
                 continue
             batch = table.combine_chunks().to_batches()[0]
-            share = None if budget is None else max(1, int(budget) * table.num_rows // max(live_total, 1))
+            size = int(build.get("shard_size") or table.num_rows)
+            share = None if budget is None else _share(int(budget), max(size, table.num_rows), live_total)
             spec = choose_index(table.num_rows, table.schema.field(STUDENT_COLUMN).type.list_size, share, kind)
             name = shard_name(int(manifest["next_shard"]))
             manifest["next_shard"] = int(manifest["next_shard"]) + 1

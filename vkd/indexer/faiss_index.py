@@ -39,6 +39,14 @@ MIN_POINTS_PER_CENTROID = 39  # below this k-means is poorly trained (faiss warn
 RESCORE_FACTOR = 4
 
 
+class BudgetTooSmallError(ValueError):
+    """No index kind fits the memory budget; ``needed`` is the smallest estimate in bytes."""
+
+    def __init__(self, message: str, needed: int) -> None:
+        super().__init__(message)
+        self.needed = needed
+
+
 @dataclass(frozen=True)
 class IndexSpec:
     """What to build: ``kind`` in flat/hnsw/ivfpq, a faiss factory string and parameters."""
@@ -107,11 +115,9 @@ def _ivfpq(n_rows: int, dim: int, budget: int | None, reason: str, *, forced: bo
             break
     if chosen is None:
         need = ivfpq_bytes(n_rows, dim, nlist, candidates[0], nbits)
-        raise ValueError(
-            f"memory_budget={budget} bytes is too small for {n_rows} vectors of dim {dim}: even the "
-            f"smallest IVF-PQ index (PQ{candidates[0]}) needs {need} bytes. Raise --memory-budget to at "
-            f"least {need}, or lower --shard-size so each shard's share is smaller."
-        )
+        raise BudgetTooSmallError(
+            f"a memory budget of {budget} bytes is too small for {n_rows} vectors of dim {dim}: even the "
+            f"smallest IVF-PQ index (PQ{candidates[0]}) needs {need} bytes; raise the budget", need)
     params = {"metric": "inner_product", "nlist": nlist, "nprobe": nprobe, "m": chosen, "nbits": nbits,
               "rescore": True, "rescore_factor": RESCORE_FACTOR}
     # "np": no polysemous training; it costs seconds and only serves Hamming-filtered search

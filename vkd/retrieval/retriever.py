@@ -76,8 +76,6 @@ class _Snapshot:
     index: Index
     student: Encoder
     teacher: Encoder | None  # None: no teacher vectors, or the teacher is not loaded yet
-    student_from_manifest: bool
-    teacher_from_manifest: bool
 
 
 class Retriever:
@@ -132,10 +130,15 @@ class Retriever:
         """The teacher used for rerank (loaded on first use when ``rerank=False``)."""
         return self._state.teacher
 
-    def _load(self, name: str, role: str) -> Encoder:
+    def _load(self, name: str, role: str, *, recorded: bool) -> Encoder:
         try:
             return open_encoder(name, prefer=self.prefer, device=self.device)
         except (OSError, ValueError) as error:
+            if not recorded:
+                raise ValueError(
+                    f"{role} {name!r}: cannot load it ({error}); give a model directory, an ONNX export "
+                    "directory (with export.json) or a hub id"
+                ) from error
             raise IndexMismatchError(
                 f"{self.path}: cannot load the {role} {name!r} recorded in the index ({error}); pass "
                 f"{role}=... (CLI: --{role} MODEL) naming where that model is now"
@@ -145,9 +148,10 @@ class Retriever:
         recorded = index.student
         if self._student_arg is None:
             reuse = previous is not None and previous.student.fingerprint == recorded["fingerprint"]
-            student = previous.student if reuse else self._load(str(recorded["name"]), "student")
+            student = previous.student if reuse else self._load(str(recorded["name"]), "student", recorded=True)
         elif isinstance(self._student_arg, str | os.PathLike):
-            student = previous.student if previous is not None else self._load(str(self._student_arg), "student")
+            student = (previous.student if previous is not None
+                       else self._load(str(self._student_arg), "student", recorded=False))
         else:
             student = self._student_arg
         check_student(index, student)
@@ -161,8 +165,10 @@ class Retriever:
             ):
                 teacher = previous.teacher
             elif load_teacher:
-                name = str(self._teacher_arg) if self._teacher_arg is not None else str(index.teacher["name"])
-                teacher = self._load(name, "teacher")
+                if self._teacher_arg is not None:
+                    teacher = self._load(str(self._teacher_arg), "teacher", recorded=False)
+                else:
+                    teacher = self._load(str(index.teacher["name"]), "teacher", recorded=True)
             if teacher is not None:
                 check_teacher(index, teacher)
         elif self._teacher_arg is not None:
@@ -170,7 +176,7 @@ class Retriever:
                 f"{index.path}: this index stores no teacher vectors, so a teacher cannot rerank it; search "
                 "without --teacher (the student's exact scores rerank), or re-index with --teacher MODEL --rebuild"
             )
-        return _Snapshot(index, student, teacher, self._student_arg is None, self._teacher_arg is None)
+        return _Snapshot(index, student, teacher)
 
     def _ensure_teacher(self, state: _Snapshot) -> _Snapshot:
         if state.teacher is not None or not _has_teacher_vectors(state.index):
@@ -183,9 +189,9 @@ class Retriever:
     def reload(self) -> bool:
         """Open the index's latest committed manifest; True when it changed.
 
-        Models given by name or taken from the manifest follow it (a newly recorded
-        student or teacher is loaded); a model passed as an ``Encoder`` that no longer
-        matches raises ``IndexMismatchError`` and the old snapshot stays in use.
+        Models taken from the manifest follow it (a newly recorded student or teacher is
+        loaded); a model you named or passed must still match the new vectors, else
+        ``IndexMismatchError`` is raised and the old snapshot stays in use.
         """
         with self._lock:
             current = self._state

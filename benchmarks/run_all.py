@@ -1,0 +1,44 @@
+"""Run every benchmark and publish the results as benchmarks/RESULTS.md (+ figures/).
+
+    python benchmarks/run_all.py              # the full run (needs `vkd demo` first)
+    python benchmarks/run_all.py --quick      # the smoke run; publishes nothing
+
+Options after the script name go to `vkd bench all` (see `vkd bench all --help`); the
+results land in --out (default results/, not committed). A full run that succeeds is
+copied to benchmarks/RESULTS.md with its plots in benchmarks/figures/.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from vkd.bench.commands import DEFAULT_OUT, bench
+from vkd.bench.summary import publish
+
+HERE = Path(__file__).resolve().parent
+
+
+def main(argv: list[str]) -> int:
+    try:
+        bench.main(["all", *argv], prog_name="vkd bench", standalone_mode=False)
+    except SystemExit as exit_:  # click's --help exits through here
+        return int(exit_.code or 0)
+    except Exception as error:  # click.ClickException and friends: show them as the CLI would
+        show = getattr(error, "show", None)
+        if show is None:
+            raise
+        show()
+        return int(getattr(error, "exit_code", 1))
+    if "--quick" in argv:
+        print("quick run: benchmarks/RESULTS.md left as it is (it records full runs only)")
+        return 0
+    out = DEFAULT_OUT
+    if "--out" in argv:
+        out = Path(argv[argv.index("--out") + 1])
+    print(f"published {publish(out, HERE)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

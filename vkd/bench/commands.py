@@ -1,0 +1,400 @@
+"""``vkd bench``: run the benchmarks and write JSON + Markdown + PNG into ``--out``.
+
+Heavy libraries (torch, transformers, faiss, onnxruntime, matplotlib) load inside the
+commands, so ``vkd bench --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+BENCHMARKS = ("distill", "search", "export", "index", "step")
+DEFAULT_OUT = Path("results")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*$")
+
+
+def parse_sizes(value: str) -> tuple[int, ...]:
+    """``10k,100k,1M`` → (10000, 100000, 1000000)."""
+    sizes = []
+    for part in value.split(","):
+        match = _SIZE.match(part)
+        if not match:
+            raise ValueError(f"corpus size {part.strip()!r}: write a number with an optional k or M, e.g. 10k,100k,1M")
+        number = float(match.group(1)) * {"": 1, "k": 10**3, "m": 10**6}[match.group(2).lower()]
+        if number < 1 or number != int(number):
+            raise ValueError(f"corpus size {part.strip()!r} must be a whole number of vectors, at least 1")
+        sizes.append(int(number))
+    return tuple(sizes)
+
+
+def _sizes_option(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        return parse_sizes(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
+
+
+def _budget_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    from vkd.indexer.build import parse_bytes
+
+    try:
+        return parse_bytes(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
+
+
+def common_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--quick", is_flag=True,
+                     help="Small and fast (a smoke test: 10k vectors, fewer repetitions, a quick demo if none is there)."),
+        click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_OUT,
+                     show_default=True, help="Folder for <name>.json, <name>.md and the PNG plots."),
+        click.option("--threads", type=click.IntRange(min=1), default=None,
+                     help="Threads for torch, FAISS and ONNX Runtime.  [default: each library's own]"),
+        click.option("--demo-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="Output of `vkd demo` to take models and data from.  [default: $VKD_HOME/demo]"),
+        click.option("--data", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="Held-out pair file (.jsonl), e.g. Flickr30k test; needs --teacher and --student."),
+        click.option("--train-data", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="Training pair file: static INT8 calibration and the step benchmark."),
+        click.option("--teacher", default=None, help="Teacher model directory or hub id."),
+        click.option("--student", default=None, help="Distilled student model directory."),
+        click.option("--student-raw", default=None, help="The student before any training (distill benchmark)."),
+        click.option("--student-ce", default=None, help="The student fine-tuned with CE only (distill benchmark)."),
+        click.option("--int8", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="ONNX export of the student with INT8 towers.  [default: STUDENT/onnx]"),
+        click.option("--images", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="Image folder for the index benchmark.  [default: the held-out images]"),
+        click.option("--index", "index_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="An index of real images with teacher vectors, for the full-search timing."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def search_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--sizes", callback=_sizes_option, default=None,
+                     help="Corpus sizes, e.g. 10k,100k,1M.  [default: 10k,100k,1M; --quick: 10k]"),
+        click.option("--index-type", type=click.Choice(("auto", "flat", "hnsw", "ivfpq")), default="auto",
+                     show_default=True, help="Student ANN index (auto: vkd.indexer.choose_index's pick)."),
+        click.option("--memory-budget", callback=_budget_option, default=None,
+                     help="Memory budget for the student ANN index, e.g. 512MB (as `vkd index`)."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def step_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--steps", type=click.IntRange(min=1), default=None,
+                     help="Timed training steps per configuration.  [default: 20; --quick: 5]"),
+        click.option("--batch-size", type=click.IntRange(min=2), default=None,
+                     help="Pairs per training step.  [default: 32; --quick: 16]"),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _progress(message: str) -> None:
+    click.echo(f"  {message}", err=True)
+
+
+def command_line(ctx: click.Context) -> str:
+    """The command as a user would type it: the path and every option not left at its default."""
+    words = ctx.command_path.split()
+    if words and words[0] != "vkd":
+        words[0] = "vkd"
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if not isinstance(param, click.Option) or value is None or value == param.default:
+            continue
+        if param.default is not None and not isinstance(param.default, (Path, str)) and value == param.default:
+            continue
+        flag = max(param.opts, key=len)
+        if param.is_flag:
+            words.append(flag)
+        elif param.name == "sizes":
+            words += [flag, ",".join(str(v) for v in value)]
+        else:
+            words += [flag, str(value)]
+    return shlex.join(words)
+
+
+class Session:
+    """One ``vkd bench`` invocation: options, the models + data source (resolved once,
+    when a benchmark first needs it) and the result writer."""
+
+    def __init__(self, ctx: click.Context, options: dict[str, Any]) -> None:
+        self.ctx = ctx
+        self.options = options
+        self.quick: bool = options["quick"]
+        self.out: Path = options["out_dir"]
+        self.command = command_line(ctx)
+        self._source: Any = None
+        self._machine: dict[str, Any] | None = None
+        if options.get("threads"):
+            from vkd.bench.report import set_threads
+
+            set_threads(options["threads"])
+
+    @property
+    def source(self) -> Any:
+        if self._source is None:
+            from vkd.bench.source import SourceError, resolve_source
+
+            o = self.options
+            try:
+                self._source = resolve_source(
+                    quick=self.quick, out_dir=self.out, demo_dir=o["demo_dir"], data=o["data"],
+                    teacher=o["teacher"], student=o["student"], student_raw=o["student_raw"],
+                    student_ce=o["student_ce"], int8=o["int8"], train_data=o["train_data"], images=o["images"],
+                    index=o["index_dir"], progress=_progress,
+                )
+            except SourceError as error:
+                raise click.UsageError(str(error)) from None
+            click.echo(f"models and data: {self._source.origin}"
+                       + (f" ({self._source.root})" if self._source.root else ""), err=True)
+        return self._source
+
+    def machine(self) -> dict[str, Any]:
+        from vkd.bench.report import machine_info
+
+        if self._machine is None:
+            self._machine = machine_info()
+        return self._machine
+
+    def run(self, name: str) -> list[Path]:
+        from vkd.bench.report import now_iso, write_result
+
+        click.echo(f"bench {name}{' (quick)' if self.quick else ''}", err=True)
+        started_at, start = now_iso(), time.perf_counter()
+        result = RUNNERS[name](self)
+        result.results["source"] = self.source.describe()
+        paths = write_result(self.out, result, command=self.command, quick=self.quick, started_at=started_at,
+                             duration_s=time.perf_counter() - start, machine=self.machine())
+        for path in paths:
+            click.echo(f"wrote {path}")
+        return paths
+
+
+# ---------------------------------------------------------------- the benchmarks
+
+
+def _distill(session: Session) -> Any:
+    from vkd.bench.distill import DistillSettings, run_distill_benchmark
+
+    s = session.source
+    models = {"teacher": s.teacher, "student raw": s.student_raw, "student CE-only": s.student_ce,
+              "student distilled": s.student, "student distilled INT8": str(s.int8_dir) if s.int8_dir else None}
+    settings = DistillSettings.quick() if session.quick else DistillSettings()
+    return run_distill_benchmark(models, s.test_pairs, settings=settings, progress=_progress)
+
+
+def _search(session: Session) -> Any:
+    from vkd.bench.distill import open_model
+    from vkd.bench.search import SearchSettings, encode_real, run_search_benchmark
+
+    s, o = session.source, session.options
+    settings = SearchSettings.quick() if session.quick else SearchSettings()
+    if o.get("sizes"):
+        settings.sizes = o["sizes"]
+    settings.index_type = o.get("index_type") or "auto"
+    settings.memory_budget = o.get("memory_budget")
+    _progress("search: encoding the held-out split with the student and the teacher (the real vectors)")
+    student, teacher = open_model(s.student), open_model(s.teacher)
+    real = encode_real(student, teacher, s.test_pairs, max_images=settings.quality_queries)
+    encoders = {"student (torch fp32)": student, "teacher (torch fp32)": teacher}
+    if s.int8_dir is not None:
+        encoders["student (ONNX INT8)"] = open_model(str(s.int8_dir), int8=True)
+    from vkd.data.pairs import read_pairs
+
+    texts = read_pairs(s.test_pairs).texts()[: max(settings.latency_queries, settings.batch)]
+    return run_search_benchmark(settings, real=real, encoders=encoders, encode_texts=texts, index_dir=s.index_dir,
+                                index_repeats=20 if session.quick else 100, progress=_progress,
+                                workdir=_scratch(session, "search"))
+
+
+def _export(session: Session) -> Any:
+    from vkd.bench.export import ExportSettings, run_export_benchmark
+
+    s = session.source
+    settings = ExportSettings.quick() if session.quick else ExportSettings()
+    return run_export_benchmark(s.student, s.test_pairs, workdir=_scratch(session, "export"),
+                                calibration_pairs=s.train_pairs, settings=settings, progress=_progress)
+
+
+def _index(session: Session) -> Any:
+    from vkd.bench.index import IndexSettings, run_index_benchmark
+
+    s = session.source
+    images = s.require("an image folder", s.images_dir, "pass --images DIR")
+    settings = IndexSettings.quick() if session.quick else IndexSettings()
+    return run_index_benchmark(images, s.student, teacher=s.teacher, workdir=_scratch(session, "index"),
+                               settings=settings, progress=_progress)
+
+
+def _step(session: Session) -> Any:
+    from vkd.bench.step import StepSettings, run_step_benchmark
+
+    s, o = session.source, session.options
+    train = s.require("a training pair file", s.train_pairs, "pass --train-data FILE")
+    settings = StepSettings.quick() if session.quick else StepSettings()
+    if o.get("steps"):
+        settings.steps = o["steps"]
+    if o.get("batch_size"):
+        settings.batch_size = o["batch_size"]
+    student = s.student_raw or s.student
+    return run_step_benchmark(student, s.teacher, train, workdir=_scratch(session, "step"), settings=settings,
+                              progress=_progress)
+
+
+def _scratch(session: Session, name: str) -> Path:
+    from vkd.bench.source import scratch_dir
+
+    return scratch_dir(session.out, name)
+
+
+RUNNERS: dict[str, Callable[[Session], Any]] = {
+    "distill": _distill, "search": _search, "export": _export, "index": _index, "step": _step,
+}
+
+
+# ---------------------------------------------------------------- click
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks of the whole pipeline, written as JSON + Markdown + PNG.
+
+    Each benchmark writes OUT/<name>.json (with the machine it ran on), OUT/<name>.md and
+    its plots. Models and data come from the demo (`vkd demo`), or from --data, --teacher
+    and --student; --quick builds a small demo itself when there is none.
+
+    \b
+    Examples:
+      vkd bench all --quick                        # smoke run, a few minutes on 2 cores
+      vkd bench search --sizes 10k,100k --out results
+      vkd bench distill --data flickr/test.jsonl --teacher big-clip --student out/student
+    """
+
+
+def _run_one(name: str, options: dict[str, Any]) -> None:
+    Session(click.get_current_context(), options).run(name)
+
+
+@bench.command("distill")
+@common_options
+def distill_command(**options: Any) -> None:
+    """Teacher vs raw / CE-only / distilled / INT8 students on the held-out split:
+    Recall@1/5/10 both ways, rsum, params, encode latency, retention of the teacher's R@1.
+
+    \b
+    Example:
+      vkd bench distill --out results
+      vkd bench distill --data flickr/test.jsonl --teacher big-clip --student out/student
+    """
+    _run_one("distill", options)
+
+
+@bench.command("search")
+@common_options
+@search_options
+def search_command(**options: Any) -> None:
+    """Teacher exact vs student exact vs student ANN vs two-stage (k1 100, 1000) at 10k,
+    100k and 1M vectors: Recall@10, overlap@10, latency per stage, QPS, memory, build time.
+
+    Corpora are real encoded test vectors plus structured synthetic ones (the result says so).
+
+    \b
+    Example:
+      vkd bench search --sizes 10k,100k --out results
+    """
+    _run_one("search", options)
+
+
+@bench.command("export")
+@common_options
+def export_command(**options: Any) -> None:
+    """torch fp32 vs ONNX fp32 vs ONNX INT8 (dynamic and static): latency at batch 1 and 32,
+    cosine to torch, Recall@1 change on the held-out split.
+
+    \b
+    Example:
+      vkd bench export --out results
+    """
+    _run_one("export", options)
+
+
+@bench.command("index")
+@common_options
+def index_command(**options: Any) -> None:
+    """Indexing: images/s end to end vs the encoder alone, peak memory, no-op re-run time.
+
+    \b
+    Example:
+      vkd bench index --images ./photos --student out/student --teacher big-clip --data test.jsonl
+    """
+    _run_one("index", options)
+
+
+@bench.command("step")
+@common_options
+@step_options
+def step_command(**options: Any) -> None:
+    """Seconds per distillation step: CE only, KD with the teacher cache, KD without it.
+
+    \b
+    Example:
+      vkd bench step --steps 20 --out results
+    """
+    _run_one("step", options)
+
+
+@bench.command("all")
+@common_options
+@search_options
+@step_options
+def _all_command(**options: Any) -> None:
+    """Every benchmark in turn (distill, search, export, index, step), then OUT/RESULTS.md.
+
+    A benchmark that fails is reported and the others still run; the exit status is
+    non-zero if any failed.
+
+    \b
+    Example:
+      vkd bench all --quick --out results
+    """
+    session = Session(click.get_current_context(), options)
+    failures: dict[str, str] = {}
+    for name in BENCHMARKS:
+        try:
+            session.run(name)
+        except click.UsageError:
+            raise
+        except Exception as error:  # one broken benchmark must not hide the others' figures
+            failures[name] = f"{type(error).__name__}: {error}"
+            click.echo(f"bench {name} FAILED: {failures[name]}", err=True)
+            traceback.print_exc()
+    from vkd.bench.summary import write_summary
+
+    summary = write_summary(session.out, [n for n in BENCHMARKS if n not in failures], command=session.command,
+                            failures=failures)
+    click.echo(f"wrote {summary}")
+    if failures:
+        raise click.ClickException(f"{len(failures)} benchmark(s) failed: {', '.join(failures)}")
