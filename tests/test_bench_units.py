@@ -21,7 +21,7 @@ from vkd.bench.report import (
     write_result,
 )
 from vkd.bench.search import overlap_at_k, recall_at_k
-from vkd.bench.synthetic import RealVectors, make_corpus, power_law_shares, ridge_map
+from vkd.bench.synthetic import RealVectors, make_corpus, power_law_shares, rms_spread
 from vkd.bench.timing import PeakMemory, latency_summary, qps_from_batches, throughput, time_calls
 
 # ---------------------------------------------------------------- synthetic vectors
@@ -94,13 +94,25 @@ def test_real_vectors_come_first_and_keep_their_ground_truth():
     assert "real encoded test images" in corpus.description["summary"]
 
 
-def test_ridge_map_recovers_a_linear_map():
-    rng = np.random.default_rng(0)
-    source = rng.standard_normal((200, 6))
-    mapping = rng.standard_normal((6, 3))
-    fitted, residual = ridge_map(source, source @ mapping, alpha=1e-8)
-    np.testing.assert_allclose(fitted, mapping, atol=1e-4)
-    assert residual < 1e-4
+def test_real_anchored_variants_surround_their_real_image():
+    rng = np.random.default_rng(1)
+    # real vectors in a narrow cone, as a trained model's are
+    teacher_images = 3.0 + rng.standard_normal((50, 32)).astype(np.float32)
+    student_images = 3.0 + rng.standard_normal((50, 16)).astype(np.float32)
+    real = RealVectors(student_images, teacher_images, student_images, teacher_images, np.arange(50))
+    corpus = make_corpus(2000, 20, real=real, n_clusters=50, seed=0)
+    assert corpus.description["noise_unit_teacher"] == pytest.approx(
+        rms_spread(corpus.teacher[:50].astype(np.float32)), rel=1e-3)  # float16 storage
+    synthetic_t = corpus.teacher[50:].astype(np.float32)
+    synthetic_s = corpus.student[50:]
+    # each variant's nearest real image is the same one in both spaces far more often than chance
+    nearest_t = np.argmax(synthetic_t @ corpus.teacher[:50].astype(np.float32).T, axis=1)
+    nearest_s = np.argmax(synthetic_s @ corpus.student[:50].T, axis=1)
+    assert np.mean(nearest_t == nearest_s) > 0.5
+    # variants stay inside the real cone: as close to the real mean direction as real images are
+    mean = corpus.teacher[:50].astype(np.float32).mean(axis=0)
+    mean /= np.linalg.norm(mean)
+    assert np.median(synthetic_t @ mean) > 0.8 * np.median(corpus.teacher[:50].astype(np.float32) @ mean)
 
 
 def test_corpus_rejects_bad_arguments():

@@ -66,16 +66,20 @@ def test_problems_found_when_starting_are_click_errors(tmp_path: Path, data_dir:
 def test_a_run_with_overrides(tmp_path: Path, data_dir: Path, tiny_clip: Path, tiny_clip_teacher: Path) -> None:
     config = write_config(tmp_path / "c.yaml", data_dir, tiny_clip, tiny_clip_teacher)
     out = tmp_path / "elsewhere"
-    result = CliRunner().invoke(cli, ["distill", str(config), "--set", "max_steps=2",
-                                      "--config_override", f"output_dir={out}", "temperature=3.5"])
+    result = CliRunner().invoke(cli, [
+        "distill", str(config), "--set", "max_steps=2", "--set", f"val_data_path={data_dir / 'val.jsonl'}",
+        "--config_override", f"output_dir={out}", "temperature=3.5", "eval_strategy=steps", "eval_steps=1"])
     assert result.exit_code == 0, result.output
-    assert f"model    {out / 'model'}" in result.output
+    assert f"model    {out / 'model'}" in result.output and "best     val t2i R@1" in result.output
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["temperature"] == 3.5 and saved["max_steps"] == 2
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["temperature"] for r in rows] == [3.5, 3.5]
+    assert [(r["type"], r["step"]) for r in rows] == [("train", 1), ("eval", 1), ("train", 2), ("eval", 2)]
+    assert [r["temperature"] for r in rows if r["type"] == "train"] == [3.5, 3.5]
     report = json.loads((out / "report.json").read_text())
     assert report["steps"] == 2 and report["student"]["parameters"] > 0 and report["teachers"][0]["parameters"] > 0
+    assert [v["step"] for v in report["val"]] == [1, 2] and report["best"]["step"] in (1, 2)
+    assert report["final_model"] == "best" and report["wall_time_s"] > 0
 
 
 def test_help_shows_an_example_and_imports_no_torch() -> None:

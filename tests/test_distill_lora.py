@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_images
+
 from vkd.config import DistillConfig
 from vkd.distill.lora import apply_lora, merge, resolve_targets
 from vkd.distill.trainer import distill

@@ -418,10 +418,6 @@ class DistillConfig(Config):
         if self.use_distillation and not self.loss_types:
             problems.append(("distillation_loss_type", "distillation_loss_type is empty (accepted: one or "
                              f"more of {', '.join(LOSS_TYPES)})"))
-        if self.teacher_mode == "ema" and self.teacher_cache:
-            problems.append(("teacher_cache", "teacher_cache: true cannot be used with teacher_mode: ema "
-                             "(the teacher changes during training, so stored embeddings go stale); "
-                             "set teacher_cache: false"))
         return problems
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -116,6 +117,8 @@ def _train(out_dir: Path, *, plan: DemoPlan, model: str, data: Path, val: Path, 
     from vkd.config import DistillConfig
     from vkd.distill import distill
 
+    # The demo owns its output folder: a re-run starts each model afresh rather than resuming.
+    shutil.rmtree(out_dir, ignore_errors=True)
     config = DistillConfig(
         model_name_or_path=model,
         teacher_model_name_or_path=teacher,

@@ -118,8 +118,8 @@ def _progress(message: str) -> None:
 def command_line(ctx: click.Context) -> str:
     """The command as a user would type it: the path and every option not left at its default."""
     words = ctx.command_path.split()
-    if words and words[0] != "vkd":
-        words[0] = "vkd"
+    # however it was invoked (the vkd CLI, `python -m vkd`, a script calling the group), as vkd
+    words = ["vkd", *words[words.index("bench"):]] if "bench" in words else ["vkd", "bench", *words[1:]]
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
         if not isinstance(param, click.Option) or value is None or value == param.default:
@@ -298,7 +298,7 @@ def _run_one(name: str, options: dict[str, Any]) -> None:
     Session(click.get_current_context(), options).run(name)
 
 
-@bench.command("distill")
+@bench.command("distill", short_help="Recall@K, params, latency, retention: teacher vs students.")
 @common_options
 def distill_command(**options: Any) -> None:
     """Teacher vs raw / CE-only / distilled / INT8 students on the held-out split:
@@ -312,7 +312,7 @@ def distill_command(**options: Any) -> None:
     _run_one("distill", options)
 
 
-@bench.command("search")
+@bench.command("search", short_help="Exact vs ANN vs two-stage search at 10k/100k/1M vectors.")
 @common_options
 @search_options
 def search_command(**options: Any) -> None:
@@ -328,7 +328,7 @@ def search_command(**options: Any) -> None:
     _run_one("search", options)
 
 
-@bench.command("export")
+@bench.command("export", short_help="torch vs ONNX fp32 vs ONNX INT8: latency, cosine, Recall@1.")
 @common_options
 def export_command(**options: Any) -> None:
     """torch fp32 vs ONNX fp32 vs ONNX INT8 (dynamic and static): latency at batch 1 and 32,
@@ -341,7 +341,7 @@ def export_command(**options: Any) -> None:
     _run_one("export", options)
 
 
-@bench.command("index")
+@bench.command("index", short_help="Indexing images/s vs the encoder alone, memory, re-run time.")
 @common_options
 def index_command(**options: Any) -> None:
     """Indexing: images/s end to end vs the encoder alone, peak memory, no-op re-run time.
@@ -353,7 +353,7 @@ def index_command(**options: Any) -> None:
     _run_one("index", options)
 
 
-@bench.command("step")
+@bench.command("step", short_help="Seconds per distillation step: CE, KD cached, KD uncached.")
 @common_options
 @step_options
 def step_command(**options: Any) -> None:
@@ -366,7 +366,7 @@ def step_command(**options: Any) -> None:
     _run_one("step", options)
 
 
-@bench.command("all")
+@bench.command("all", short_help="Every benchmark, then OUT/RESULTS.md.")
 @common_options
 @search_options
 @step_options

@@ -21,6 +21,7 @@ encoding is measured apart, on the real models, in the same run (``encode`` rows
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 import time
@@ -137,6 +138,7 @@ class BuiltIndex:
     bytes_on_disk: int
     resident_mib: float
     memory_method: str
+    rss_delta_mib: float
     kind: str
     factory: str
     params: dict[str, Any]
@@ -159,15 +161,16 @@ def build_and_reload(build: Callable[[], Any], workdir: Path, name: str, kind: s
     # reader memory the builder freed; heap bytes where glibc tells them, else RSS
     heap_before, rss_before = allocated_bytes(), rss_bytes()
     loaded = faiss.read_index(str(path))
-    heap_after = allocated_bytes()
+    heap_after, rss_delta = allocated_bytes(), (rss_bytes() - rss_before) / MIB
     if heap_before is not None and heap_after is not None:
         resident, how = (heap_after - heap_before) / MIB, "heap bytes allocated while loading (glibc mallinfo2)"
     else:
-        resident, how = (rss_bytes() - rss_before) / MIB, "resident-set increase while loading"
+        resident, how = rss_delta, "resident-set increase while loading (psutil)"
     del index
     size = path.stat().st_size
     path.unlink()
-    return BuiltIndex(loaded, seconds, peak.delta_bytes / MIB, size, resident, how, kind, factory, params)
+    return BuiltIndex(loaded, seconds, peak.delta_bytes / MIB, size, resident, how, rss_delta, kind, factory,
+                      params)
 
 
 def build_methods(corpus: VectorCorpus, settings: SearchSettings, workdir: Path,
@@ -211,6 +214,7 @@ def build_methods(corpus: VectorCorpus, settings: SearchSettings, workdir: Path,
         b = built[key]
         return {"kind": b.kind, "factory": b.factory, "build_s": b.build_s, "bytes_on_disk": b.bytes_on_disk,
                 "resident_mib": b.resident_mib, "memory_method": b.memory_method,
+                "load_rss_delta_mib": b.rss_delta_mib,
                 "build_peak_delta_mib": b.build_peak_delta_mib}
 
     methods = [
@@ -330,14 +334,8 @@ def measure_method(method: Method, corpus: VectorCorpus, reference: np.ndarray, 
     if with_batch:
         b = settings.batch
         n_batches = max(1, min(settings.batches, len(qs) // b))
-        batches = [(qs[i * b:(i + 1) * b], qt[i * b:(i + 1) * b]) for i in range(n_batches)]
-        position = iter(range(10**9))
-
-        def one_batch() -> None:
-            q_s, q_t = batches[next(position) % n_batches]
-            method.search(q_s, q_t, TOP_K)
-
-        timing = time_calls(one_batch, repeats=n_batches, warmup=1)
+        batches = itertools.cycle([(qs[i * b:(i + 1) * b], qt[i * b:(i + 1) * b]) for i in range(n_batches)])
+        timing = time_calls(lambda: method.search(*next(batches), TOP_K), repeats=n_batches, warmup=1)
         record[f"batch{b}"] = {
             "per_batch": timing.summary(),
             "qps": qps_from_batches(b, timing.seconds),
@@ -367,6 +365,19 @@ def measure_real_index(index_dir: str | os.PathLike[str], queries: Sequence[str]
                            repeats=repeats, device="cpu", threads=threads)
 
 
+def _text_calls(encoder: Encoder, texts: list[str], batch: int) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """Two calls for timing: encode the next text alone, and the next ``batch`` texts (cycling)."""
+    cursor = [0]
+
+    def take(count: int) -> list[str]:
+        chunk = [texts[(cursor[0] + i) % len(texts)] for i in range(count)]
+        cursor[0] += count
+        return chunk
+
+    return (lambda: encoder.encode_text(take(1), batch_size=1),
+            lambda: encoder.encode_text(take(batch), batch_size=batch))
+
+
 def measure_encoders(encoders: dict[str, Encoder], texts: Sequence[str], *, batch: int = 32,
                      repeats: int = 20, warmup: int = 3) -> list[dict[str, Any]]:
     """Query (text) encoding latency of the real models at batch 1 and ``batch``."""
@@ -375,16 +386,7 @@ def measure_encoders(encoders: dict[str, Encoder], texts: Sequence[str], *, batc
     if not texts:
         return rows
     for role, encoder in encoders.items():
-        cursor = iter(range(10**9))
-
-        def single() -> None:
-            encoder.encode_text([texts[next(cursor) % len(texts)]], batch_size=1)  # noqa: B023
-
-        def batched() -> None:
-            start = next(cursor) % len(texts)  # noqa: B023
-            chunk = (texts * (batch // len(texts) + 2))[start:start + batch]
-            encoder.encode_text(chunk, batch_size=batch)  # noqa: B023
-
+        single, batched = _text_calls(encoder, texts, batch)
         one = time_calls(single, repeats=repeats, warmup=warmup)
         many = time_calls(batched, repeats=max(3, repeats // 4), warmup=1)
         rows.append({
@@ -508,32 +510,39 @@ def real_index_markdown(real: dict[str, Any]) -> str:
 
 
 def curve_figure(results: dict[str, Any]) -> Figure:
+    """Quality against p50 latency (batch 1), one panel per corpus size: Recall@10 on top,
+    overlap@10 with the teacher below; a line per method, its points in parameter order."""
     sizes = results["sizes"]
+    metrics = (("recall@10", "Recall@10 (%)"), ("overlap@10", "overlap@10 with teacher top-10 (%)"))
 
     def draw(fig: Any) -> None:
-        axes = fig.subplots(1, len(sizes), squeeze=False)[0]
-        for ax, size in zip(axes, sizes, strict=True):
-            families: dict[str, list[tuple[float, float, str]]] = {}
+        axes = fig.subplots(len(metrics), len(sizes), squeeze=False)
+        for column, size in enumerate(sizes):
+            families: dict[str, list[tuple[float, float, float, str]]] = {}
             for m in size["methods"]:
-                point = (m["batch1"]["end_to_end"]["p50_ms"], m["quality"]["recall@10"],
-                         ",".join(f"{v}" for v in m["params"].values()))
-                families.setdefault(m["family"], []).append(point)
-            for family, points in families.items():
-                points.sort()
-                xs, ys = [p[0] for p in points], [p[1] for p in points]
-                ax.plot(xs, ys, marker="o", label=family)
-                if family in ("two-stage", "student ANN"):
-                    for x, y, label in points:
-                        if label:
-                            ax.annotate(label, (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
-            ax.set_xscale("log")
-            ax.set_xlabel("p50 latency per query, batch 1 (ms)")
-            ax.set_ylabel("Recall@10 (%)")
-            ax.set_title(f"{size['corpus_size']:,} vectors")
-            ax.grid(True, alpha=0.3)
-            ax.legend(fontsize=7)
+                for row, (key, _label) in enumerate(metrics):
+                    value = next(iter(m["params"].values()), 0)
+                    families.setdefault(f"{row}:{m['family']}", []).append(
+                        (float(value or 0), m["batch1"]["end_to_end"]["p50_ms"], m["quality"][key],
+                         str(value) if m["params"] else ""))
+            for row, (_key, label) in enumerate(metrics):
+                ax = axes[row][column]
+                for name, points in families.items():
+                    if not name.startswith(f"{row}:"):
+                        continue
+                    points.sort()
+                    ax.plot([p[1] for p in points], [p[2] for p in points], marker="o", label=name.split(":", 1)[1])
+                    for _, x, y, text in points:
+                        if text:
+                            ax.annotate(text, (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+                ax.set_xscale("log")
+                ax.set_xlabel("p50 latency per query, batch 1 (ms)")
+                ax.set_ylabel(label)
+                ax.set_title(f"{size['corpus_size']:,} vectors")
+                ax.grid(True, alpha=0.3)
+                ax.legend(fontsize=7, loc="best")
 
-    return Figure("search_recall_latency.png", draw, size=(5.0 * len(sizes), 4.2))
+    return Figure("search_recall_latency.png", draw, size=(5.0 * len(sizes), 8.0))
 
 
 def run_search_benchmark(

@@ -5,18 +5,21 @@ search benchmark searches vectors made here, optionally mixed with real encoded 
 The model is deliberately simple and stated in every result:
 
 * **The teacher space is the truth.** It has a decaying spectrum, as real embeddings do:
-  noise along direction j has variance proportional to ``(j + 1) ** -decay``, in a random
-  basis, or along the real teacher vectors' principal directions when real vectors are
-  given (noise is then also scaled to the real vectors' spread, their RMS distance from
-  their mean). Cluster centres are points on the unit sphere drawn from that spectrum (or
-  real teacher image vectors plus such noise, so synthetic items sit where real images
-  sit). Cluster sizes follow a power law: cluster k (in a random order) holds a share
-  proportional to ``(k + 1) ** -a``. An item is its centre plus noise, L2-normalised.
+  noise along direction j (of a random basis) has variance proportional to
+  ``(j + 1) ** -decay``. Cluster anchors are points on the unit sphere drawn from that
+  spectrum, or, when real vectors are given, real image vectors plus such noise, so
+  synthetic items are variants of real images. Cluster sizes follow a power law: cluster k
+  (in a random order) holds a share proportional to ``(k + 1) ** -a``. An item is its
+  anchor plus noise, L2-normalised.
 * **The student is a noisy projection of the teacher.** ``student = normalise(teacher @ M + e)``
-  with one fixed map ``M`` for the whole corpus and isotropic Gaussian ``e``: without real
-  vectors, ``M`` projects onto the teacher space's top ``student_dim`` directions and rotates
-  randomly; with real vectors, ``M`` is the ridge least-squares fit of the real student
-  vectors on the real teacher vectors (its residuals' spread then sets ``e``).
+  with one fixed map ``M`` for the whole corpus (projection onto the teacher space's top
+  ``student_dim`` directions, then a random rotation) and isotropic Gaussian ``e``. With
+  real vectors the same map carries each synthetic item's teacher-space deviation from its
+  anchor into the student space, around the anchor's real student vector:
+  ``student = normalise(anchor_student + (teacher - anchor_teacher) @ M + e)`` — which is the
+  formula above when ``anchor_student = anchor_teacher @ M``. Noise is then measured in
+  units of each space's spread (the real vectors' RMS distance from their mean), so the
+  variants sit as close to their real image as the model's own vectors are to each other.
 * **Queries are noisy copies of corpus items**, so every query has a known right answer
   (its ground truth): ``query_teacher = normalise(item_teacher + n)`` and the query's
   student vector is its own noisy projection through the same ``M``. Real queries (encoded
@@ -108,16 +111,6 @@ def power_law_shares(n_clusters: int, exponent: float, rng: np.random.Generator)
     return shares[rng.permutation(n_clusters)]
 
 
-def ridge_map(source: np.ndarray, target: np.ndarray, alpha: float = 1e-2) -> tuple[np.ndarray, float]:
-    """``M`` minimising ``|source @ M - target|² + alpha·n·|M|²`` and the residuals' per-dim std."""
-    source = np.asarray(source, dtype=np.float64)
-    target = np.asarray(target, dtype=np.float64)
-    gram = source.T @ source + alpha * len(source) * np.eye(source.shape[1])
-    mapping = np.linalg.solve(gram, source.T @ target)
-    residual = target - source @ mapping
-    return mapping.astype(np.float32), float(residual.std())
-
-
 def default_clusters(n_corpus: int) -> int:
     # about sqrt(n) clusters: 100 at 10k, 1000 at 1M, like coarse topics of a photo collection
     return int(max(16, round(np.sqrt(n_corpus))))
@@ -138,18 +131,9 @@ def spectrum_basis(teacher_dim: int, decay: float, rng: np.random.Generator) -> 
     return basis.astype(np.float32), scales.astype(np.float32)
 
 
-def real_basis(teacher_images: np.ndarray, decay: float) -> tuple[np.ndarray, np.ndarray]:
-    """The power-law scales of :func:`spectrum_basis` along the real vectors' principal directions.
-
-    The spectrum's shape stays the synthetic power law (a few hundred real images cannot
-    pin down the small variances, and the shape sets how hard search is); its directions
-    are the real ones, largest variance first, so synthetic items spread the way real images
-    do and the fitted teacher-to-student map has seen those directions.
-    """
-    centred = teacher_images - teacher_images.mean(axis=0, keepdims=True)
-    _, _, vt = np.linalg.svd(centred.astype(np.float64), full_matrices=True)
-    _, scales = spectrum_basis(teacher_images.shape[1], decay, np.random.default_rng(0))
-    return vt.astype(np.float32), scales
+def rms_spread(vectors: np.ndarray) -> float:
+    """RMS distance of the rows from their mean (about 1 for random unit vectors)."""
+    return float(np.sqrt(np.mean(np.sum((vectors - vectors.mean(axis=0)) ** 2, axis=1))))
 
 
 def top_subspace_map(basis: np.ndarray, student_dim: int, rng: np.random.Generator) -> np.ndarray:
@@ -178,27 +162,29 @@ def make_corpus(
 ) -> VectorCorpus:
     """A corpus of ``n_corpus`` rows (real ones first) and ``n_queries`` queries.
 
-    Noise levels are norms in units of the corpus spread (1 for random unit vectors; with
-    ``real``, the real teacher vectors' RMS distance from their mean), shaped by the teacher
-    space's spectrum (per-direction std = level * spread * scale_j / sqrt(dim)): ``cluster_spread`` of items
-    around their centre, ``centre_spread`` of centres around the real image they copy (real
-    vectors only), ``query_noise`` of a query around its item. ``student_noise`` is isotropic
-    noise added after the map (default 0.3; with real vectors, the ridge fit's residuals).
+    Noise levels are norms in units of each space's spread (1 for random unit vectors; with
+    ``real``, the real vectors' RMS distance from their mean), shaped in the teacher space
+    by the power-law spectrum (per-direction std = level * spread * scale_j / sqrt(dim)):
+    ``cluster_spread`` of items around their anchor, ``centre_spread`` of anchors around
+    the real image they copy (real vectors only), ``query_noise`` of a query around its item;
+    ``student_noise`` (default 0.3) is isotropic noise added in the student space after the map.
 
-    Without ``real`` the spectrum is a power law (``spectrum_decay``) in random directions and
-    the map projects onto its top ``student_dim`` directions and rotates randomly. With
-    ``real``, dims come from the real vectors, the power law lies along their principal
-    directions, the map is the ridge fit, its images are the first corpus rows and its
+    The spectrum lies in random directions; the map projects onto its top ``student_dim``
+    directions and rotates randomly. With ``real``, the dims come from the real vectors,
+    anchors are real image vectors in both spaces, the map is scaled by the ratio of the
+    student and teacher spreads, the real images are the first corpus rows and the real
     captions the first queries (at most half of ``n_queries``).
     """
     if n_corpus < 1 or n_queries < 1:
         raise ValueError(f"n_corpus={n_corpus}, n_queries={n_queries}: both must be positive")
+    noise_level = 0.3 if student_noise is None else student_noise
     for name, value in (("cluster_spread", cluster_spread), ("centre_spread", centre_spread),
-                        ("query_noise", query_noise), ("student_noise", student_noise or 0.0)):
+                        ("query_noise", query_noise), ("student_noise", noise_level)):
         if value < 0:
             raise ValueError(f"{name}={value}: a noise level cannot be negative")
     rng = np.random.default_rng([seed, 1])
     n_real = n_real_queries = 0
+    spread = student_spread = 1.0  # random unit vectors lie at RMS distance ~1 from their mean
     if real is not None:
         student_dim = real.student_images.shape[1]
         teacher_dim = real.teacher_images.shape[1]
@@ -207,28 +193,24 @@ def make_corpus(
         n_real = min(len(real.student_images), n_corpus)
         # at most half the queries are real, so both kinds are measured
         n_real_queries = min(len(real.student_texts), n_queries // 2)
-        basis, scales = real_basis(real_teacher_images, spectrum_decay)
-        # noise levels are relative to how spread the real vectors are, so synthetic items sit
-        # as far from each other as real ones do (a trained model's vectors fill a narrow cone)
-        spread = float(np.sqrt(np.mean(np.sum(
-            (real_teacher_images - real_teacher_images.mean(axis=0)) ** 2, axis=1))))
-        mapping, residual = ridge_map(real_teacher_images, real_student_images)
-        projection_noise = residual * np.sqrt(student_dim) if student_noise is None else student_noise
-        source = ("ridge least-squares fit of the real student image vectors on the real teacher image "
-                  f"vectors; noise with a power-law spectrum (decay {spectrum_decay}) along the real teacher "
-                  "vectors' principal directions")
-    else:
-        basis, scales = spectrum_basis(teacher_dim, spectrum_decay, rng)
-        spread = 1.0  # random unit vectors lie at RMS distance ~1 from their mean
-        mapping = top_subspace_map(basis, student_dim, rng)
-        projection_noise = 0.3 if student_noise is None else student_noise
-        source = (f"projection onto the {min(student_dim, teacher_dim)} highest-variance directions of the "
-                  f"teacher space (power-law spectrum, decay {spectrum_decay}, random directions), then a "
-                  "random rotation")
+        # noise relative to how spread the real vectors are: synthetic variants of a real image
+        # sit as far from it, relatively, whether the model's vectors fill the sphere or a cone
+        spread = rms_spread(real_teacher_images)
+        student_spread = rms_spread(real_student_images)
+    basis, scales = spectrum_basis(teacher_dim, spectrum_decay, rng)
+    # deviations keep their size relative to each space's spread through the map
+    mapping = top_subspace_map(basis, student_dim, rng) * np.float32(student_spread / spread)
+    projection_noise = noise_level * student_spread
+    source = (f"projection onto the {min(student_dim, teacher_dim)} highest-variance directions of the "
+              f"teacher space (power-law spectrum, decay {spectrum_decay}, random directions), then a random "
+              "rotation")
+    if real is not None:
+        source += ("; scaled by the ratio of the real student and teacher spreads and applied to each "
+                   "synthetic vector's deviation from its real anchor")
     n_synth = n_corpus - n_real
     clusters = n_clusters if n_clusters is not None else default_clusters(n_corpus)
 
-    # unit norm on average: per-direction std scale_j / sqrt(dt); float32 throughout for speed
+    # per-direction std spread * scale_j / sqrt(dt); float32 throughout for speed
     direction_std = (spread * scales / np.sqrt(teacher_dim)).astype(np.float32)
     noise_scale = np.float32(projection_noise / np.sqrt(student_dim))
 
@@ -236,15 +218,23 @@ def make_corpus(
         draws = noise_rng.standard_normal((rows, teacher_dim), dtype=np.float32)
         return (draws * direction_std) @ basis
 
-    def project(teacher: np.ndarray, noise_rng: np.random.Generator) -> np.ndarray:
+    # Every synthetic vector hangs off its cluster's anchor in both spaces: the student
+    # vector is the anchor's student vector plus the map of the teacher-space deviation,
+    # plus noise. Without real vectors the student anchor is the map of the teacher anchor,
+    # so this is just normalise(teacher @ M + e); with them it is the real image's student
+    # vector, so synthetic variants of a real image surround it in both models' spaces.
+    def project(teacher: np.ndarray, ids: np.ndarray, noise_rng: np.random.Generator) -> np.ndarray:
         noise = noise_rng.standard_normal((len(teacher), student_dim), dtype=np.float32)
-        return normalize_rows(teacher @ mapping + noise_scale * noise)
+        deviation = teacher - centres_teacher[ids]
+        return normalize_rows(centres_student[ids] + deviation @ mapping + noise_scale * noise)
 
     if real is not None:
         picks = rng.integers(0, len(real_teacher_images), size=clusters)
-        centres = normalize_rows(real_teacher_images[picks] + centre_spread * shaped_noise(rng, clusters))
+        centres_teacher = normalize_rows(real_teacher_images[picks] + centre_spread * shaped_noise(rng, clusters))
+        centres_student = real_student_images[picks] + (centres_teacher - real_teacher_images[picks]) @ mapping
     else:
-        centres = normalize_rows(shaped_noise(rng, clusters))
+        centres_teacher = normalize_rows(shaped_noise(rng, clusters))
+        centres_student = centres_teacher @ mapping
     shares = power_law_shares(clusters, size_exponent, rng)
 
     student = np.empty((n_corpus, student_dim), dtype=np.float32)
@@ -257,9 +247,10 @@ def make_corpus(
         stop = min(start + CHUNK_ROWS, n_synth)
         chunk_rng = np.random.default_rng([seed, 2, chunk])
         ids = chunk_rng.choice(clusters, size=stop - start, p=shares)
-        items = normalize_rows(centres[ids] + np.float32(cluster_spread) * shaped_noise(chunk_rng, stop - start))
+        items = normalize_rows(centres_teacher[ids]
+                               + np.float32(cluster_spread) * shaped_noise(chunk_rng, stop - start))
         teacher[n_real + start:n_real + stop] = items
-        student[n_real + start:n_real + stop] = project(items, chunk_rng)
+        student[n_real + start:n_real + stop] = project(items, ids, chunk_rng)
         assignment[start:stop] = ids
 
     query_rng = np.random.default_rng([seed, 3])
@@ -278,12 +269,12 @@ def make_corpus(
         raise ValueError(f"n_corpus={n_corpus} holds only real vectors, so {n_synth_queries} synthetic "
                          "queries have no item to copy; raise n_corpus or lower n_queries")
     if n_synth_queries:
-        targets = n_real + query_rng.choice(n_synth, size=n_synth_queries, replace=n_synth_queries > n_synth)
-        queries = normalize_rows(teacher[targets].astype(np.float32)
+        targets = query_rng.choice(n_synth, size=n_synth_queries, replace=n_synth_queries > n_synth)
+        queries = normalize_rows(teacher[n_real + targets].astype(np.float32)
                                  + query_noise * shaped_noise(query_rng, n_synth_queries))
         query_teacher[n_real_queries:] = queries
-        query_student[n_real_queries:] = project(queries, query_rng)
-        ground_truth[n_real_queries:] = targets
+        query_student[n_real_queries:] = project(queries, assignment[targets], query_rng)
+        ground_truth[n_real_queries:] = n_real + targets
 
     sizes = np.bincount(assignment, minlength=clusters) if n_synth else np.zeros(clusters, dtype=np.int64)
     description = {
@@ -306,8 +297,9 @@ def make_corpus(
         "cluster_spread": cluster_spread,
         "centre_spread": centre_spread if real is not None else None,
         "query_noise": query_noise,
-        "student_noise": float(projection_noise),
-        "noise_unit": spread,
+        "student_noise": noise_level,
+        "noise_unit_teacher": spread,
+        "noise_unit_student": student_spread,
         "teacher_to_student_map": source,
         "teacher_dtype": "float16",
     }
@@ -321,19 +313,19 @@ def describe_model(with_real: bool) -> str:
     base = (
         "Synthetic vectors, not encoded images: a mixture of Gaussian clusters on the unit sphere of the "
         "teacher space with power-law cluster sizes (share of cluster k proportional to (k+1)^-a) and "
-        "noise shaped by a decaying spectrum; the teacher space is the truth and each student vector is a "
-        "noisy projection of its teacher vector through one fixed map plus Gaussian noise, L2-normalised; "
+        "noise shaped by a decaying spectrum (variance of direction j proportional to (j+1)^-decay); the "
+        "teacher space is the truth and each student vector is a noisy projection of its teacher vector "
+        "through one fixed map (onto the top student-dimension directions, then a random rotation) plus "
+        "Gaussian noise, L2-normalised; "
         "queries are noisy copies of corpus items, whose row is the query's ground truth."
     )
     if with_real:
         return base + (
             " The corpus also holds the real encoded test images (student and teacher vectors) and the "
-            "queries include the real encoded captions with their images as ground truth; cluster centres "
-            "are real teacher image vectors plus noise, the spectrum lies along the real vectors' principal "
-            "directions and is scaled to their spread, and the map is the ridge least-squares fit of the real "
-            "student vectors on the real teacher vectors."
+            "queries include the real encoded captions with their images as ground truth. Cluster anchors "
+            "are real images: each synthetic vector is a variant of one, its teacher vector the real teacher "
+            "vector plus noise and its student vector the real student vector plus the projected teacher "
+            "deviation plus noise, with noise in units of each space's spread (RMS distance of the real "
+            "vectors from their mean)."
         )
-    return base + (
-        " No real vectors were available: the spectrum is a power law in random directions and the map "
-        "projects onto its top student-dimension directions, then rotates randomly."
-    )
+    return base + " No real vectors were available: every vector is synthetic."

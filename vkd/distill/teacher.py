@@ -123,24 +123,25 @@ class TeacherCache:
             return 0
         existing = self._read()  # again: another run may have added rows since we loaded
         known = set(existing.column("sample_id").to_pylist()) if existing is not None else set()
-        ids, texts, images = [], [], []
-        for part_ids, text, image in pending:
-            for sid, t, i in zip(part_ids, text, image, strict=True):
-                if sid not in known:
-                    known.add(sid)
-                    ids.append(sid)
-                    texts.append(t)
-                    images.append(i)
-        if not ids:
+        all_ids = [sid for part_ids, _, _ in pending for sid in part_ids]
+        keep = []
+        for row, sid in enumerate(all_ids):
+            if sid not in known:
+                known.add(sid)
+                keep.append(row)
+        if not keep:
             return 0
+        ids = [all_ids[row] for row in keep]
+        texts = np.concatenate([text for _, text, _ in pending])[keep]
+        images = np.concatenate([image for _, _, image in pending])[keep]
         meta = {"format": CACHE_FORMAT, "version": str(CACHE_VERSION), "fingerprint": self.fingerprint,
                 "teacher": self.teacher, "dim": str(self.dim), "logit_scale": repr(self.logit_scale)}
         vector = pa.list_(pa.float32(), self.dim)
         schema = pa.schema([("sample_id", pa.string()), ("text", vector), ("image", vector)], metadata=meta)
         new = pa.table({
             "sample_id": pa.array(ids, pa.string()),
-            "text": _fixed_list(np.stack(texts), self.dim),
-            "image": _fixed_list(np.stack(images), self.dim),
+            "text": _fixed_list(texts, self.dim),
+            "image": _fixed_list(images, self.dim),
         }, schema=schema)
         table = new if existing is None else pa.concat_tables([existing.replace_schema_metadata(meta), new])
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -265,30 +266,26 @@ class EmaTeacher:
                 "updates": self.updates}
 
 
-def load_teachers(
+def make_teachers(
+    encoders: Sequence[TorchEncoder],
+    *,
     names: Sequence[str],
     weights: Sequence[float] | None,
-    *,
-    device: torch.device,
-    dtype: Any = None,
     cache_dir: str | os.PathLike[str] | None,
-    encoder_options: Any = None,
 ) -> list[Teacher]:
-    """Open each teacher (``load_encoder``), frozen, with its cache when ``cache_dir`` is given.
-
-    ``encoder_options(family) -> dict`` gives extra ``load_encoder`` options per model family.
-    """
-    from vkd.models import detect_family, load_encoder
-
+    """The frozen part of the ensemble: one ``Teacher`` per encoder, each with its weight
+    (equal without ``weights``) and, when ``cache_dir`` is given, its cache file there."""
+    if weights is not None and len(weights) != len(encoders):
+        raise ValueError(f"teacher_weights has {len(weights)} entries for {len(encoders)} teachers; "
+                         "give one weight per teacher")
     teachers = []
-    for k, name in enumerate(names):
-        options = encoder_options(detect_family(name)) if encoder_options else {}
-        encoder = load_encoder(name, device=device, dtype=dtype, **options)
+    for k, encoder in enumerate(encoders):
         cache = None
         if cache_dir is not None:
             cache = TeacherCache(cache_dir, fingerprint=encoder.fingerprint, dim=encoder.dim,
-                                 logit_scale=float(encoder.logit_scale), teacher=str(name))
-        teachers.append(Teacher(encoder, weight=float(weights[k]) if weights else 1.0, cache=cache, name=str(name)))
+                                 logit_scale=float(encoder.logit_scale), teacher=encoder.name)
+        teachers.append(Teacher(encoder, weight=float(weights[k]) if weights else 1.0, cache=cache,
+                                name=names[k] if k < len(names) else encoder.name))
     return teachers
 
 

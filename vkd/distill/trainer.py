@@ -57,7 +57,7 @@ from vkd.distill.data import Collator, epoch_batches, make_loader, steps_per_epo
 from vkd.distill.gradcache import all_reduce_gradients, cached_step
 from vkd.distill.lora import apply_lora, merge, save_adapter
 from vkd.distill.losses import DistillationLoss, LossOutput, TeacherOutput, gather_with_local_grad
-from vkd.distill.teacher import EmaTeacher, Teacher, TeacherCache, cache_summary
+from vkd.distill.teacher import EmaTeacher, Teacher, cache_summary, make_teachers
 from vkd.models.base import TorchEncoder
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
@@ -162,6 +162,7 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
+        self._started = time.perf_counter()
         self.config = config = config if isinstance(config, DistillConfig) else load_config(config)
         # cpu=True on machines without CUDA: several processes started by torchrun (or
         # `accelerate launch --multi_gpu`) then form a gloo group instead of staying apart.
@@ -229,6 +230,7 @@ class Trainer:
         self.best: dict[str, Any] | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
         self.last_global_batch = 0
+        self.last_lr = 0.0
         self._scheduler_state: dict[str, Any] | None = None
         self._saved_step = -1
         self._window: list[LossOutput] = []
@@ -265,23 +267,12 @@ class Trainer:
 
     def _teachers(self, encoders: Sequence[TorchEncoder] | None) -> list[Teacher]:
         config = self.config
-        names = config.teachers
         if encoders is None:
-            encoders = [self._load(name) for name in names]
-        elif config.teacher_weights is not None and len(config.teacher_weights) != len(encoders):
-            raise ValueError(f"teacher_weights has {len(config.teacher_weights)} entries for "
-                             f"{len(encoders)} teachers; give one weight per teacher")
-        cache_dir = Path(config.teacher_cache_dir) if config.teacher_cache_dir else self.out / "teacher_cache"
-        teachers = []
-        for k, encoder in enumerate(encoders):
-            cache = None
-            if config.teacher_cache:
-                cache = TeacherCache(cache_dir, fingerprint=encoder.fingerprint, dim=encoder.dim,
-                                     logit_scale=float(encoder.logit_scale), teacher=encoder.name)
-            weight = config.teacher_weights[k] if config.teacher_weights else 1.0
-            teachers.append(Teacher(encoder, weight=float(weight), cache=cache,
-                                    name=names[k] if k < len(names) else encoder.name))
-        return teachers
+            encoders = [self._load(name) for name in config.teachers]
+        cache_dir = None
+        if config.teacher_cache:
+            cache_dir = Path(config.teacher_cache_dir) if config.teacher_cache_dir else self.out / "teacher_cache"
+        return make_teachers(encoders, names=config.teachers, weights=config.teacher_weights, cache_dir=cache_dir)
 
     def _broadcast_initial_weights(self) -> None:
         # Without DDP nothing else makes the ranks start from the same weights; the seed
@@ -339,6 +330,7 @@ class Trainer:
             output.total.backward()
             output = LossOutput(output.total.detach(), output.parts)
         self._reduce_gradients()
+        self.last_lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
@@ -380,7 +372,6 @@ class Trainer:
 
     def train(self) -> DistillResult:
         """Run (or continue) every stage, then write the outputs."""
-        started = time.perf_counter()
         self._resume()
         self._open_outputs()
         progress = tqdm(total=self.total_steps, initial=self.global_step, desc="distill", unit="step",
@@ -395,7 +386,7 @@ class Trainer:
         progress.close()
         if self._saved_step != self.global_step:
             self.save_checkpoint()
-        return self._finish(time.perf_counter() - started)
+        return self._finish(time.perf_counter() - self._started)
 
     def _collator(self) -> Collator:
         # Snapshot of each cache for this epoch: rows outside it are prepared for the teacher.
@@ -422,7 +413,7 @@ class Trainer:
             if config.eval_strategy == "steps" and self.global_step % config.eval_steps == 0:
                 self.evaluate(stage)
             if self.step_in_epoch == self.steps_per_epoch:
-                self._flush_caches()
+                self.flush_teacher_caches()
                 self.epoch += 1
                 self.step_in_epoch = 0
                 if config.eval_strategy == "epoch":
@@ -465,7 +456,7 @@ class Trainer:
         window, self._window = self._window, []
         row: dict[str, Any] = {
             "type": "train", "step": self.global_step, "epoch": self._epoch_float(), "stage": stage.index,
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": self.last_lr,
             "loss": float(torch.stack([o.total for o in window]).float().mean()),
         }
         for name in window[-1].parts:
@@ -511,7 +502,8 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------
 
-    def _flush_caches(self) -> None:
+    def flush_teacher_caches(self) -> None:
+        """Write new teacher-cache rows (collective: every process calls it)."""
         for teacher in self.teachers:
             if teacher.cache is not None:
                 teacher.cache.flush()
@@ -525,7 +517,7 @@ class Trainer:
         ``ema`` and ``best`` weights, ``optimizer.pt``, ``scheduler.pt``, ``rng-<rank>.pt`` and
         ``trainer_state.json`` (step, epoch and position in it, evaluations, best). Written under
         a temporary name and renamed, so a listed checkpoint is complete."""
-        self._flush_caches()  # a resumed run then finds this run's teacher rows
+        self.flush_teacher_caches()  # a resumed run then finds this run's teacher rows
         final = self.out / "checkpoints" / f"step-{self.global_step:06d}"
         temporary = final.with_name(final.name + ".tmp")
         if self.is_main:
