@@ -66,6 +66,11 @@ def test_full_run_without_a_demo_says_what_to_do(tmp_path, monkeypatch):
     assert "vkd demo" in result.output and "--quick" in result.output
 
 
+def test_an_unfinished_demo_dir_is_an_error_even_when_quick(tmp_path):
+    with pytest.raises(SourceError, match="vkd demo --out"):
+        resolve_source(quick=True, out_dir=tmp_path / "out", demo_dir=tmp_path / "empty")
+
+
 def test_source_needs_data_teacher_and_student_together(tmp_path):
     with pytest.raises(SourceError, match="missing --teacher, --student"):
         resolve_source(quick=False, out_dir=tmp_path, data=tmp_path / "test.jsonl")
@@ -117,7 +122,7 @@ def test_search_benchmark_on_small_corpora(tmp_path):
     data = read_result(paths[0])
     assert data["results"]["synthetic"] is True and data["results"]["real_vectors"] is False
     assert "Synthetic vectors, not encoded images" in data["results"]["vectors"]
-    assert any("synthetic vectors" in note for note in data["notes"])
+    assert any(note.startswith("Synthetic vectors, not encoded images") for note in data["notes"])
     markdown = (tmp_path / "out" / "search.md").read_text()
     assert "Synthetic vectors, not encoded images" in markdown
     assert [s["corpus_size"] for s in data["results"]["sizes"]] == [1000, 2000]
@@ -144,8 +149,10 @@ def test_summary_and_publish(tmp_path):
     out.mkdir()
     (out / "a.md").write_text("## a\n\n![plot](a.png)\n")
     (out / "a.png").write_bytes(b"\x89PNG\r\n\x1a\nfake")
-    summary = write_summary(out, ["a", "missing"], command="vkd bench all", failures={"b": "ValueError: x"})
+    summary = write_summary(out, ["a", "missing"], command="vkd bench all", failures={"b": "ValueError: x"},
+                            source="demo (/d)")
     text = summary.read_text()
+    assert "Models and data: demo (/d)." in text
     assert "`vkd bench all`" in text and "## a" in text and "FAILED: ValueError: x" in text
     published = publish(out, tmp_path / "benchmarks")
     assert "![plot](figures/a.png)" in published.read_text()
@@ -168,3 +175,7 @@ def test_command_line_records_non_default_options(tmp_path):
 
     CliRunner().invoke(probe, ["--quick", "--out", str(tmp_path)], prog_name="vkd bench search")
     assert seen["line"] == f"vkd bench search --quick --out {tmp_path}"
+    CliRunner().invoke(probe, [], prog_name="vkd bench search")
+    assert seen["line"] == "vkd bench search"  # defaults are not repeated, a flag left off is not shown
+    CliRunner().invoke(probe, ["--out", "results"], prog_name="bench all")
+    assert seen["line"] == "vkd bench all --out results"

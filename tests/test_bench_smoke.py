@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from vkd.bench.commands import BENCHMARKS, bench
 from vkd.bench.report import MACHINE_KEYS, REQUIRED_KEYS, read_result
+from vkd.bench.source import QUICK_DEMO
 
 # keys each benchmark's "results" must hold
 RESULT_KEYS = {
@@ -50,7 +51,7 @@ def test_bench_all_quick_from_nothing(tmp_path, monkeypatch):
         assert set(REQUIRED_KEYS) <= set(data) and set(MACHINE_KEYS) <= set(data["machine"])
         assert data["benchmark"] == name and data["quick"] is True
         assert data["command"].startswith("vkd bench all --quick")
-        assert data["results"]["source"]["origin"] == "demo (quick, built for this run)"
+        assert data["results"]["source"]["origin"] == QUICK_DEMO
         for key in RESULT_KEYS[name]:
             assert key in data["results"], f"{name}.json lacks results.{key}"
         found = list(numbers(data["results"], name))

@@ -116,22 +116,25 @@ def _progress(message: str) -> None:
 
 
 def command_line(ctx: click.Context) -> str:
-    """The command as a user would type it: the path and every option not left at its default."""
+    """The command as a user would type it: the path and every option given on the command line."""
+    from click.core import ParameterSource
+
     words = ctx.command_path.split()
     # however it was invoked (the vkd CLI, `python -m vkd`, a script calling the group), as vkd
     words = ["vkd", *words[words.index("bench"):]] if "bench" in words else ["vkd", "bench", *words[1:]]
     for param in ctx.command.params:
+        if not isinstance(param, click.Option) or param.name is None:
+            continue
+        if ctx.get_parameter_source(param.name) not in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
+            continue
         value = ctx.params.get(param.name)
-        if not isinstance(param, click.Option) or value is None or value == param.default:
-            continue
-        if param.default is not None and not isinstance(param.default, (Path, str)) and value == param.default:
-            continue
         flag = max(param.opts, key=len)
         if param.is_flag:
-            words.append(flag)
+            if value:
+                words.append(flag)
         elif param.name == "sizes":
             words += [flag, ",".join(str(v) for v in value)]
-        else:
+        elif value is not None:
             words += [flag, str(value)]
     return shlex.join(words)
 
@@ -393,8 +396,12 @@ def _all_command(**options: Any) -> None:
             traceback.print_exc()
     from vkd.bench.summary import write_summary
 
+    source = session.source
+    where = {"demo": f"the output of `vkd demo` in {source.root}",
+             "given": f"given on the command line (held-out pairs {source.test_pairs})"}.get(
+        source.origin, f"{source.origin} in {source.root}")
     summary = write_summary(session.out, [n for n in BENCHMARKS if n not in failures], command=session.command,
-                            failures=failures)
+                            failures=failures, source=where)
     click.echo(f"wrote {summary}")
     if failures:
         raise click.ClickException(f"{len(failures)} benchmark(s) failed: {', '.join(failures)}")

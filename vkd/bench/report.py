@@ -223,8 +223,8 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *,
 def machine_line(machine: Mapping[str, Any]) -> str:
     libs = ", ".join(f"{k} {v}" for k, v in machine.get("libraries", {}).items() if v)
     threads = ", ".join(f"{k} {v}" for k, v in machine.get("threads", {}).items() if v is not None)
-    return (f"{machine.get('cpu_model')}, {machine.get('physical_cores')} cores / "
-            f"{machine.get('logical_cores')} threads (used: {threads}), "
+    return (f"{machine.get('cpu_model')}, {machine.get('physical_cores')} physical cores, "
+            f"{machine.get('logical_cores')} logical CPUs (threads used: {threads}), "
             f"{machine.get('memory_total_gib', 0):.1f} GiB; Python {machine.get('python')}; {libs}")
 
 

@@ -592,7 +592,7 @@ def run_search_benchmark(
         "real_index": real_index,
     }
     notes = [
-        f"Corpora are synthetic vectors, not encoded images. {vectors}",
+        vectors,
         "Query vectors are given to the search; query encoding costs are measured separately on the "
         "real models in the same run (table 'Query encoding'). A full query costs the student encode, "
         "plus the teacher encode for two-stage, plus the search time.",

@@ -8,8 +8,8 @@ images — from, in order of precedence:
    pair file works, e.g. Flickr30k's test split);
 2. the demo's output directory (``vkd demo``; ``vkd.paths.default_demo_dir()`` unless
    ``--demo-dir`` says otherwise);
-3. with ``--quick`` only: the demo run in quick mode into the results folder, so a smoke
-   run needs nothing prepared.
+3. with ``--quick`` only: the demo run in quick mode into ``OUT/.work/demo-quick`` (and
+   reused from there), so a smoke run needs nothing prepared.
 
 Without any of them a full run stops and says to run ``vkd demo`` first (or pass ``--quick``).
 """
@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+QUICK_DEMO = "quick demo built by vkd bench"
+
 
 class SourceError(ValueError):
     """The models or data a benchmark needs are not there; the message says how to get them."""
@@ -29,7 +31,7 @@ class SourceError(ValueError):
 
 @dataclass
 class BenchSource:
-    origin: str  # "given", "demo" or "demo (quick, built for this run)"
+    origin: str  # "given", "demo" or QUICK_DEMO
     root: Path | None
     teacher: str
     student: str  # the distilled student: what search, export and index use
@@ -225,9 +227,12 @@ def resolve_source(
         demo = Path(demo_dir) if demo_dir is not None else default_demo_dir()
         if demo_complete(demo):
             source = demo_source(demo, quick=quick)
+        elif demo_dir is not None:
+            raise SourceError(f"--demo-dir {demo_dir}: no finished demo there (no results.json); run "
+                              f"`vkd demo --out {demo_dir}` first, or leave --demo-dir out")
         elif quick:
             source = demo_source(build_quick_demo(workdir / "demo-quick", progress), quick=True,
-                                 origin="demo (quick, built for this run)")
+                                 origin=QUICK_DEMO)
         else:
             raise SourceError(
                 f"no demo output in {demo}: run `vkd demo` first (a few minutes on a CPU), pass --demo-dir "

@@ -17,8 +17,9 @@ _IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
 
 
 def write_summary(out_dir: str | os.PathLike[str], names: Sequence[str], *, command: str,
-                  failures: Mapping[str, str] | None = None) -> Path:
-    """Concatenate ``<name>.md`` of ``names`` into ``OUT/RESULTS.md``; list ``failures``."""
+                  failures: Mapping[str, str] | None = None, source: str | None = None) -> Path:
+    """Concatenate ``<name>.md`` of ``names`` into ``OUT/RESULTS.md``; list ``failures``;
+    ``source`` says where the models and data came from."""
     out = Path(out_dir)
     parts = [
         "# vkd benchmark results",
@@ -27,6 +28,8 @@ def write_summary(out_dir: str | os.PathLike[str], names: Sequence[str], *, comm
         "(`<name>.json` beside this file) holds the raw numbers and the machine.",
         "",
     ]
+    if source:
+        parts += [f"Models and data: {source}.", ""]
     for name in names:
         path = out / f"{name}.md"
         if path.is_file():
