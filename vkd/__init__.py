@@ -6,14 +6,14 @@ transformers load only when a model is touched).
 
 from __future__ import annotations
 
-import importlib
 import os
 
 # torch and faiss each bring an OpenMP runtime; with the default active wait policy their
 # idle threads spin against each other and a tiny model's forward pass became ~300x slower.
 # It only takes effect if set before either library loads, hence here, first.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-from typing import Any
+
+from vkd._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -34,12 +34,4 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = sorted(_EXPORTS)
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'vkd' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -6,8 +6,9 @@ Names are imported on first use so that ``vkd --help`` (which looks up
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from vkd._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "Pair": "vkd.data.pairs",
@@ -34,12 +35,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from vkd.data.pairs import Pair, PairFileError, PairSet, read_pairs, sample_id_for, write_pairs
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'vkd.data' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

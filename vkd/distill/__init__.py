@@ -7,8 +7,9 @@ does not import torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from vkd._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "distill": "vkd.distill.trainer",
@@ -41,12 +42,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from vkd.distill.trainer import DistillResult, Trainer, distill, latest_checkpoint
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'vkd.distill' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -7,8 +7,9 @@ Names are imported on first use so that ``vkd index --help`` does not load pyarr
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from vkd._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "BuildResult": "vkd.indexer.build",
@@ -49,12 +50,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from vkd.indexer.verify import verify_index
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'vkd.indexer' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
