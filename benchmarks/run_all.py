@@ -19,6 +19,17 @@ from vkd.bench.summary import publish
 HERE = Path(__file__).resolve().parent
 
 
+def out_dir(argv: list[str]) -> Path:
+    """The --out that `vkd bench all` wrote to, given as `--out DIR` or `--out=DIR`."""
+    out = DEFAULT_OUT
+    for position, arg in enumerate(argv):
+        if arg == "--out" and position + 1 < len(argv):
+            out = Path(argv[position + 1])
+        elif arg.startswith("--out="):
+            out = Path(arg.removeprefix("--out="))
+    return out
+
+
 def main(argv: list[str]) -> int:
     try:
         bench.main(["all", *argv], prog_name="vkd bench", standalone_mode=False)
@@ -33,10 +44,7 @@ def main(argv: list[str]) -> int:
     if "--quick" in argv:
         print("quick run: benchmarks/RESULTS.md left as it is (it records full runs only)")
         return 0
-    out = DEFAULT_OUT
-    if "--out" in argv:
-        out = Path(argv[argv.index("--out") + 1])
-    print(f"published {publish(out, HERE)}")
+    print(f"published {publish(out_dir(argv), HERE)}")
     return 0
 
 

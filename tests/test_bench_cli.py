@@ -179,3 +179,18 @@ def test_command_line_records_non_default_options(tmp_path):
     assert seen["line"] == "vkd bench search"  # defaults are not repeated, a flag left off is not shown
     CliRunner().invoke(probe, ["--out", "results"], prog_name="bench all")
     assert seen["line"] == "vkd bench all --out results"
+
+
+def test_run_all_publishes_from_the_out_given_either_way():
+    import importlib.util
+
+    from vkd.bench.commands import DEFAULT_OUT
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "run_all.py"
+    spec = importlib.util.spec_from_file_location("run_all", script)
+    run_all = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_all)
+    assert run_all.out_dir(["--sizes", "10000"]) == Path(DEFAULT_OUT)
+    assert run_all.out_dir(["--out", "r1"]) == Path("r1")
+    # `--out=DIR` is what click also accepts; publishing from DEFAULT_OUT then would copy a stale run
+    assert run_all.out_dir(["--out=r2", "--threads", "2"]) == Path("r2")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -138,7 +139,6 @@ def test_cached_step_accepts_a_plain_tensor_loss_and_enters_no_sync_for_all_but_
 
 def _ddp_worker(rank: int, world: int, init_file: str) -> None:
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -161,23 +161,35 @@ def _ddp_worker(rank: int, world: int, init_file: str) -> None:
         all_reduce_gradients(s.parameters())
         assert_grads_close(s.grads(), expected)
 
-        # 2) both towers in one DDP module, synchronised at the last backward only
-        towers = nn.ModuleDict({"text": s.text, "image": s.image})
-
-        class Both(nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.towers = towers
-
-            def forward(self, kind: str, chunk: dict) -> torch.Tensor:
-                return self.towers[kind](chunk)
-
-        ddp = DistributedDataParallel(Both(), find_unused_parameters=True)
-        cached_step(lambda c: ddp("text", c), lambda c: ddp("image", c), s.chunks(s.text_x[local], (3, 1)),
-                    s.chunks(s.image_x[local], (2, 2)), loss_fn, no_sync=ddp.no_sync)
-        assert_grads_close([p.grad for p in (*s.text.parameters(), *s.image.parameters())], expected[:n_tower])
+        # 2) both towers in one DDP module, synchronised at the last backward only. It runs in a
+        # function of its own so that DDP's reducer (kept alive by the autograd hooks it puts on
+        # the parameters) is unreachable and collected before the process group goes; otherwise
+        # a rank can abort at exit ("terminate called without an active exception").
+        _ddp_route(s, local, loss_fn, expected[:n_tower])
+        s = None  # the towers' parameters carry the reducer's hooks
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _ddp_route(s: Setup, local: slice, loss_fn, expected: list[torch.Tensor]) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    towers = nn.ModuleDict({"text": s.text, "image": s.image})
+
+    class Both(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.towers = towers
+
+        def forward(self, kind: str, chunk: dict) -> torch.Tensor:
+            return self.towers[kind](chunk)
+
+    ddp = DistributedDataParallel(Both(), find_unused_parameters=True)
+    cached_step(lambda c: ddp("text", c), lambda c: ddp("image", c), s.chunks(s.text_x[local], (3, 1)),
+                s.chunks(s.image_x[local], (2, 2)), loss_fn, no_sync=ddp.no_sync)
+    assert_grads_close([p.grad for p in (*s.text.parameters(), *s.image.parameters())], expected)
 
 
 @pytest.mark.slow

@@ -115,3 +115,20 @@ def test_cli_help_is_fast_and_lists_commands() -> None:
     assert out.strip() == "[]", "the CLI entry point must not import torch or transformers"
     result = CliRunner().invoke(cli, ["--help"])
     assert result.exit_code == 0 and "distill" in result.output and "vkd demo" in result.output
+
+
+@pytest.mark.parametrize("args", [["--help"], ["model", "--help"], ["data", "--help"], ["data", "synth", "--help"]])
+def test_help_paths_load_no_heavy_library(args: list[str]) -> None:
+    # Listing the commands used to import every part's package (and numpy, PIL, pyarrow with it).
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom vkd.cli import cli\n"
+        f"try:\n    cli({args!r}, prog_name='vkd')\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'numpy', 'PIL', 'pyarrow') if m in sys.modules), "
+        "file=sys.stderr)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "Usage: vkd" in done.stdout
+    assert done.stderr.strip().splitlines()[-1] == "[]"

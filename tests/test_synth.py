@@ -12,7 +12,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from vkd.data.synth import SPLITS, choose_heldout, generate, synth_command
+from vkd.data.commands import synth_command
+from vkd.data.synth import SPLITS, choose_heldout, generate
 
 N, SIZE, TEST_FRAC = 60, 32, 0.3
 

@@ -7,9 +7,11 @@ invoked: ``vkd --help`` must not pay for torch, transformers or peft.
 from __future__ import annotations
 
 import importlib
-import importlib.util
+from pathlib import Path
 
 import click
+
+import vkd
 
 # command name -> "module:attribute"; the modules import their heavy dependencies lazily too.
 COMMANDS: dict[str, str] = {
@@ -45,12 +47,12 @@ class LazyGroup(click.Group):
 
     @staticmethod
     def _available(name: str) -> bool:
-        # Parts not built yet (or removed from a slim install) drop out of the listing.
-        module = COMMANDS[name].split(":")[0]
-        try:
-            return importlib.util.find_spec(module) is not None
-        except ModuleNotFoundError:
-            return False
+        # Parts not built yet (or removed from a slim install) drop out of the listing. Looked
+        # up as files: importlib.util.find_spec would import each parent package, and so
+        # whatever its __init__ imports, just to list the commands.
+        parts = COMMANDS[name].split(":")[0].split(".")[1:]
+        path = Path(vkd.__file__).parent.joinpath(*parts)
+        return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         target = COMMANDS.get(name)

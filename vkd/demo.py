@@ -161,11 +161,8 @@ def _measure(name: str, encoder: Any, test: Any, params: int, path: Path) -> tup
     return row, metrics
 
 
-def _two_stage_row(index_dir: Path, test: Any, teacher_params: int, student_params: int) -> tuple[Row, dict]:
+def _two_stage_row(retriever: Any, test: Any, teacher_params: int, student_params: int) -> tuple[Row, dict]:
     """Text → image recall of the search pipeline itself: student ANN top-1000 → teacher rerank."""
-    from vkd.retrieval import Retriever
-
-    retriever = Retriever(index_dir, candidates=1000, prefer="onnx")
     by_path = {str(Path(p).resolve()): i for i, p in enumerate(test.images())}
     ranks = []
     texts = test.texts()
@@ -182,8 +179,8 @@ def _two_stage_row(index_dir: Path, test: Any, teacher_params: int, student_para
         return 100.0 * sum(1 for r in ranks if r is not None and r <= k) / len(ranks)
 
     row = Row("Two-stage (student top-1000 → teacher)", recall(1), recall(5), recall(10),
-              teacher_params + student_params, None, str(index_dir))
-    return row, {"ms_per_query": ms_per_query, "candidates": 1000, "corpus": len(test.images())}
+              teacher_params + student_params, None, str(retriever.index.path))
+    return row, {"ms_per_query": ms_per_query, "candidates": retriever.candidates, "corpus": len(test.images())}
 
 
 def format_table(rows: Sequence[Row], teacher_r1: float) -> str:
@@ -283,13 +280,14 @@ def run_demo(out_dir: str | os.PathLike[str] | None = None, *, quick: bool = Fal
     _step(7, "Searching")
     t = time.perf_counter()
     retriever = Retriever(out / "index", candidates=1000, prefer="onnx")
+    captions = _captions(test_pairs)
     examples = {}
     for query in searches:
         hits = retriever.search(query, k=3)
         examples[query] = [hit.to_dict() for hit in hits]
         click.echo(f'  "{query}"')
         for hit in hits:
-            caption = _caption_of(test_pairs, hit.path)
+            caption = captions.get(str(Path(hit.path).resolve()), "?")
             click.echo(f"    {hit.rank}. {hit.score:.3f}  {Path(hit.path).name}  ({caption})")
     lap("search", t)
 
@@ -309,7 +307,7 @@ def run_demo(out_dir: str | os.PathLike[str] | None = None, *, quick: bool = Fal
     onnx_student = load_encoder(kd_dir, prefer="onnx")
     rows["kd_int8"], metrics["kd_int8"] = _measure("Student (distilled, ONNX INT8)", onnx_student, test,
                                                    rows["kd"].params, kd_dir / "onnx")
-    rows["two_stage"], metrics["two_stage"] = _two_stage_row(out / "index", test, rows["teacher"].params,
+    rows["two_stage"], metrics["two_stage"] = _two_stage_row(retriever, test, rows["teacher"].params,
                                                              rows["kd"].params)
     lap("measure", t)
     timings["total"] = round(time.perf_counter() - started, 1)
@@ -338,20 +336,14 @@ def run_demo(out_dir: str | os.PathLike[str] | None = None, *, quick: bool = Fal
     return results
 
 
-def _caption_of(pairs_path: Path, image_path: str) -> str:
-    """The first caption of an image, for showing what a hit is."""
-    cache = _CAPTIONS.get(pairs_path)
-    if cache is None:
-        cache = {}
-        for line in pairs_path.read_text().splitlines():
-            record = json.loads(line)
-            texts = record["text"] if isinstance(record["text"], list) else [record["text"]]
-            cache[str((pairs_path.parent / record["image"]).resolve())] = texts[0]
-        _CAPTIONS[pairs_path] = cache
-    return cache.get(str(Path(image_path).resolve()), "?")
-
-
-_CAPTIONS: dict[Path, dict[str, str]] = {}
+def _captions(pairs_path: Path) -> dict[str, str]:
+    """Resolved image path -> its first caption, for showing what a hit is."""
+    captions = {}
+    for line in pairs_path.read_text().splitlines():
+        record = json.loads(line)
+        texts = record["text"] if isinstance(record["text"], list) else [record["text"]]
+        captions[str((pairs_path.parent / record["image"]).resolve())] = texts[0]
+    return captions
 
 
 @click.command()

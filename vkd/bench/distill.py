@@ -18,7 +18,6 @@ from vkd.bench.encoders import encode_latency, encode_split, load_split, onnx_by
 from vkd.bench.report import BenchResult, Figure, markdown_table, ort_threads
 
 ROLES = ("teacher", "student raw", "student CE-only", "student distilled", "student distilled INT8")
-MIB = 1024.0 * 1024.0
 
 
 @dataclass

@@ -26,8 +26,7 @@ from vkd.bench.encoders import (
     row_cosines,
 )
 from vkd.bench.report import BenchResult, markdown_table, ort_threads
-
-MIB = 1024.0 * 1024.0
+from vkd.bench.timing import MIB
 
 
 @dataclass

@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from vkd.bench.report import BenchResult, markdown_table
-
-MIB = 1024.0 * 1024.0
+from vkd.bench.timing import MIB
 
 
 @dataclass

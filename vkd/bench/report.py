@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vkd.indexer.fsutil import atomic_write, atomic_write_bytes
+
 SCHEMA_VERSION = 1
 # distribution names (what pip installed) of the libraries whose versions decide the figures
 LIBRARIES = {
@@ -279,19 +281,13 @@ def write_result(out_dir: str | os.PathLike[str], result: BenchResult, *, comman
     for figure in result.figures:
         written.append(save_figure(figure, out / figure.filename))
     json_path = out / f"{result.name}.json"
-    _atomic_write(json_path, json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    atomic_write_bytes(json_path, (json.dumps(payload, indent=2, allow_nan=False) + "\n").encode())
     md_path = out / f"{result.name}.md"
     body = result.markdown
     if result.figures:
         body += "\n\n" + "\n".join(f"![{f.filename}]({f.filename})" for f in result.figures)
-    _atomic_write(md_path, render_markdown(payload, body))
+    atomic_write_bytes(md_path, render_markdown(payload, body).encode())
     return [json_path, md_path, *written]
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temp.write_text(text, encoding="utf-8")
-    os.replace(temp, path)
 
 
 def save_figure(figure: Figure, path: Path) -> Path:
@@ -306,9 +302,7 @@ def save_figure(figure: Figure, path: Path) -> Path:
     fig = MplFigure(figsize=figure.size, dpi=110)
     figure.draw(fig)
     fig.tight_layout()
-    temp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(temp, format="png")
-    os.replace(temp, path)
+    atomic_write(path, lambda handle: fig.savefig(handle, format="png"))
     return path
 
 

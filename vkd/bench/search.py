@@ -35,6 +35,7 @@ import numpy as np
 from vkd.bench.report import BenchResult, Figure, markdown_table
 from vkd.bench.synthetic import RealVectors, VectorCorpus, describe_model, make_corpus
 from vkd.bench.timing import (
+    MIB,
     PeakMemory,
     allocated_bytes,
     latency_summary,
@@ -54,7 +55,6 @@ TWO_STAGE_K1 = (100, 1000)
 CURVE_K1 = (20, 50, 300)
 HNSW_EF_CURVE = (16, 32, 64, 256)
 IVF_NPROBE_FACTORS = (0.25, 0.5, 2.0, 4.0)
-MIB = 1024.0 * 1024.0
 
 
 @dataclass

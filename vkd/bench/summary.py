@@ -12,6 +12,8 @@ import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from vkd.indexer.fsutil import atomic_write_bytes
+
 SUMMARY_NAME = "RESULTS.md"
 _IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
 
@@ -37,9 +39,7 @@ def write_summary(out_dir: str | os.PathLike[str], names: Sequence[str], *, comm
     for name, error in (failures or {}).items():
         parts += [f"## {name}", "", f"FAILED: {error}", ""]
     target = out / SUMMARY_NAME
-    temp = target.with_name(f".{SUMMARY_NAME}.{os.getpid()}.tmp")
-    temp.write_text("\n".join(parts), encoding="utf-8")
-    os.replace(temp, target)
+    atomic_write_bytes(target, "\n".join(parts).encode())
     return target
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 PERCENTILES = (50, 95, 99)
+MIB = 1024.0 * 1024.0
 
 
 def latency_summary(seconds: Sequence[float]) -> dict[str, float | int]:
@@ -100,21 +101,6 @@ def time_calls(fn: Callable[[], Any], *, repeats: int, warmup: int = 1,
     return Timing(seconds=seconds, warmup=warmup, result=result)
 
 
-def time_each(fn: Callable[[Any], Any], items: Sequence[Any], *, warmup: int = 1) -> Timing:
-    """Time ``fn(item)`` once per item (after ``warmup`` untimed calls on the first items)."""
-    if not items:
-        raise ValueError("time_each needs at least one item")
-    for item in list(items)[:warmup]:
-        fn(item)
-    seconds = []
-    result = None
-    for item in items:
-        start = time.perf_counter()
-        result = fn(item)
-        seconds.append(time.perf_counter() - start)
-    return Timing(seconds=seconds, warmup=min(warmup, len(items)), result=result)
-
-
 class _MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in (
         "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
@@ -191,9 +177,8 @@ class PeakMemory:
         return self.peak_bytes - self.start_bytes
 
     def summary(self) -> dict[str, float]:
-        mib = 1024.0 * 1024.0
         return {
-            "peak_rss_mib": self.peak_bytes / mib,
-            "start_rss_mib": self.start_bytes / mib,
-            "peak_delta_mib": self.delta_bytes / mib,
+            "peak_rss_mib": self.peak_bytes / MIB,
+            "start_rss_mib": self.start_bytes / MIB,
+            "peak_delta_mib": self.delta_bytes / MIB,
         }

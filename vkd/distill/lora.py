@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -121,9 +121,3 @@ def merge(encoder: TorchEncoder, peft_model: PeftModel) -> None:
     ordinary model class again, ready for ``encoder.save``."""
     encoder.model = peft_model.merge_and_unload()
     encoder.invalidate_fingerprint()
-
-
-def trainable_summary(model: torch.nn.Module) -> dict[str, Any]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return {"trainable_parameters": trainable, "all_parameters": total}

@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-KD_LOSS_TYPES = ("kl_divergence", "feature_mse", "icl", "similarity_mse")
+from vkd.config import LOSS_TYPES as KD_LOSS_TYPES  # one list: the config accepts what the loss builds
 
 
 def gather_with_local_grad(x: Tensor) -> Tensor:

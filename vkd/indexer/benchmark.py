@@ -12,11 +12,11 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vkd.bench.timing import PeakMemory
 from vkd.indexer.build import build_index
 from vkd.indexer.decode import Decoded, decode_file, pixel_guard
 from vkd.indexer.encode import as_encoder
@@ -24,34 +24,6 @@ from vkd.indexer.scan import scan_images
 
 if TYPE_CHECKING:
     from vkd.models.base import Encoder
-
-
-class RssSampler:
-    """Peak resident set size of this process, sampled in a background thread."""
-
-    def __init__(self, interval_s: float = 0.02) -> None:
-        import psutil
-
-        self._process = psutil.Process()
-        self.interval_s = interval_s
-        self.baseline = self._process.memory_info().rss
-        self.peak = self.baseline
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="vkd-rss", daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._process.memory_info().rss)
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._process.memory_info().rss)
 
 
 def measure_indexing(
@@ -94,7 +66,7 @@ def measure_indexing(
     try:
         options = {"student": student, "teacher": teacher_encoder, "batch_size": batch_size, "workers": workers,
                    "shard_size": shard_size, "index_type": index_type}
-        with RssSampler() as rss:
+        with PeakMemory(interval=0.02) as rss:
             full = build_index(images_dir, target, rebuild=True, **options)
         tick = time.perf_counter()
         rerun = build_index(images_dir, target, **options)
@@ -121,8 +93,8 @@ def measure_indexing(
         "encode_seconds": full.encode_seconds,
         "encoder_busy_fraction": full.encode_seconds / full.seconds if full.seconds else None,
         "encoder_starved_seconds": full.starved_seconds,
-        "peak_rss_bytes": rss.peak,
-        "peak_rss_increase_bytes": rss.peak - rss.baseline,
+        "peak_rss_bytes": rss.peak_bytes,
+        "peak_rss_increase_bytes": rss.delta_bytes,
         "incremental_rerun_seconds": rerun_s,
         "incremental_rerun_added": rerun.added,
         "index_bytes": index_bytes,

@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 from vkd.indexer.decode import DEFAULT_MAX_PIXELS, Decoded, decode_file, pixel_guard
 from vkd.indexer.encode import EncodeStage
 from vkd.indexer.faiss_index import INDEX_TYPES, BudgetTooSmallError, choose_index
-from vkd.indexer.fsutil import writer_lock
+from vkd.indexer.fsutil import TMP_MARKER, writer_lock
 from vkd.indexer.manifest import (
     MANIFEST_NAME,
     SHARD_FILE,
@@ -225,7 +225,7 @@ def _check_out_dir(index_dir: Path) -> None:
     if not index_dir.is_dir():
         return
     foreign = [p.name for p in index_dir.iterdir()
-               if not (SHARD_FILE.match(p.name) or p.name in (SKIPPED_NAME, ".lock") or ".tmp-" in p.name)]
+               if not (SHARD_FILE.match(p.name) or p.name in (SKIPPED_NAME, ".lock") or TMP_MARKER in p.name)]
     if foreign:
         raise ValueError(f"{index_dir} exists and holds files that are not a vkd index ({', '.join(sorted(foreign)[:3])}"
                          f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty --out")

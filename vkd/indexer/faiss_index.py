@@ -20,7 +20,6 @@ lazily so that choosing an index needs no faiss at all.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,26 +180,6 @@ def build_faiss(vectors: np.ndarray, spec: IndexSpec) -> Any:
     if len(vectors):
         index.add(vectors)
     return index
-
-
-def write_faiss(index: Any, path: Path) -> None:
-    """Write ``index`` to ``path`` atomically (temporary file, fsync, rename)."""
-    from vkd.indexer.fsutil import fsync_dir, tmp_path_for
-
-    faiss = _faiss()
-    tmp = tmp_path_for(path)
-    try:
-        faiss.write_index(index, str(tmp))
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 def read_faiss(path: Path) -> Any:

@@ -133,7 +133,7 @@ def write_shard(out_dir: Path, name: str, batch: pa.RecordBatch, spec: IndexSpec
     index = build_faiss(vectors, spec)
     faiss_data = faiss.serialize_index(index)
     faiss_path = out_dir / f"{name}.faiss"
-    atomic_write_bytes(faiss_path, faiss_data.tobytes())
+    atomic_write_bytes(faiss_path, memoryview(faiss_data))
     return {
         "name": name,
         "arrow": arrow_path.name,

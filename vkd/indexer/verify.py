@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from vkd.indexer.fsutil import sha256_file
-from vkd.indexer.manifest import ManifestError, read_manifest
+from vkd.indexer.manifest import MANIFEST_NAME, ManifestError, read_manifest
 from vkd.indexer.shards import META_COLUMNS, STUDENT_COLUMN, TEACHER_COLUMN, vector_view
 
 NORM_TOLERANCE = 1e-3
@@ -126,7 +126,7 @@ def verify_index(index_dir: str | os.PathLike[str]) -> list[str]:
             problems.append(f"{faiss_path}: metric {index.metric_type}, expected inner product")
     if not problems:
         if "rows" in manifest and int(manifest["rows"]) != total_rows:
-            problems.append(f"{path / 'manifest.json'}: rows={manifest['rows']}, shards hold {total_rows}")
+            problems.append(f"{path / MANIFEST_NAME}: rows={manifest['rows']}, shards hold {total_rows}")
         if "live_rows" in manifest and int(manifest["live_rows"]) != total_live:
-            problems.append(f"{path / 'manifest.json'}: live_rows={manifest['live_rows']}, shards hold {total_live}")
+            problems.append(f"{path / MANIFEST_NAME}: live_rows={manifest['live_rows']}, shards hold {total_live}")
     return problems

@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-ImageInput = "Image.Image | str | os.PathLike[str]"
+# DESIGN: a model without a learned logit scale multiplies cosine similarities by 1/0.05.
+DEFAULT_LOGIT_SCALE = 1.0 / 0.05
 
 
 def batched(items: Sequence[Any], batch_size: int) -> Iterator[Sequence[Any]]:
@@ -58,7 +59,7 @@ class Encoder(ABC):
     dim: int
     batch_size: int = 32
     #: multiplier that turns cosine similarities into logits (CLIP: exp(logit_scale))
-    logit_scale: float = 20.0
+    logit_scale: float = DEFAULT_LOGIT_SCALE
 
     @property
     @abstractmethod
@@ -146,6 +147,13 @@ class TorchEncoder(Encoder):
     @abstractmethod
     def save(self, out_dir: str | os.PathLike[str]) -> Path:
         """Write a plain model directory that ``load_encoder`` and ``from_pretrained`` open."""
+
+    def logit_scale_tensor(self) -> torch.Tensor:
+        """The logit scale as a tensor for the training loss; models that learn one override
+        this to return it differentiably."""
+        import torch
+
+        return torch.tensor(self.logit_scale, device=self.device)
 
     def embed_text(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Differentiable: normalised float embeddings [n, dim]."""

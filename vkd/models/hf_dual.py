@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from vkd.models.base import TorchEncoder, load_rgb
+from vkd.models.base import DEFAULT_LOGIT_SCALE, TorchEncoder, load_rgb
 
 # Families whose text tower was trained on fixed-length padded input: their pooled token
 # sits at a fixed position, so batch padding must be to max_length, exactly as in training.
@@ -77,13 +77,13 @@ class HFDualEncoder(TorchEncoder):
     @property
     def logit_scale(self) -> float:  # type: ignore[override]
         scale = getattr(self.model, "logit_scale", None)
-        return float(scale.detach().float().exp()) if scale is not None else 1.0 / 0.05
+        return float(scale.detach().float().exp()) if scale is not None else DEFAULT_LOGIT_SCALE
 
     def logit_scale_tensor(self) -> torch.Tensor:
         """exp(logit_scale) as a tensor, differentiable when the model learns it."""
         scale = getattr(self.model, "logit_scale", None)
         if scale is None:
-            return torch.tensor(1.0 / 0.05, device=self.device)
+            return super().logit_scale_tensor()
         return scale.float().exp().clamp(max=100.0)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -123,10 +123,6 @@ class HFDualEncoder(TorchEncoder):
         self.tokenizer.save_pretrained(out)
         self.image_processor.save_pretrained(out)
         return out
-
-    def image_size(self) -> int:
-        vision = getattr(self.model.config, "vision_config", None)
-        return int(getattr(vision, "image_size", 224))
 
 
 def _pooled(output: Any) -> torch.Tensor:

@@ -47,8 +47,6 @@ MAX_PIXELS = 1800 * IMAGE_FACTOR * IMAGE_FACTOR
 MAX_LENGTH = 8192
 # Qwen's resize refuses more extreme shapes; the vision tower never saw them in training.
 MAX_ASPECT_RATIO = 200
-# DESIGN: a model without a learned logit scale uses 1/0.05.
-DEFAULT_LOGIT_SCALE = 1.0 / 0.05
 IMAGE_TOKEN = "<|image_pad|>"
 VIDEO_TOKEN = "<|video_pad|>"
 VISION_START_TOKEN = "<|vision_start|>"
@@ -397,13 +395,7 @@ class Qwen3VLEncoder(TorchEncoder):
             source_dir=Path(name) if Path(name).is_dir() else None,
         )
 
-    @property
-    def logit_scale(self) -> float:  # type: ignore[override]
-        return DEFAULT_LOGIT_SCALE
-
-    def logit_scale_tensor(self) -> torch.Tensor:
-        """The fixed 1/0.05 as a tensor (Qwen3-VL-Embedding learns no logit scale)."""
-        return torch.tensor(DEFAULT_LOGIT_SCALE, device=self.device)
+    # Qwen3-VL-Embedding learns no logit scale: the inherited 1/0.05 (DEFAULT_LOGIT_SCALE) applies.
 
     # -- inputs -----------------------------------------------------------------------
 

@@ -1,10 +1,15 @@
 """Two-stage search over a vkd index: student ANN candidates, teacher rerank.
 
 Importing this package loads neither torch nor transformers (a search with ONNX models
-never does).
+never does), and names load on first use so that ``vkd --help`` does not load pyarrow.
 """
 
+from __future__ import annotations
+
 import os
+from typing import TYPE_CHECKING
+
+from vkd._lazy import lazy_exports
 
 # torch and faiss-cpu each bring their own OpenMP runtime; with both loaded, threads of one
 # spin-wait while the other works, and on a 2-core machine a tiny model's query encode went
@@ -12,7 +17,20 @@ import os
 # torch is imported, which a search usually does after this import.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from vkd.retrieval.results import Hit, SearchResult, StageTimings  # noqa: E402
-from vkd.retrieval.retriever import Retriever, check_student, check_teacher, open_encoder  # noqa: E402
+_EXPORTS: dict[str, str] = {
+    "Hit": "vkd.retrieval.results",
+    "SearchResult": "vkd.retrieval.results",
+    "StageTimings": "vkd.retrieval.results",
+    "Retriever": "vkd.retrieval.retriever",
+    "check_student": "vkd.retrieval.retriever",
+    "check_teacher": "vkd.retrieval.retriever",
+    "open_encoder": "vkd.retrieval.retriever",
+}
 
 __all__ = ["Hit", "Retriever", "SearchResult", "StageTimings", "check_student", "check_teacher", "open_encoder"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from vkd.retrieval.results import Hit, SearchResult, StageTimings
+    from vkd.retrieval.retriever import Retriever, check_student, check_teacher, open_encoder
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -33,7 +33,7 @@ import numpy as np
 from vkd.indexer import Index, IndexMismatchError
 from vkd.retrieval import stages
 from vkd.retrieval.results import Hit, SearchResult, StageTimings
-from vkd.retrieval.stages import Candidates, merge_candidates, top_k_order
+from vkd.retrieval.stages import Candidates, merge_candidates
 
 if TYPE_CHECKING:
     from vkd.models.base import Encoder
@@ -236,28 +236,24 @@ class Retriever:
         timings.ann_ms = _ms(tick)
 
         reranked: str | None = None
+        # stage 1 already merged by (score, shard, row) and holds at most k when not reranking
+        top, student_scores = found, found.score
         if do_rerank and found.row.size:
+            rerank_queries = student_queries
+            reranked = "student"
             if state.teacher is not None:
                 tick = time.perf_counter()
-                teacher_queries = self._encode(state.teacher, queries)
+                rerank_queries = self._encode(state.teacher, queries)
                 timings.teacher_encode_ms = _ms(tick)
-                tick = time.perf_counter()
-                top, positions = stages.rerank(found, teacher_queries, _fetch(state.index, "teacher"), k)
-                timings.rerank_ms = _ms(tick)
                 reranked = "teacher"
+            tick = time.perf_counter()
+            top, positions = stages.rerank(found, rerank_queries, _fetch(state.index, reranked), k)
+            timings.rerank_ms = _ms(tick)
+            if reranked == "teacher":  # carry each hit's stage-1 score along
+                student_scores = np.where(positions >= 0,
+                                          np.take_along_axis(found.score, np.maximum(positions, 0), 1), -np.inf)
             else:
-                tick = time.perf_counter()
-                top, positions = stages.rerank(found, student_queries, _fetch(state.index, "student"), k)
-                timings.rerank_ms = _ms(tick)
-                reranked = "student"
-            student_scores = np.where(positions >= 0, np.take_along_axis(found.score, np.maximum(positions, 0), 1),
-                                      -np.inf)
-            if reranked == "student":
                 student_scores = top.score  # the exact ones
-        else:
-            order = top_k_order(found.score, found.shard, found.row, k)
-            top = Candidates(*(np.take_along_axis(a, order, axis=1) for a in (found.shard, found.row, found.score)))
-            student_scores = top.score
 
         hits = self._hits(state.index, top, student_scores, teacher=reranked == "teacher")
         timings.total_ms = _ms(started)
