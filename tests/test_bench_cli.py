@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 import pytest
+from bench_helpers import json_numbers
 from click.testing import CliRunner
 
 from vkd.bench.commands import bench, parse_sizes
@@ -16,19 +17,6 @@ from vkd.bench.report import read_result, write_result
 from vkd.bench.search import SearchSettings, run_search_benchmark
 from vkd.bench.source import SourceError, demo_complete, demo_layout, resolve_source
 from vkd.bench.summary import publish, write_summary
-
-
-def finite_numbers(value, where="results"):
-    """Every number in a JSON value, with its path; fails on NaN/inf (JSON cannot hold them anyway)."""
-    if isinstance(value, dict):
-        for key, item in value.items():
-            yield from finite_numbers(item, f"{where}.{key}")
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            yield from finite_numbers(item, f"{where}[{index}]")
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        assert math.isfinite(value), where
-        yield where, value
 
 
 def test_parse_sizes():
@@ -140,7 +128,9 @@ def test_search_benchmark_on_small_corpora(tmp_path):
         # the rerank with teacher vectors recovers what the student loses
         assert two["quality"]["overlap@10"] >= methods["student exact"]["quality"]["overlap@10"]
         assert any(m["params"].get("efSearch") == 16 for m in size["methods"])  # a curve point
-    assert len(list(finite_numbers(data["results"]))) > 100
+    found = list(json_numbers(data["results"]))
+    assert len(found) > 100
+    assert all(math.isfinite(value) for _, value in found), [w for w, v in found if not math.isfinite(v)]
     assert (tmp_path / "out" / "search_recall_latency.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -10,6 +10,7 @@ import json
 import math
 
 import pytest
+from bench_helpers import json_numbers
 from click.testing import CliRunner
 
 from vkd.bench.commands import BENCHMARKS, bench
@@ -24,17 +25,6 @@ RESULT_KEYS = {
     "index": ("encoder_images_per_s", "indexer_images_per_s", "peak_rss_bytes", "incremental_rerun_seconds"),
     "step": ("configs", "steps", "batch_size"),
 }
-
-
-def numbers(value, where):
-    if isinstance(value, dict):
-        for key, item in value.items():
-            yield from numbers(item, f"{where}.{key}")
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            yield from numbers(item, f"{where}[{index}]")
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        yield where, value
 
 
 @pytest.mark.slow
@@ -54,7 +44,7 @@ def test_bench_all_quick_from_nothing(tmp_path, monkeypatch):
         assert data["results"]["source"]["origin"] == QUICK_DEMO
         for key in RESULT_KEYS[name]:
             assert key in data["results"], f"{name}.json lacks results.{key}"
-        found = list(numbers(data["results"], name))
+        found = list(json_numbers(data["results"], name))
         assert found, f"{name}.json holds no figures"
         bad = [where for where, value in found if not math.isfinite(value)]
         assert not bad, bad
