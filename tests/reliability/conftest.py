@@ -7,6 +7,8 @@ Long variants (many kills, long fuzz runs) are marked ``long`` and run only with
 from __future__ import annotations
 
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -36,3 +38,20 @@ def plain_folder(root: Path, n: int, seed: int = 0) -> Path:
     for i in range(n):
         noise_image(rng).save(root / f"img{i:03d}.png")
     return root
+
+
+def bomb_png(path: Path, width: int = 20_000, height: int = 20_000) -> Path:
+    """A valid black 1-bit PNG of ``width`` x ``height`` (400 Mpx by default) in a few KB.
+
+    Written chunk by chunk rather than with PIL's ``save``, which would first allocate the
+    whole image (a byte per pixel) in the test process.
+    """
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\0" * (1 + (width + 7) // 8)  # filter byte + packed bits
+    packer = zlib.compressobj(9)
+    body = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+    return path

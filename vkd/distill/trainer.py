@@ -195,6 +195,8 @@ class Trainer:
                                    base_name=config.model_name_or_path)
         else:
             self.student.model.requires_grad_(True)
+            # Trained in place from here: its weights stop being its checkpoint's files.
+            self.student.invalidate_fingerprint()
         self.student.model.train()
         self.ema = None
         if config.use_distillation and config.teacher_mode == "ema":

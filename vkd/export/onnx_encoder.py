@@ -65,7 +65,8 @@ class OnnxEncoder(Encoder):
         threads: int | None = None,
         providers: Sequence[str] | None = None,
     ) -> None:
-        self.dir = Path(onnx_dir)
+        # Resolved so that ``name``, which indexes record, opens from any working directory.
+        self.dir = Path(onnx_dir).expanduser().resolve()
         self.manifest = read_export_manifest(self.dir)
         source = self.manifest["source"]
         # The name is what load_encoder(..., prefer="onnx") opens: the model directory the

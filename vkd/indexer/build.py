@@ -19,6 +19,7 @@ the shards in flight; the next run skips every file already in a committed shard
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -51,7 +52,16 @@ from vkd.indexer.manifest import (
     write_skipped,
 )
 from vkd.indexer.scan import FileEntry, SkipRecord, scan_images
-from vkd.indexer.shards import STUDENT_COLUMN, make_record_batch, open_arrow, shard_name, write_shard
+from vkd.indexer.shards import (
+    STUDENT_COLUMN,
+    make_record_batch,
+    now_iso,
+    open_arrow,
+    relative_paths,
+    shard_name,
+    write_shard,
+)
+from vkd.indexer.verify import repair_shards
 
 if TYPE_CHECKING:
     from vkd.models.base import Encoder
@@ -98,6 +108,8 @@ class BuildResult:
     #: time the encoder waited for decoded images (0 when decoding keeps up)
     starved_seconds: float = 0.0
     removed_leftovers: list[str] = field(default_factory=list)
+    #: shards whose FAISS file was rebuilt from the Arrow shard, or that were dropped for re-encoding
+    repaired: list[str] = field(default_factory=list)
 
     @property
     def images_per_s(self) -> float:
@@ -130,9 +142,10 @@ class _Plan:
 def _live_rows(index_dir: Path, manifest: dict[str, Any]) -> dict[str, _Live]:
     live: dict[str, _Live] = {}
     for entry in manifest["shards"]:
-        table = open_arrow(index_dir / entry["arrow"]).select(["id", "path", "size", "mtime"])
+        table = open_arrow(index_dir / entry["arrow"])
         retired = set(entry["retired"])
-        for row_id, path, size, mtime in zip(table.column("id").to_pylist(), table.column("path").to_pylist(),
+        # keyed by the path the scan gives (exact bytes), not the `path` column's readable text
+        for row_id, path, size, mtime in zip(table.column("id").to_pylist(), relative_paths(table),
                                              table.column("size").to_pylist(), table.column("mtime").to_pylist(),
                                              strict=True):
             if row_id not in retired:
@@ -141,10 +154,13 @@ def _live_rows(index_dir: Path, manifest: dict[str, Any]) -> dict[str, _Live]:
 
 
 def plan_run(index_dir: Path, manifest: dict[str, Any], entries: Sequence[FileEntry],
-             max_pixels: int) -> _Plan:
-    """Which files need encoding: new ones, and ones whose size or mtime changed."""
+             max_pixels: int, previous_skips: Sequence[SkipRecord] = ()) -> _Plan:
+    """Which files need encoding: new ones, and ones whose size or mtime changed.
+
+    A file in ``previous_skips`` (the last run's ``skipped.jsonl``) is not retried until it
+    changes or the pixel bound grows."""
     live = _live_rows(index_dir, manifest)
-    previous_skips = {record.path: record for record in read_skipped(index_dir)}
+    previous_skips = {record.path: record for record in previous_skips}
     todo, kept, old_rows, unchanged = [], [], {}, 0
     seen = set()
     for entry in entries:
@@ -290,6 +306,7 @@ def build_index(
     device: Any = None,
     prefetch: int | None = None,
     faiss_threads: int | None = None,
+    follow_links: bool = False,
 ) -> BuildResult:
     """Index the images under ``images_dir`` into ``out_dir`` (default: ``<images_dir>.vkd``).
 
@@ -299,6 +316,8 @@ def build_index(
     ``workers`` decode threads (default min(8, CPUs)) keep ``prefetch`` images ahead of the
     encoder; ``faiss_threads`` (default half the CPUs) build each shard's FAISS index while
     the next shard is encoded.
+    ``follow_links`` also indexes files reached through symlinks whose target lies outside
+    ``images_dir``; without it they are listed as skipped (links inside are always followed).
     Raises ``IndexMismatchError`` when ``out_dir`` holds an index of other models or folder.
     """
     root = Path(images_dir).expanduser().resolve()
@@ -324,38 +343,43 @@ def build_index(
     student_info = model_record(stage.student.describe())
     teacher_info = model_record(stage.teacher.describe()) if stage.teacher is not None else None
     build_params = {"index_type": index_type, "memory_budget": budget, "shard_size": shard_size,
-                    "max_pixels": max_pixels}
+                    "max_pixels": max_pixels, "follow_links": bool(follow_links)}
 
     index_dir.mkdir(parents=True, exist_ok=True)
     result = BuildResult(index_dir)
     with writer_lock(index_dir):
-        manifest = None
+        committed = None  # the manifest readers see: its files are never touched by this run
         if (index_dir / MANIFEST_NAME).exists():
             try:
-                manifest = read_manifest(index_dir)
+                committed = read_manifest(index_dir)
             except ManifestError as error:
                 if not rebuild:
                     raise ManifestError(f"{error}; pass --rebuild to start this index over") from None
         else:
             _check_out_dir(index_dir)
-        if manifest is not None and not rebuild:
-            _check_compatible(index_dir, manifest, root, student_info, teacher_info)
+        result.removed_leftovers = remove_unlisted(index_dir, committed)
+        if committed is not None and not rebuild:
+            _check_compatible(index_dir, committed, root, student_info, teacher_info)
+            manifest = committed
+            repaired = repair_shards(index_dir, manifest)
+            result.repaired = repaired.rebuilt_faiss + repaired.dropped_shards
+            if repaired:
+                commit_manifest(index_dir, manifest)
         else:
-            fresh = new_manifest(root, student_info, teacher_info, build_params)
-            if manifest is not None:  # new names, so readers of the old snapshot keep theirs
-                fresh["next_shard"] = int(manifest.get("next_shard", 0))
-            manifest = fresh
-            write_skipped(index_dir, [])
-            commit_manifest(index_dir, manifest)
+            # a rebuild writes shards under new names and publishes them in one commit at the end:
+            # until then readers, and a run that resumes after a kill, see the old index whole
+            manifest = new_manifest(root, student_info, teacher_info, build_params)
+            if committed is not None:
+                manifest["next_shard"] = int(committed.get("next_shard", 0))
         manifest["build"] = build_params
-        result.removed_leftovers = remove_unlisted(index_dir, manifest)
+        publish_each_shard = not (rebuild and committed is not None)
 
-        entries, scan_skips = scan_images(root, exclude=[index_dir])
-        plan = plan_run(index_dir, manifest, entries, max_pixels)
+        entries, scan_skips = scan_images(root, exclude=[index_dir], follow_links=follow_links)
+        previous_skips = [] if rebuild else read_skipped(index_dir)
+        plan = plan_run(index_dir, manifest, entries, max_pixels, previous_skips)
         result.scanned, result.unchanged, result.to_encode = len(entries), plan.unchanged, len(plan.todo)
         expected_rows = plan.unchanged + len(plan.todo)
         skips: list[SkipRecord] = plan.kept_skips + scan_skips
-        previous_skips = sorted(r.path for r in read_skipped(index_dir))
         share = None if budget is None else _share(budget, shard_size, expected_rows)
         if share is not None and plan.todo:  # fail now, not after encoding a whole shard
             first = min(shard_size, len(plan.todo))
@@ -367,8 +391,19 @@ def build_index(
                     f"--memory-budget {budget} bytes over {expected_rows} rows leaves {share} bytes for a "
                     f"shard of {first} rows; {error}: use --memory-budget {total} or more", total) from None
         pending_retire: dict[str, list[str]] = {k: list(v) for k, v in plan.deleted.items()}
+        unfinished = None
+        if plan.todo or committed is None:
+            # recorded before any work, dropped by the final commit: a killed run leaves it behind
+            unfinished = {"started": now_iso(), "pid": os.getpid(), "to_encode": len(plan.todo),
+                          "rebuild": bool(rebuild)}
+            marked = committed if not publish_each_shard else manifest
+            marked["unfinished_run"] = unfinished
+            if committed is None:
+                write_skipped(index_dir, [])
+            commit_manifest(index_dir, marked)
 
-        def commit(buffer: _ShardBuffer | None, retire: dict[str, list[str]], skip_list: list[SkipRecord]) -> None:
+        def commit(buffer: _ShardBuffer | None, retire: dict[str, list[str]], skip_list: list[SkipRecord],
+                   publish: bool = publish_each_shard) -> None:
             # runs in the writer thread; the main thread touches `manifest` only after joining it
             if buffer is not None and len(buffer):
                 student_vecs = np.concatenate(buffer.student)
@@ -386,8 +421,9 @@ def build_index(
                 if shard["name"] in retire:
                     shard["retired"] = sorted(set(shard["retired"]) | set(retire[shard["name"]]))
                     result.retired += len(retire[shard["name"]])
-            manifest["skipped"] = write_skipped(index_dir, skip_list)
-            commit_manifest(index_dir, manifest)
+            if publish:
+                manifest["skipped"] = write_skipped(index_dir, skip_list)
+                commit_manifest(index_dir, manifest)
 
         progress = None
         if show_progress:
@@ -408,7 +444,7 @@ def build_index(
                                     initializer=_limit_faiss_threads, initargs=(faiss_threads,))
         stream = decode_stream(plan.todo, workers=workers, prefetch=prefetch, max_pixels=max_pixels)
         in_flight: Future | None = None
-        committed_any = False
+        finished = False
         try:
             with pixel_guard(max_pixels):
                 for start in range(0, len(plan.todo), shard_size):
@@ -439,22 +475,34 @@ def build_index(
                     if in_flight is not None:
                         in_flight.result()
                     in_flight = writer.submit(commit, buffer, pending_retire, list(skips))
-                    committed_any = True
                     pending_retire = {}
             if in_flight is not None:
                 in_flight.result()
-            skips_changed = sorted(r.path for r in skips) != previous_skips
-            if not committed_any and (pending_retire or skips_changed):
-                commit(None, pending_retire, skips)
+            skips_changed = sorted(r.path for r in skips) != sorted(r.path for r in previous_skips)
+            left_by_earlier_run = committed is not None and "unfinished_run" in committed
+            if unfinished is not None or left_by_earlier_run or pending_retire or skips_changed:
+                manifest.pop("unfinished_run", None)
+                commit(None, pending_retire, skips, publish=True)
+            finished = True
         finally:
             stream.close()
             writer.shutdown(wait=True)
             if progress is not None:
                 progress.close()
+            if not finished:  # failed (disk full, model error, budget...): leave no unlisted file behind
+                _remove_uncommitted(index_dir)
+        if not publish_each_shard:
+            remove_unlisted(index_dir, manifest)  # the old shards: open snapshots keep their handles
         result.new_skips = len(skips) - len(plan.kept_skips) - len(scan_skips)
         result.skipped = len(skips)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _remove_uncommitted(index_dir: Path) -> None:
+    with contextlib.suppress(OSError, ManifestError):
+        committed = read_manifest(index_dir) if (index_dir / MANIFEST_NAME).exists() else None
+        remove_unlisted(index_dir, committed)
 
 
 @dataclass

@@ -32,8 +32,17 @@ def _memory_budget(ctx: click.Context, param: click.Parameter, value: str | None
 def _library_errors() -> tuple[type[BaseException], ...]:
     from vkd.indexer.fsutil import IndexLockedError
 
-    # the library's messages name the file or value at fault and the fix: show them as they are
-    return (ValueError, FileNotFoundError, IndexLockedError)
+    # the library's messages name the file or value at fault and the fix: show them as they are;
+    # OSError covers disk full, read-only file systems and permissions (one line, never a traceback)
+    return (ValueError, OSError, IndexLockedError)
+
+
+def _failure(error: BaseException) -> click.ClickException:
+    from vkd.indexer.fsutil import describe_os_error
+
+    if isinstance(error, OSError) and error.errno is not None:
+        return click.ClickException(describe_os_error(error))
+    return click.ClickException(str(error))
 
 
 class _DefaultCommand(click.Command):
@@ -102,13 +111,17 @@ def index() -> None:
               help="RAM for all FAISS indexes together, e.g. 4GB or 512MiB.  [default: unbounded]")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
               help="Images with more pixels are skipped (decompression-bomb guard).")
+@click.option("--follow-links", is_flag=True,
+              help="Also index what symlinks leading outside IMAGES_DIR point to; without it they are "
+                   "skipped and listed. Links inside IMAGES_DIR are always followed.")
 @click.option("--device", default=None, help="torch device for the encoders.  [default: cuda if available]")
 @click.option("--rebuild", is_flag=True, help="Discard the existing index at --out and start over.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 def build_command(images_dir: Path, student: str, teacher: str | None, out_dir: Path | None, batch_size: int,
                   workers: int | None, shard_size: int, index_type: str, memory_budget: int | None,
-                  max_pixels: int, device: str | None, rebuild: bool, progress: bool, as_json: bool) -> None:
+                  max_pixels: int, follow_links: bool, device: str | None, rebuild: bool, progress: bool,
+                  as_json: bool) -> None:
     """Index IMAGES_DIR (recursively) with the student, and the teacher if given.
 
     \b
@@ -122,10 +135,10 @@ def build_command(images_dir: Path, student: str, teacher: str | None, out_dir: 
         result = build_index(images_dir, out_dir, student=student, teacher=teacher, batch_size=batch_size,
                              workers=workers, shard_size=shard_size, index_type=index_type,
                              memory_budget=memory_budget, rebuild=rebuild, show_progress=progress,
-                             max_pixels=max_pixels, device=device)
+                             max_pixels=max_pixels, device=device, follow_links=follow_links)
         opened = Index.open(result.index_dir)
     except _library_errors() as error:
-        raise click.ClickException(str(error)) from None
+        raise _failure(error) from None
     if as_json:
         click.echo(json.dumps({**result.to_dict(), "live_rows": len(opened), "shards": len(opened.shards)},
                               indent=2))
@@ -133,6 +146,9 @@ def build_command(images_dir: Path, student: str, teacher: str | None, out_dir: 
     click.echo(f"indexed {result.added} images in {result.seconds:.1f} s ({result.images_per_s:.1f} img/s); "
                f"{result.unchanged} unchanged, {result.retired} retired, {result.skipped} skipped"
                + (f" (listed in {result.index_dir / 'skipped.jsonl'})" if result.skipped else ""))
+    if result.repaired:
+        click.echo(f"repaired {len(result.repaired)} damaged shard(s) ({', '.join(result.repaired)}): FAISS files "
+                   "rebuilt from their Arrow shards, or shards with a damaged Arrow file re-encoded")
     click.echo(f"index {result.index_dir}: {len(opened)} images in {len(opened.shards)} shards; "
                f"{_models(opened.student, opened.teacher)}")
 
@@ -171,7 +187,7 @@ def info_command(index_dir: Path, as_json: bool) -> None:
     try:
         info = Index.open(index_dir).info()
     except _library_errors() as error:
-        raise click.ClickException(str(error)) from None
+        raise _failure(error) from None
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -186,31 +202,72 @@ def info_command(index_dir: Path, as_json: bool) -> None:
     click.echo(f"on disk      {_human(info['bytes_on_disk'])}")
     click.echo(f"skipped      {info['skipped']}" + (" (see skipped.jsonl)" if info["skipped"] else ""))
     click.echo(f"updated      {info['updated']}")
+    if info["unfinished_run"]:
+        run = info["unfinished_run"]
+        click.echo(f"unfinished   a run started {run.get('started')} did not finish: run `vkd index` again")
+    for name, damage in info["damaged_shards"].items():
+        click.echo(f"damaged      {name}: FAISS file {damage}: run `vkd index verify --repair {info['path']}`")
 
 
 @index.command("verify")
 @INDEX_DIR
-@click.option("--json", "as_json", is_flag=True, help="Print the problems as a JSON list.")
-def verify_command(index_dir: Path, as_json: bool) -> None:
+@click.option("--repair", is_flag=True,
+              help="Rebuild damaged or missing FAISS files from the Arrow shards; drop shards whose Arrow "
+                   "file is damaged (the next `vkd index` run re-encodes their images).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def verify_command(index_dir: Path, repair: bool, as_json: bool) -> None:
     """Check checksums, row counts, FAISS sizes and vector dimensions; exit 1 on any problem.
 
-    \b
-    Example:
-      vkd index verify ./photos.vkd
-    """
-    from vkd.indexer.verify import verify_index
+    An index left by an indexing run that did not finish (killed, failed) is sound but
+    incomplete: verify says so and exits 0; run `vkd index` on the images folder to finish it.
 
+    \b
+    Examples:
+      vkd index verify ./photos.vkd
+      vkd index verify ./photos.vkd --repair
+    """
+    from vkd.indexer.manifest import ManifestError, read_manifest
+    from vkd.indexer.verify import repair_index, verify_index
+
+    repaired = None
+    if repair:
+        try:
+            repaired = repair_index(index_dir)
+        except _library_errors() as error:
+            raise _failure(error) from None
     problems = verify_index(index_dir)
+    try:
+        unfinished = read_manifest(index_dir).get("unfinished_run")
+    except ManifestError:
+        unfinished = None
     if as_json:
-        click.echo(json.dumps({"ok": not problems, "problems": problems}, indent=2))
+        click.echo(json.dumps({"ok": not problems, "problems": problems, "complete": unfinished is None,
+                               "unfinished_run": unfinished,
+                               "repaired": repaired.__dict__ if repaired is not None else None}, indent=2))
     else:
+        if repaired is not None:
+            click.echo(f"{index_dir}: rebuilt FAISS for {len(repaired.rebuilt_faiss)} shard(s)"
+                       + (f" ({', '.join(repaired.rebuilt_faiss)})" if repaired.rebuilt_faiss else "")
+                       + f"; dropped {len(repaired.dropped_shards)} shard(s) with a damaged Arrow file"
+                       + (f" ({', '.join(repaired.dropped_shards)}: run `vkd index` on the images folder to "
+                          "re-encode their images)" if repaired.dropped_shards else ""))
         for problem in problems:
             click.echo(problem, err=True)
     if problems:
+        hint = "" if repair else f"run `vkd index verify --repair {index_dir}`, or "
         raise click.ClickException(
-            f"{index_dir}: {len(problems)} problem(s); re-create the index with "
+            f"{index_dir}: {len(problems)} problem(s); {hint}re-create the index with "
             "`vkd index IMAGES_DIR --model STUDENT --out INDEX_DIR --rebuild`")
-    if not as_json:
+    if as_json:
+        return
+    if unfinished is not None:
+        what = "a rebuild" if unfinished.get("rebuild") else "an indexing run"
+        state = ("the index is the one before the rebuild" if unfinished.get("rebuild")
+                 else "the index holds only part of the images")
+        click.echo(f"{index_dir}: ok, but incomplete: {what} started {unfinished.get('started')} (pid "
+                   f"{unfinished.get('pid')}, {unfinished.get('to_encode')} images to encode) did not finish; "
+                   f"{state}. Run `vkd index` on the images folder again to finish it.")
+    else:
         click.echo(f"{index_dir}: ok")
 
 
@@ -234,6 +291,6 @@ def compact_command(index_dir: Path, reindex: bool, index_type: str | None, memo
     try:
         result = compact_index(index_dir, reindex=reindex, index_type=index_type, memory_budget=memory_budget)
     except _library_errors() as error:
-        raise click.ClickException(str(error)) from None
+        raise _failure(error) from None
     click.echo(f"{result.index_dir}: dropped {result.rows_dropped} retired rows; rewrote "
                f"{len(result.rewritten)} shards; {result.shards_before} -> {result.shards_after} shards")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -182,8 +181,9 @@ def build_faiss(vectors: np.ndarray, spec: IndexSpec) -> Any:
     return index
 
 
-def read_faiss(path: Path) -> Any:
-    return _faiss().read_index(str(path))
+def deserialize_faiss(data: bytes) -> Any:
+    """An index from the bytes ``faiss.serialize_index`` wrote (what a ``.faiss`` file holds)."""
+    return _faiss().deserialize_index(np.frombuffer(data, dtype=np.uint8))
 
 
 class FaissSearcher:

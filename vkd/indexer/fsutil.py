@@ -9,6 +9,7 @@ the new one, never half of one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 from collections.abc import Callable, Iterator
@@ -46,9 +47,12 @@ def atomic_write(target: Path, write: Callable[[BinaryIO], None]) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(error, OSError) and error.errno is not None:
+            # name the file being written, not the temporary (a failed write() names none)
+            raise OSError(error.errno, error.strerror, str(target)) from error
         raise
     fsync_dir(target.parent)
 
@@ -63,6 +67,25 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+_FIXES = {
+    errno.ENOSPC: "free some space on that disk, or write the index elsewhere with --out",
+    errno.EDQUOT: "your disk quota is used up: free some space, or write the index elsewhere with --out",
+    errno.EROFS: "that file system is read-only: write the index elsewhere with --out",
+    errno.EACCES: "you may not write there: fix its permissions, or write the index elsewhere with --out",
+    errno.EPERM: "you may not write there: fix its permissions, or write the index elsewhere with --out",
+}
+
+
+def describe_os_error(error: OSError) -> str:
+    """One line for a failed file operation: the path, the cause and what to do about it."""
+    where = error.filename if error.filename is not None else "a file"
+    if isinstance(where, bytes):
+        where = os.fsdecode(where)
+    cause = error.strerror or str(error)
+    fix = _FIXES.get(error.errno or 0)
+    return f"{where}: {cause}" + (f"; {fix}" if fix else "") + ". The index as last committed is unchanged."
 
 
 class IndexLockedError(RuntimeError):

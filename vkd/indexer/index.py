@@ -1,8 +1,14 @@
 """Reading an index: ``Index`` (a consistent snapshot of a committed manifest) and ``Shard``.
 
-``Index.open`` reads ``manifest.json`` once and memory-maps the Arrow shards it lists;
-later commits by a running indexer do not change what an open ``Index`` sees (files it maps
-stay valid even after a compaction deletes them). FAISS indexes load on first search.
+``Index.open`` reads ``manifest.json`` once, memory-maps the Arrow shards it lists and opens
+their FAISS files; later commits by a running indexer do not change what an open ``Index``
+sees: it holds every file it will read from the moment it opens, and an open file stays
+readable after a compaction or rebuild deletes its name. FAISS indexes are read from those
+open files on the first search.
+
+A FAISS file that is missing, of the wrong size or unreadable does not stop the index from
+opening (``info`` and ``verify`` work): searching it raises ``ShardDamagedError`` naming the
+shard, until ``vkd index`` or ``vkd index verify --repair`` rebuilds it from the Arrow shard.
 """
 
 from __future__ import annotations
@@ -17,17 +23,29 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from vkd.indexer.faiss_index import FaissSearcher, IndexSpec, read_faiss
+from vkd.indexer.faiss_index import FaissSearcher, IndexSpec, deserialize_faiss
 from vkd.indexer.manifest import MANIFEST_NAME, SKIPPED_NAME, ManifestError, read_manifest
-from vkd.indexer.shards import META_COLUMNS, STUDENT_COLUMN, TEACHER_COLUMN, open_arrow, vector_view
+from vkd.indexer.shards import (
+    META_COLUMNS,
+    PATH_BYTES_COLUMN,
+    STUDENT_COLUMN,
+    TEACHER_COLUMN,
+    open_arrow,
+    relative_paths,
+    vector_view,
+)
 
 if TYPE_CHECKING:
     from vkd.indexer.build import BuildResult, CompactResult
     from vkd.models.base import Encoder
 
 
+class ShardDamagedError(ManifestError):
+    """A shard's FAISS file is missing or damaged; its Arrow vectors can rebuild it."""
+
+
 class Shard:
-    """One Arrow shard (memory-mapped) and its FAISS index."""
+    """One Arrow shard (memory-mapped) and its FAISS index (its file held open)."""
 
     def __init__(self, index_dir: Path, entry: dict[str, Any], images_root: Path) -> None:
         self.entry = entry
@@ -55,6 +73,7 @@ class Shard:
         self._teacher = vector_view(self.table, TEACHER_COLUMN) if self.teacher_dim else None
         self._searcher: FaissSearcher | None = None
         self._lock = threading.Lock()
+        self._faiss_file, self.damage = _open_faiss(self.faiss_path, entry.get("faiss_bytes"))
 
     def __repr__(self) -> str:
         return f"Shard({self.name!r}, rows={self.rows}, live={self.live_rows}, index={self.spec.factory})"
@@ -67,13 +86,36 @@ class Shard:
         if self._searcher is None:
             with self._lock:
                 if self._searcher is None:
-                    index = read_faiss(self.faiss_path)
-                    if index.ntotal != self.rows or index.d != self.dim:
-                        raise ManifestError(
-                            f"{self.faiss_path}: ntotal={index.ntotal}, d={index.d} but the Arrow shard has "
-                            f"{self.rows} rows of dim {self.dim}; rebuild it with `vkd index compact --reindex`")
-                    self._searcher = FaissSearcher(index, self.spec, self._student, self.retired_rows)
+                    self._searcher = FaissSearcher(self._read_faiss(), self.spec, self._student, self.retired_rows)
         return self._searcher
+
+    def _damaged(self, why: str) -> ShardDamagedError:
+        return ShardDamagedError(
+            f"{self.faiss_path}: {why}; shard {self.name} cannot be searched until its FAISS index is rebuilt "
+            f"from {self.arrow_path.name}: run `vkd index verify --repair {self.faiss_path.parent}` (or re-run "
+            "`vkd index` on the images folder)")
+
+    def _read_faiss(self) -> Any:
+        if self.damage is not None or self._faiss_file is None:
+            raise self._damaged(self.damage or "not open")
+        # pread from the handle opened with the snapshot: the name may be gone or replaced by now
+        size = os.fstat(self._faiss_file.fileno()).st_size
+        data = os.pread(self._faiss_file.fileno(), size, 0)
+        try:
+            index = deserialize_faiss(data)
+        except RuntimeError as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else "unreadable"
+            raise self._damaged(f"not a readable FAISS index ({first_line})") from None
+        if index.ntotal != self.rows or index.d != self.dim:
+            raise self._damaged(f"ntotal={index.ntotal}, d={index.d} but the Arrow shard has {self.rows} rows "
+                                f"of dim {self.dim}")
+        return index
+
+    def close(self) -> None:
+        """Release the FAISS file (the Arrow map goes with the last reference to the table)."""
+        if self._faiss_file is not None:
+            self._faiss_file.close()
+            self._faiss_file = None
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` live rows by inner product for each query.
@@ -108,12 +150,19 @@ class Shard:
         return self._teacher[self._rows(rows)].astype(np.float32)
 
     def records(self, rows: np.ndarray | Sequence[int]) -> list[dict[str, Any]]:
-        """Row metadata: id, path (absolute), relpath, size, mtime (ns), sha256, width, height."""
+        """Row metadata: id, path (absolute), relpath, size, mtime (ns), sha256, width, height.
+
+        ``path`` and ``relpath`` are the exact names (os.fsdecode form: ``open(path)`` works even
+        for a name that is not UTF-8), not the readable text of the Arrow ``path`` column.
+        """
         rows = self._rows(rows)
-        taken = self.table.select(list(META_COLUMNS)).take(pa.array(rows, type=pa.int64())).to_pylist()
-        for row, record in zip(rows.tolist(), taken, strict=True):
-            record["relpath"] = record["path"]
-            record["path"] = str(self.images_root.joinpath(*record["relpath"].split("/")))
+        columns = [c for c in (*META_COLUMNS, PATH_BYTES_COLUMN) if c in self.table.column_names]
+        picked = self.table.select(columns).take(pa.array(rows, type=pa.int64()))
+        taken = picked.to_pylist()
+        for row, record, relpath in zip(rows.tolist(), taken, relative_paths(picked), strict=True):
+            record.pop(PATH_BYTES_COLUMN, None)
+            record["relpath"] = relpath
+            record["path"] = str(self.images_root.joinpath(*relpath.split("/")))
             record["shard"] = self.name
             record["row"] = row
         return taken
@@ -122,6 +171,20 @@ class Shard:
         mask = np.ones(self.rows, dtype=bool)
         mask[self.retired_rows] = False
         return mask
+
+
+def _open_faiss(path: Path, expected_bytes: Any) -> tuple[Any, str | None]:
+    """(open binary handle or None, what is wrong with the file or None)."""
+    try:
+        handle = open(path, "rb")  # noqa: SIM115 - held for the snapshot's lifetime, closed by Shard.close
+    except FileNotFoundError:
+        return None, "missing"
+    except OSError as error:
+        return None, f"cannot open: {error.strerror or error}"
+    size = os.fstat(handle.fileno()).st_size
+    if expected_bytes is not None and size != int(expected_bytes):
+        return handle, f"{size} bytes, the manifest says {expected_bytes} (truncated or replaced)"
+    return handle, None
 
 
 class Index:
@@ -146,14 +209,21 @@ class Index:
         for attempt in range(3):
             manifest = read_manifest(index_dir)
             root = Path(images_root).expanduser().resolve() if images_root else Path(manifest["images_root"])
+            shards: list[Shard] = []
             try:
-                shards = [Shard(index_dir, entry, root) for entry in manifest["shards"]]
-            except FileNotFoundError as error:
+                for entry in manifest["shards"]:
+                    shards.append(Shard(index_dir, entry, root))
+            except (FileNotFoundError, OSError, pa.ArrowInvalid) as error:
+                for shard in shards:
+                    shard.close()
                 # a compaction may have committed and removed these files since we read the manifest
                 if attempt < 2 and read_manifest(index_dir) != manifest:
                     continue
-                raise ManifestError(f"{index_dir / MANIFEST_NAME}: lists {error.filename}, which does not exist; "
-                                    f"run `vkd index verify {index_dir}`, and re-index with --rebuild") from None
+                arrow = index_dir / entry["arrow"]
+                why = "does not exist" if not arrow.exists() else f"cannot be read ({error})"
+                raise ManifestError(f"{index_dir / MANIFEST_NAME}: lists {arrow}, which {why}; run "
+                                    f"`vkd index verify --repair {index_dir}` (it drops the shard, and the next "
+                                    "`vkd index` run re-encodes its images)") from None
             return cls(index_dir, manifest, shards, root)
         raise AssertionError("unreachable")
 
@@ -172,18 +242,20 @@ class Index:
         memory_budget: int | str | None = None,
         rebuild: bool = False,
         show_progress: bool = False,
+        follow_links: bool = False,
         **options: Any,
     ) -> Index:
         """Index ``images_dir`` (incrementally, resumably) and open the result.
 
-        See ``vkd.indexer.build.build_index`` for ``options`` (``max_pixels``, ``device``).
+        ``follow_links`` also indexes what symlinks out of ``images_dir`` lead to. See
+        ``vkd.indexer.build.build_index`` for ``options`` (``max_pixels``, ``device``).
         """
         from vkd.indexer.build import build_index
 
         result = build_index(images_dir, out_dir, student=student, teacher=teacher, batch_size=batch_size,
                              workers=workers, shard_size=shard_size, index_type=index_type,
                              memory_budget=memory_budget, rebuild=rebuild, show_progress=show_progress,
-                             **options)
+                             follow_links=follow_links, **options)
         index = cls.open(result.index_dir)
         index.last_build = result
         return index
@@ -230,9 +302,22 @@ class Index:
             "teacher": self.teacher,
             "bytes_on_disk": sum(f.stat().st_size for f in files if f.exists()),
             "skipped": int(self.manifest.get("skipped", 0)),
+            "unfinished_run": self.manifest.get("unfinished_run"),
+            "damaged_shards": {s.name: s.damage for s in self.shards if s.damage is not None},
             "shard_list": [{"name": s.name, "rows": s.rows, "live_rows": s.live_rows, "index": s.spec.factory}
                            for s in self.shards],
         }
+
+    def close(self) -> None:
+        """Release the files this snapshot holds (also done when it is garbage-collected)."""
+        for shard in self.shards:
+            shard.close()
+
+    def __enter__(self) -> Index:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def verify(self) -> list[str]:
         """Problems found (empty when the index is sound). See ``vkd.indexer.verify``."""

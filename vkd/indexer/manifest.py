@@ -11,13 +11,24 @@ Layout (``version`` 1)::
     {"format": "vkd-index", "version": 1, "created": ISO-8601, "updated": ISO-8601,
      "images_root": "/abs/path/of/the/images",
      "student": {"name", "fingerprint", "dim", "family"}, "teacher": {...} | null,
-     "build": {"index_type", "memory_budget", "shard_size", "max_pixels"},
+     "build": {"index_type", "memory_budget", "shard_size", "max_pixels", "follow_links"},
      "shards": [{"name", "arrow", "faiss", "rows", "arrow_sha256", "faiss_sha256",
                  "arrow_bytes", "faiss_bytes", "index": IndexSpec, "retired": [ids], "created"}],
-     "next_shard": int, "rows": int, "live_rows": int, "skipped": int}
+     "next_shard": int, "rows": int, "live_rows": int, "skipped": int,
+     "unfinished_run": {"started", "pid", "to_encode", "rebuild"}  # only while a run is under way}
+
+Every open validates the whole file (``validate``): a shard's files are always
+``<name>.arrow`` / ``<name>.faiss`` in the index directory, counts are integers, index kinds
+are known. ``unfinished_run`` is committed before a run encodes anything and dropped by its
+final commit, so an index left by a killed run says so (``vkd index verify``).
 
 ``retired`` lists, per shard, the ids of rows whose file was deleted or changed after the
 shard was written; readers never return them and ``vkd index compact`` drops them.
+
+``skipped.jsonl`` holds one ASCII JSON object per line: ``{"path", "reason", "size",
+"mtime"}``, plus ``"max_pixels"`` for files rejected for their size and ``"path_base64"`` (the
+exact bytes) for a name that is not valid UTF-8, whose ``"path"`` is then its readable form
+(see ``scan.stored_path``). Reading it never fails a run: a line that does not parse is dropped.
 """
 
 from __future__ import annotations
@@ -37,6 +48,10 @@ SKIPPED_NAME = "skipped.jsonl"
 FORMAT = "vkd-index"
 VERSION = 1
 SHARD_FILE = re.compile(r"^shard-\d{5,}\.(arrow|faiss)$")
+SHARD_NAME = re.compile(r"^shard-\d{5,}$")
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# = vkd.indexer.faiss_index.INDEX_TYPES less "auto"; not imported, to keep this module light
+INDEX_KINDS = ("flat", "hnsw", "ivfpq")
 MODEL_KEYS = ("name", "fingerprint", "dim", "family")
 SHARD_KEYS = ("name", "arrow", "faiss", "rows", "arrow_sha256", "faiss_sha256", "index", "retired")
 
@@ -46,7 +61,13 @@ class ManifestError(ValueError):
 
 
 def model_record(described: dict[str, Any]) -> dict[str, Any]:
-    return {key: described.get(key) for key in MODEL_KEYS}
+    """The manifest's record of a model, its name one that resolves from any directory:
+    a local model directory by its absolute path, a hub id as the id."""
+    record = {key: described.get(key) for key in MODEL_KEYS}
+    name = record["name"]
+    if isinstance(name, str) and name and Path(name).expanduser().exists():
+        record["name"] = str(Path(name).expanduser().resolve())
+    return record
 
 
 def new_manifest(images_root: Path, student: dict[str, Any], teacher: dict[str, Any] | None,
@@ -74,26 +95,83 @@ def _require(condition: bool, path: Path, message: str) -> None:
         raise ManifestError(f"{path}: {message}")
 
 
+def _is_int(value: Any, minimum: int = 0) -> bool:
+    # bool is an int to Python, never to the manifest
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _check_model(model: Any, role: str, path: Path) -> None:
+    _require(isinstance(model, dict) and all(k in model for k in MODEL_KEYS), path,
+             f"key {role!r} must hold {', '.join(MODEL_KEYS)}; found {model!r:.200}")
+    _require(isinstance(model["name"], str) and model["name"] != "", path,
+             f"{role}.name is {model['name']!r:.80}, expected a model directory or hub id")
+    _require(isinstance(model["fingerprint"], str) and model["fingerprint"] != "", path,
+             f"{role}.fingerprint is {model['fingerprint']!r:.80}, expected a string")
+    _require(_is_int(model["dim"], 1), path, f"{role}.dim is {model['dim']!r:.80}, expected a positive integer")
+    _require(model["family"] is None or isinstance(model["family"], str), path,
+             f"{role}.family is {model['family']!r:.80}, expected a string")
+
+
+def _check_shard(shard: Any, i: int, path: Path) -> int:
+    """Validate ``shards[i]``; returns its number (shard-NNNNN)."""
+    where = f"shards[{i}]"
+    _require(isinstance(shard, dict), path, f"{where} is {type(shard).__name__}, expected an object")
+    missing = [k for k in SHARD_KEYS if k not in shard]
+    _require(not missing, path, f"{where} lacks {', '.join(missing)}")
+    name = shard["name"]
+    _require(isinstance(name, str) and SHARD_NAME.match(name) is not None, path,
+             f"{where}.name is {name!r:.80}, expected shard-NNNNN")
+    # file names are derived, never free: no path in the manifest can leave the index directory
+    for key in ("arrow", "faiss"):
+        _require(shard[key] == f"{name}.{key}", path,
+                 f"{where}.{key} is {shard[key]!r:.80}, expected {name}.{key} (a file inside the index directory)")
+    _require(_is_int(shard["rows"]), path, f"{where}.rows is {shard['rows']!r:.80}, expected an integer >= 0")
+    for key in ("arrow_sha256", "faiss_sha256"):
+        _require(isinstance(shard[key], str) and SHA256.match(shard[key]) is not None, path,
+                 f"{where}.{key} is {shard[key]!r:.80}, expected 64 hex digits")
+    for key in ("arrow_bytes", "faiss_bytes"):
+        _require(shard.get(key) is None or _is_int(shard[key]), path,
+                 f"{where}.{key} is {shard.get(key)!r:.80}, expected an integer >= 0")
+    spec = shard["index"]
+    _require(isinstance(spec, dict) and spec.get("kind") in INDEX_KINDS and isinstance(spec.get("factory"), str)
+             and isinstance(spec.get("params", {}), dict), path,
+             f"{where}.index is {spec!r:.120}, expected {{kind: {'|'.join(INDEX_KINDS)}, factory: str, params: {{}}}}")
+    retired = shard["retired"]
+    _require(isinstance(retired, list) and all(isinstance(r, str) for r in retired), path,
+             f"{where}.retired must be a list of row ids (strings)")
+    _require(len(retired) <= shard["rows"], path, f"{where} retires {len(retired)} of {shard['rows']} rows")
+    return int(name.split("-")[1])
+
+
 def validate(manifest: Any, path: Path) -> dict[str, Any]:
+    """Check ``manifest`` against the schema in this module's docstring; ``ManifestError`` names
+    the first key at fault. Run on every open, so no reader ever trips over a malformed field."""
     _require(isinstance(manifest, dict), path, "expected a JSON object")
     _require(manifest.get("format") == FORMAT, path,
-             f"key 'format' is {manifest.get('format')!r}, expected {FORMAT!r}: not a vkd index manifest")
+             f"key 'format' is {manifest.get('format')!r:.80}, expected {FORMAT!r}: not a vkd index manifest")
     version = manifest.get("version")
-    _require(isinstance(version, int), path, f"key 'version' is {version!r}, expected an integer")
+    _require(_is_int(version, 1), path, f"key 'version' is {version!r:.80}, expected an integer")
     _require(version <= VERSION, path,
              f"version {version} is newer than this vkd reads (up to {VERSION}); upgrade vkd")
     for key in ("images_root", "student", "shards"):
         _require(key in manifest, path, f"missing key {key!r}")
-    for role in ("student", "teacher"):
-        model = manifest.get(role)
-        if model is None and role == "teacher":
-            continue
-        _require(isinstance(model, dict) and all(k in model for k in MODEL_KEYS), path,
-                 f"key {role!r} must hold {', '.join(MODEL_KEYS)}; found {model!r}")
+    _require(isinstance(manifest["images_root"], str) and manifest["images_root"] != "", path,
+             f"key 'images_root' is {manifest['images_root']!r:.80}, expected the images folder's path")
+    _check_model(manifest["student"], "student", path)
+    if manifest.get("teacher") is not None:
+        _check_model(manifest["teacher"], "teacher", path)
+    for key in ("build", "unfinished_run"):
+        _require(manifest.get(key) is None or isinstance(manifest[key], dict), path,
+                 f"key {key!r} is {manifest.get(key)!r:.80}, expected an object")
+    for key in ("rows", "live_rows", "skipped"):
+        _require(manifest.get(key) is None or _is_int(manifest[key]), path,
+                 f"key {key!r} is {manifest.get(key)!r:.80}, expected an integer >= 0")
     _require(isinstance(manifest["shards"], list), path, "key 'shards' must be a list")
-    for i, shard in enumerate(manifest["shards"]):
-        missing = [k for k in SHARD_KEYS if not isinstance(shard, dict) or k not in shard]
-        _require(not missing, path, f"shards[{i}] lacks {', '.join(missing)}")
+    numbers = [_check_shard(shard, i, path) for i, shard in enumerate(manifest["shards"])]
+    _require(len(set(numbers)) == len(numbers), path, "a shard is listed twice")
+    next_shard = manifest.get("next_shard", max(numbers, default=-1) + 1)
+    _require(_is_int(next_shard) and next_shard > max(numbers, default=-1), path,
+             f"key 'next_shard' is {next_shard!r:.80}, expected an integer above every listed shard's number")
     return manifest
 
 
@@ -105,8 +183,8 @@ def read_manifest(index_dir: Path) -> dict[str, Any]:
                             "(create one with `vkd index IMAGES_DIR --model STUDENT --out DIR`)")
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ManifestError(f"{path}: cannot read: {error}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise ManifestError(f"{path}: cannot read: {type(error).__name__}: {error}") from None
     return validate(manifest, path)
 
 
@@ -150,23 +228,36 @@ def remove_unlisted(index_dir: Path, manifest: dict[str, Any] | None) -> list[st
 
 
 def read_skipped(index_dir: Path) -> list[SkipRecord]:
+    """The records of ``skipped.jsonl``; a line that is not one (bad bytes, bad JSON, wrong
+    shape) is left out.
+
+    The file is a record for people and a cache for us: a lost line only costs one retry of
+    its file, so nothing in it may stop a run.
+    """
     path = Path(index_dir) / SKIPPED_NAME
-    if not path.is_file():
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
         return []
+    except OSError:
+        return []  # unreadable: every skipped file is retried, and the next write replaces it
     records = []
-    for line in path.read_text().splitlines():
+    # split on b"\n" only: str.splitlines would also split inside a line at \x85 or U+2028
+    for line in data.split(b"\n"):
         line = line.strip()
         if not line:
             continue
         try:
-            records.append(SkipRecord.from_json(json.loads(line)))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue  # the file is a record for people and a cache for us; a bad line only costs a retry
+            records.append(SkipRecord.from_json(json.loads(line.decode("utf-8"))))
+        except (ValueError, KeyError, TypeError, RecursionError):
+            continue
     return records
 
 
 def write_skipped(index_dir: Path, records: Iterable[SkipRecord]) -> int:
+    """Replace ``skipped.jsonl``: one JSON object per line, ASCII only (``ensure_ascii``), so
+    no name can break a line for any reader; see ``SkipRecord.to_json`` for the fields."""
     ordered = sorted(records, key=lambda r: r.path)
-    data = "".join(json.dumps(r.to_json()) + "\n" for r in ordered).encode()
+    data = "".join(json.dumps(r.to_json(), ensure_ascii=True) + "\n" for r in ordered).encode("ascii")
     atomic_write_bytes(Path(index_dir) / SKIPPED_NAME, data)
     return len(ordered)

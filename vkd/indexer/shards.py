@@ -5,9 +5,14 @@ batch, so ``pa.memory_map`` + ``ipc.open_file`` give zero-copy columns and the v
 a numpy view of the mapped file. Columns:
 
 ====================  ======================================  =======================================
-id                    string                                  sha256 of ``path`` (32 hex), stable
+id                    string                                  sha256 of the path's exact bytes
+                                                              (32 hex), stable
 path                  string                                  relative to the manifest's images_root,
-                                                              POSIX separators
+                                                              POSIX separators; always valid UTF-8:
+                                                              a byte that is not UTF-8 is spelled
+                                                              ``\\xNN`` (backslashreplace)
+path_bytes            binary, nullable                        the exact bytes of the relative path
+                                                              where it is not valid UTF-8, else null
 size                  int64                                   bytes
 mtime                 int64                                   st_mtime_ns (nanoseconds since epoch)
 sha256                string                                  of the file's bytes
@@ -16,6 +21,12 @@ student_vec           fixed_size_list<float32>[d]             L2-normalised
 teacher_vec           fixed_size_list<float16>[d_t]           only when indexed with a teacher
 ====================  ======================================  =======================================
 
+File names are stored losslessly: ``path`` is what any Arrow reader (pyarrow, DuckDB,
+Polars) shows, and two names can share it (``caf\\xe9.png`` in Latin-1 and a file really
+called ``caf\\xe9.png``); ``path_bytes`` and the id tell them apart. vkd reads a row's path
+as ``os.fsdecode(path_bytes)`` when set, else ``path`` (``relative_paths``). Shards written
+before ``path_bytes`` existed lack the column; they hold UTF-8 names only and read the same.
+
 ``shard-NNNNN.faiss`` indexes ``student_vec`` (inner product; FAISS ids = row numbers) and
 can always be rebuilt from the Arrow file, which is the source of truth.
 """
@@ -23,6 +34,7 @@ can always be rebuilt from the Arrow file, which is the source of truth.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,9 +46,12 @@ import pyarrow.ipc as ipc
 
 from vkd.indexer.faiss_index import IndexSpec, build_faiss
 from vkd.indexer.fsutil import atomic_write_bytes
+from vkd.indexer.scan import path_from_stored, stored_path
 
 SHARD_FORMAT = "vkd-index-shard/1"
 META_COLUMNS = ("id", "path", "size", "mtime", "sha256", "width", "height")
+# not in META_COLUMNS: shards written before it existed lack it, and are still whole
+PATH_BYTES_COLUMN = "path_bytes"
 STUDENT_COLUMN = "student_vec"
 TEACHER_COLUMN = "teacher_vec"
 
@@ -50,6 +65,7 @@ def shard_schema(student_dim: int, teacher_dim: int | None = None,
     fields = [
         pa.field("id", pa.string(), nullable=False),
         pa.field("path", pa.string(), nullable=False),
+        pa.field(PATH_BYTES_COLUMN, pa.binary(), nullable=True),
         pa.field("size", pa.int64(), nullable=False),
         pa.field("mtime", pa.int64(), nullable=False),
         pa.field("sha256", pa.string(), nullable=False),
@@ -73,11 +89,18 @@ def _vector_array(vectors: np.ndarray, dtype: np.dtype, dim: int) -> pa.FixedSiz
 def make_record_batch(columns: Mapping[str, Sequence[Any]], student_vecs: np.ndarray,
                       teacher_vecs: np.ndarray | None = None,
                       metadata: Mapping[str, str] | None = None) -> pa.RecordBatch:
-    """One record batch in the shard schema from metadata columns and vector matrices."""
+    """One record batch in the shard schema from metadata columns and vector matrices.
+
+    ``columns["path"]`` holds relative paths as the scan gives them (os.fsdecode form, or
+    bytes); they are stored as ``path`` text plus ``path_bytes`` (see the module docstring).
+    """
     student_dim = int(student_vecs.shape[1])
     teacher_dim = int(teacher_vecs.shape[1]) if teacher_vecs is not None else None
     schema = shard_schema(student_dim, teacher_dim, metadata)
-    arrays = [pa.array(list(columns[name]), type=schema.field(name).type) for name in META_COLUMNS]
+    stored = [stored_path(os.fsdecode(p)) for p in columns["path"]]
+    values = {**columns, "path": [text for text, _ in stored], PATH_BYTES_COLUMN: [raw for _, raw in stored]}
+    arrays = [pa.array(list(values[field.name]), type=field.type) for field in schema
+              if field.name in META_COLUMNS or field.name == PATH_BYTES_COLUMN]
     arrays.append(_vector_array(student_vecs, np.float32, student_dim))
     if teacher_vecs is not None:
         arrays.append(_vector_array(teacher_vecs, np.float16, teacher_dim))
@@ -85,6 +108,15 @@ def make_record_batch(columns: Mapping[str, Sequence[Any]], student_vecs: np.nda
     if len(lengths) != 1:
         raise ValueError(f"shard columns have different lengths: {sorted(lengths)}")
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def relative_paths(table: pa.Table | pa.RecordBatch) -> list[str]:
+    """Each row's path relative to images_root as a str that opens the file (os.fsdecode form)."""
+    texts = table.column("path").to_pylist()
+    if PATH_BYTES_COLUMN not in table.column_names:
+        return [path_from_stored(text) for text in texts]
+    raws = table.column(PATH_BYTES_COLUMN).to_pylist()
+    return [path_from_stored(text, raw) for text, raw in zip(texts, raws, strict=True)]
 
 
 def arrow_bytes(batch: pa.RecordBatch) -> pa.Buffer:
@@ -123,27 +155,36 @@ def write_shard(out_dir: Path, name: str, batch: pa.RecordBatch, spec: IndexSpec
 
     The files are not part of the index until a manifest listing the entry is committed.
     """
-    import faiss
-
     data = arrow_bytes(batch)
     arrow_path = out_dir / f"{name}.arrow"
     atomic_write_bytes(arrow_path, memoryview(data))
     arrow_sha = hashlib.sha256(memoryview(data)).hexdigest()
-    vectors = vector_view(pa.Table.from_batches([batch]), STUDENT_COLUMN)
-    index = build_faiss(vectors, spec)
-    faiss_data = faiss.serialize_index(index)
-    faiss_path = out_dir / f"{name}.faiss"
-    atomic_write_bytes(faiss_path, memoryview(faiss_data))
+    faiss_path, faiss_sha, faiss_size = write_faiss(
+        out_dir, name, vector_view(pa.Table.from_batches([batch]), STUDENT_COLUMN), spec)
     return {
         "name": name,
         "arrow": arrow_path.name,
         "faiss": faiss_path.name,
         "rows": batch.num_rows,
         "arrow_sha256": arrow_sha,
-        "faiss_sha256": hashlib.sha256(faiss_data).hexdigest(),
+        "faiss_sha256": faiss_sha,
         "arrow_bytes": data.size,
-        "faiss_bytes": int(faiss_data.size),
+        "faiss_bytes": faiss_size,
         "index": spec.to_dict(),
         "retired": [],
         "created": now_iso(),
     }
+
+
+def write_faiss(out_dir: Path, name: str, vectors: np.ndarray, spec: IndexSpec) -> tuple[Path, str, int]:
+    """Build the FAISS index ``spec`` over ``vectors`` and write ``name.faiss`` atomically.
+
+    Returns (path, sha256, size in bytes) for the manifest entry. Also how a missing or
+    damaged FAISS file is rebuilt from its Arrow shard.
+    """
+    import faiss
+
+    faiss_data = faiss.serialize_index(build_faiss(vectors, spec))
+    faiss_path = out_dir / f"{name}.faiss"
+    atomic_write_bytes(faiss_path, memoryview(faiss_data))
+    return faiss_path, hashlib.sha256(faiss_data).hexdigest(), int(faiss_data.size)

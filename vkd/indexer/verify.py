@@ -5,20 +5,36 @@ file has one record batch, the manifest's row count and the expected columns and
 dimensions; the FAISS index has ``ntotal`` equal to the Arrow rows, the student dimension
 and the inner-product metric; the vectors are finite and unit length; retired ids exist.
 Across shards: every id is live at most once, and the manifest's totals add up.
+
+``repair_shards`` is what ``vkd index`` runs before every update (cheap checks: the files
+exist with the recorded sizes) and ``vkd index verify --repair`` runs with checksums: a bad
+FAISS file is rebuilt from its Arrow shard, the source of truth; a shard whose Arrow file is
+bad is dropped from the manifest, so the next ``vkd index`` run re-encodes its images.
+The caller holds the writer lock and commits the manifest.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
+from vkd.indexer.faiss_index import IndexSpec
 from vkd.indexer.fsutil import sha256_file
 from vkd.indexer.manifest import MANIFEST_NAME, ManifestError, read_manifest
-from vkd.indexer.shards import META_COLUMNS, STUDENT_COLUMN, TEACHER_COLUMN, vector_view
+from vkd.indexer.shards import (
+    META_COLUMNS,
+    STUDENT_COLUMN,
+    TEACHER_COLUMN,
+    open_arrow,
+    vector_view,
+    write_faiss,
+)
 
 NORM_TOLERANCE = 1e-3
 
@@ -130,3 +146,69 @@ def verify_index(index_dir: str | os.PathLike[str]) -> list[str]:
         if "live_rows" in manifest and int(manifest["live_rows"]) != total_live:
             problems.append(f"{path / MANIFEST_NAME}: live_rows={manifest['live_rows']}, shards hold {total_live}")
     return problems
+
+
+@dataclass
+class RepairResult:
+    rebuilt_faiss: list[str] = field(default_factory=list)
+    dropped_shards: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.rebuilt_faiss or self.dropped_shards)
+
+
+def _file_sound(path: Path, size: Any, sha256: str | None) -> bool:
+    try:
+        actual = path.stat().st_size
+    except OSError:
+        return False
+    if size is not None and actual != int(size):
+        return False
+    return sha256 is None or sha256_file(path) == sha256
+
+
+def _arrow_sound(path: Path, entry: dict[str, Any], deep: bool) -> bool:
+    if not _file_sound(path, entry.get("arrow_bytes"), entry["arrow_sha256"] if deep else None):
+        return False
+    try:
+        return open_arrow(path).num_rows == int(entry["rows"])
+    except (OSError, pa.ArrowInvalid):
+        return False
+
+
+def repair_shards(index_dir: Path, manifest: dict[str, Any], *, deep: bool = False) -> RepairResult:
+    """Rebuild bad FAISS files from their Arrow shards and drop shards whose Arrow file is bad,
+    updating ``manifest`` in place (not committed). ``deep`` compares checksums too."""
+    result = RepairResult()
+    kept = []
+    for entry in manifest["shards"]:
+        arrow_path, faiss_path = index_dir / entry["arrow"], index_dir / entry["faiss"]
+        if not _arrow_sound(arrow_path, entry, deep):
+            result.dropped_shards.append(entry["name"])
+            continue
+        kept.append(entry)
+        if _file_sound(faiss_path, entry.get("faiss_bytes"), entry["faiss_sha256"] if deep else None):
+            continue
+        vectors = vector_view(open_arrow(arrow_path), STUDENT_COLUMN)
+        _, sha, size = write_faiss(index_dir, entry["name"], vectors, IndexSpec.from_dict(entry["index"]))
+        entry.update(faiss_sha256=sha, faiss_bytes=size)
+        result.rebuilt_faiss.append(entry["name"])
+    manifest["shards"] = kept
+    return result
+
+
+def repair_index(index_dir: str | os.PathLike[str]) -> RepairResult:
+    """``vkd index verify --repair``: ``repair_shards`` with checksums, under the writer lock,
+    committed in one atomic manifest replace."""
+    from vkd.indexer.fsutil import writer_lock
+    from vkd.indexer.manifest import commit_manifest, remove_unlisted
+
+    path = Path(index_dir).expanduser().resolve()
+    with writer_lock(path):
+        manifest = read_manifest(path)
+        remove_unlisted(path, manifest)
+        result = repair_shards(path, manifest, deep=True)
+        if result:
+            commit_manifest(path, manifest)
+            remove_unlisted(path, manifest)
+    return result

@@ -36,14 +36,17 @@ def batched(items: Sequence[Any], batch_size: int) -> Iterator[Sequence[Any]]:
         yield items[start : start + batch_size]
 
 
-def load_rgb(image: Any) -> Image.Image:
-    """A PIL image in RGB from a PIL image or a path (EXIF orientation applied)."""
-    from PIL import Image, ImageOps
+def load_rgb(image: Any, *, max_pixels: int | None = None) -> Image.Image:
+    """An upright RGB PIL image from a PIL image or a path: the conversion the indexer uses
+    (``vkd.data.images``: EXIF orientation, transparency on white, 16-bit and palette images).
 
-    if isinstance(image, Image.Image):
-        return image if image.mode == "RGB" else image.convert("RGB")
-    with Image.open(image) as opened:
-        return ImageOps.exif_transpose(opened).convert("RGB")
+    ``max_pixels`` is the decompression-bomb bound; None: the one in force (PIL's
+    ``Image.MAX_IMAGE_PIXELS``, ~89.5 Mpx unless changed). Raises ``vkd.data.images.ImageError``
+    (a ``ValueError``; ``ImageTooLarge`` over a bound) naming the file and what is wrong.
+    """
+    from vkd.data.images import load_image
+
+    return load_image(image, max_pixels=max_pixels)
 
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:
@@ -129,6 +132,9 @@ class TorchEncoder(Encoder):
     device: torch.device
     dtype: torch.dtype
     source_dir: Path | None = None
+    #: the checkpoint directory whose weight files ``model`` holds exactly (None once trained)
+    weights_dir: Path | None = None
+    _files_digest: str | None = None
 
     @abstractmethod
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -200,13 +206,37 @@ class TorchEncoder(Encoder):
             cached = self._fingerprint = self.compute_fingerprint()
         return cached
 
+    def link_weights(self, directory: str | os.PathLike[str], files: Sequence[Path] | None = None) -> None:
+        """Declare that ``self.model``'s weights are exactly those stored in ``directory``'s
+        weight files (``files``; default: the safetensors there), so the fingerprint hashes
+        the files, whatever dtype or device the tensors are in. Without weight files there
+        the tensors are hashed instead."""
+        from vkd.models.checkpoint import files_digest, weight_files
+
+        directory = Path(directory).resolve()
+        found = list(files) if files is not None else weight_files(directory)
+        # Hashed now, not at the first fingerprint read: files rewritten after the load
+        # must not lend their identity to the weights already in memory.
+        self._files_digest = files_digest(directory, found) if found else None
+        self.weights_dir = directory if found else None
+        self._fingerprint = None
+
     def invalidate_fingerprint(self) -> None:
-        """Call after the weights change (training) so the next read re-hashes them."""
+        """Call after the weights change (training): they no longer match any checkpoint
+        files, so the next read hashes the tensors; ``save`` links them to files again."""
+        self.weights_dir = self._files_digest = None
         self._fingerprint = None
 
     def preprocessing_config(self) -> dict[str, Any]:
         """What, besides the weights, decides the vectors (processor numbers, prompts)."""
         return {}
+
+    def weights_identity(self) -> str:
+        """The weights' part of the fingerprint: the checkpoint files' digest when the
+        weights are a checkpoint's, else a digest of the tensors in memory."""
+        if self._files_digest is not None:
+            return "files:" + self._files_digest
+        return "tensors:" + weights_digest(self.model)
 
     def compute_fingerprint(self) -> str:
         digest = hashlib.sha256()
@@ -214,15 +244,16 @@ class TorchEncoder(Encoder):
             {"family": self.family, "dim": self.dim, "pre": self.preprocessing_config()},
             sort_keys=True, default=str,
         ).encode())
-        digest.update(weights_digest(self.model).encode())
+        digest.update(self.weights_identity().encode())
         return digest.hexdigest()[:16]
 
 
 def weights_digest(model: torch.nn.Module) -> str:
     """sha256 over every parameter and buffer (names, shapes, dtypes and bytes).
 
-    Hashing the tensors rather than the files makes the fingerprint the same whether a
-    model came from a directory, the hub cache or a training run still in memory.
+    For weights that are no checkpoint's files (a model trained in memory): it costs a
+    pass over the tensors and depends on their dtype, which is why checkpoints are
+    identified by their files instead.
     """
     import torch
 

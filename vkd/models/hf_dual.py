@@ -52,27 +52,42 @@ class HFDualEncoder(TorchEncoder):
     @classmethod
     def from_pretrained(
         cls,
-        name_or_path: str,
+        name_or_path: str | os.PathLike[str],
         *,
         device: torch.device,
         dtype: torch.dtype,
         batch_size: int = 32,
         trust_remote_code: bool = False,
+        allow_pickle: bool = False,
         max_text_length: int | None = None,
     ) -> HFDualEncoder:
+        """Open a model directory or hub id. Pickle weights (pytorch_model.bin) are refused
+        unless ``allow_pickle``: unpickling can run code."""
         from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
-        model = AutoModel.from_pretrained(
-            name_or_path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        from vkd.models.checkpoint import check_weights_format, checkpoint_weights, resolve_model_name
+
+        name = resolve_model_name(name_or_path)
+        check_weights_format(name, allow_pickle=allow_pickle)
+        # use_safetensors=None lets transformers fall back to the .bin files allowed here.
+        model, info = AutoModel.from_pretrained(
+            name, dtype=dtype, use_safetensors=None if allow_pickle else True,
+            trust_remote_code=trust_remote_code, output_loading_info=True,
         )
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        image_processor = AutoImageProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        image_processor = AutoImageProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
         model.to(device).eval()
-        source = Path(name_or_path) if Path(name_or_path).is_dir() else None
-        return cls(
-            model, tokenizer, image_processor, name=str(name_or_path), device=device, dtype=dtype,
+        source = Path(name) if Path(name).is_dir() else None
+        encoder = cls(
+            model, tokenizer, image_processor, name=name, device=device, dtype=dtype,
             batch_size=batch_size, max_text_length=max_text_length, source_dir=source,
         )
+        # Weights the checkpoint lacks are freshly (randomly) initialised: the files then
+        # do not determine the model, so it keeps the tensor hash.
+        checkpoint = checkpoint_weights(name, allow_pickle=allow_pickle)
+        if checkpoint is not None and not info.get("missing_keys"):
+            encoder.link_weights(*checkpoint)
+        return encoder
 
     @property
     def logit_scale(self) -> float:  # type: ignore[override]
@@ -122,6 +137,7 @@ class HFDualEncoder(TorchEncoder):
         self.model.save_pretrained(out, safe_serialization=True)
         self.tokenizer.save_pretrained(out)
         self.image_processor.save_pretrained(out)
+        self.link_weights(out)
         return out
 
 

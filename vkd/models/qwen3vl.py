@@ -347,6 +347,7 @@ class Qwen3VLEncoder(TorchEncoder):
         dtype: torch.dtype = torch.float32,
         batch_size: int = 32,
         trust_remote_code: bool = False,
+        allow_pickle: bool = False,
         instruction: str | None = None,
         matryoshka_dim: int | None = None,
         min_pixels: int | None = None,
@@ -355,10 +356,14 @@ class Qwen3VLEncoder(TorchEncoder):
         padding_side: str | None = None,
     ) -> Qwen3VLEncoder:
         """Open a Qwen3-VL directory or hub id; options not given fall back to what
-        ``save`` recorded there, then to the reference defaults."""
+        ``save`` recorded there, then to the reference defaults. Pickle weights
+        (pytorch_model.bin) are refused unless ``allow_pickle``: unpickling can run code."""
         from transformers import AutoTokenizer, Qwen3VLModel
 
-        name = str(name_or_path)
+        from vkd.models.checkpoint import check_weights_format, checkpoint_weights, resolve_model_name
+
+        name = resolve_model_name(name_or_path)
+        check_weights_format(name, allow_pickle=allow_pickle)
         saved = _saved_options(name)
         options = {
             "instruction": instruction if instruction is not None else saved.get("instruction"),
@@ -371,7 +376,7 @@ class Qwen3VLEncoder(TorchEncoder):
         # The embedding needs the base model only: a ForConditionalGeneration checkpoint
         # loads into it with its lm_head left out.
         model, info = Qwen3VLModel.from_pretrained(
-            name, dtype=dtype, use_safetensors=True, output_loading_info=True
+            name, dtype=dtype, use_safetensors=None if allow_pickle else True, output_loading_info=True
         )
         if info.get("missing_keys"):
             missing = sorted(info["missing_keys"])
@@ -389,11 +394,18 @@ class Qwen3VLEncoder(TorchEncoder):
         )
         device = torch.device(device)
         model.to(device).eval()
-        return cls(
+        encoder = cls(
             model, processor, name=name, device=device, dtype=dtype, batch_size=batch_size,
             instruction=options["instruction"], matryoshka_dim=options["matryoshka_dim"],
             source_dir=Path(name) if Path(name).is_dir() else None,
         )
+        # Missing weights raised above, so the files determine the model; the lm_head a
+        # ForConditionalGeneration checkpoint also holds is left out of the model but
+        # stays in the files' hash, which only makes the identity stricter.
+        checkpoint = checkpoint_weights(name, allow_pickle=allow_pickle)
+        if checkpoint is not None:
+            encoder.link_weights(*checkpoint)
+        return encoder
 
     # Qwen3-VL-Embedding learns no logit scale: the inherited 1/0.05 (DEFAULT_LOGIT_SCALE) applies.
 
@@ -487,6 +499,7 @@ class Qwen3VLEncoder(TorchEncoder):
         self.processor.tokenizer.save_pretrained(out)
         self.processor.image_processor.save_pretrained(out)
         (out / OPTIONS_FILE).write_text(json.dumps(self.options(), indent=2) + "\n")
+        self.link_weights(out)
         return out
 
 

@@ -35,13 +35,30 @@ def _read_config(name_or_path: str, trust_remote_code: bool) -> dict[str, Any]:
         )
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code).to_dict()
+    try:
+        return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code).to_dict()
+    except OSError as error:
+        # transformers' message names neither the model nor the two places it looked
+        offline = " (HF_HUB_OFFLINE is set: the hub is not asked)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+        raise ValueError(
+            f"{name_or_path}: no such model directory here, and no hub model of that id could be loaded{offline}; "
+            "give a model directory (written by save_pretrained, `vkd distill` or `vkd model tiny`) or a hub id "
+            "such as openai/clip-vit-base-patch32"
+        ) from error
 
 
 def detect_family(name_or_path: str | os.PathLike[str], *, trust_remote_code: bool = False) -> str:
     """"dual" or "qwen3-vl"; a clear error for anything else."""
     config = _read_config(str(name_or_path), trust_remote_code)
     model_type = config.get("model_type", "")
+    if config.get("auto_map") and not trust_remote_code:
+        # Loading such a model with the built-in class instead would quietly compute
+        # something other than what its authors wrote; running their code is opt-in.
+        raise ValueError(
+            f"{name_or_path}: config.json names custom model code (auto_map: "
+            f"{', '.join(sorted(config['auto_map']))}), and vkd runs no code from a checkpoint by default. "
+            "Pass load_encoder(..., trust_remote_code=True) only if you trust its source."
+        )
     if model_type in SUPPORTED_FAMILIES:
         return SUPPORTED_FAMILIES[model_type]
     if trust_remote_code and config.get("auto_map"):
@@ -79,6 +96,7 @@ def load_encoder(
     batch_size: int = 32,
     prefer: str = "torch",
     trust_remote_code: bool = False,
+    allow_pickle: bool = False,
     **backend_options: Any,
 ) -> Encoder:
     """Load an image-text encoder from a local directory or hub id.
@@ -87,8 +105,15 @@ def load_encoder(
     needed then). ``device`` defaults to CUDA when available, ``dtype`` to bf16 on CUDA and
     float32 on CPU. Extra keyword options go to the backend (Qwen3-VL: ``instruction``,
     ``matryoshka_dim``, ``min_pixels``, ``max_pixels``).
+
+    The encoder's ``name`` is a local directory's absolute path (a hub id stays an id), so
+    whatever records it opens the same model from any working directory. Nothing from the
+    checkpoint runs as code unless asked: ``trust_remote_code`` enables a model's own code,
+    ``allow_pickle`` weights stored only as pickle (pytorch_model.bin).
     """
-    name = str(name_or_path)
+    from vkd.models.checkpoint import resolve_model_name
+
+    name = resolve_model_name(name_or_path)
     if prefer not in ("torch", "onnx"):
         raise ValueError(f"prefer={prefer!r}: choose 'torch' or 'onnx'")
     if prefer == "onnx" and (Path(name) / ONNX_MANIFEST).is_file():
@@ -108,11 +133,11 @@ def load_encoder(
 
         return Qwen3VLEncoder.from_pretrained(
             name, device=device, dtype=dtype, batch_size=batch_size,
-            trust_remote_code=trust_remote_code, **backend_options,
+            trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, **backend_options,
         )
     from vkd.models.hf_dual import HFDualEncoder
 
     return HFDualEncoder.from_pretrained(
         name, device=device, dtype=dtype, batch_size=batch_size,
-        trust_remote_code=trust_remote_code, **backend_options,
+        trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, **backend_options,
     )

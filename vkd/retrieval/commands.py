@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import unicodedata
 import warnings
 from pathlib import Path
 
@@ -33,7 +34,13 @@ def search(query: str | None, image: str | None, index_dir: str | None, k: int, 
            no_rerank: bool, student: str | None, teacher: str | None, prefer: str) -> None:
     """Search an index: the student finds --candidates images by ANN, the teacher
     reranks them against its stored vectors, the best -k are printed (rank, final
-    score, student score, path).
+    score, student score, path). In that listing a path's control characters (newline,
+    tab, ...) and bytes that are not UTF-8 are escaped (\\n, \\t, \\xNN), so each hit
+    stays on one line; --json gives the exact path.
+
+    A text query must be non-empty UTF-8 of at most 2000 characters; text past the
+    model's token limit (CLIP: 77 tokens) is cut by its tokenizer, as in training. An
+    image query is decoded like an indexed image, with the same pixel limit.
 
     \b
     Examples:
@@ -48,6 +55,13 @@ def search(query: str | None, image: str | None, index_dir: str | None, k: int, 
 
     if (query is None) == (image is None):
         raise click.UsageError('give a text query or --image FILE (one of them): vkd search "a dog on a beach"')
+    if query is not None:
+        from vkd.retrieval.retriever import QueryError, check_text_query
+
+        try:
+            check_text_query(query)
+        except QueryError as error:
+            raise click.UsageError(str(error)) from None
     if candidates < k:
         raise click.UsageError(f"--candidates {candidates} is smaller than -k {k}; stage 1 must find at least k")
     path = Path(index_dir) if index_dir is not None else default_index_dir()
@@ -85,10 +99,34 @@ def search(query: str | None, image: str | None, index_dir: str | None, k: int, 
         return
     click.echo(f"{'rank':>4}  {'score':>7}  {'student':>7}  path")
     for hit in result:
-        click.echo(f"{hit.rank:>4}  {hit.score:7.4f}  {hit.student_score:7.4f}  {hit.path}")
+        click.echo(f"{hit.rank:>4}  {hit.score:7.4f}  {hit.student_score:7.4f}  {printable(hit.path)}")
     times = result.timings
     stages = ", ".join(f"{stage.removesuffix('_ms').replace('_', ' ')} {getattr(times, stage):.1f} ms"
                        for stage in STAGES)
     how = {"teacher": "teacher rerank", "student": "exact student rerank (no teacher vectors)", None: "no rerank"}
     click.echo(f"{len(retriever.index)} images, {result.candidates} candidates, {how[result.reranked]}; "
                f"{stages}; total {times.total_ms:.1f} ms", err=True)
+
+
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def printable(path: str) -> str:
+    """``path`` for one line of a terminal: control and line-separator characters and
+    surrogate-escaped bytes (a name that is not UTF-8) spelled with backslashes.
+
+    A name could otherwise forge output lines or send terminal escape sequences, and a
+    surrogate cannot be written to a UTF-8 stdout at all.
+    """
+    out = []
+    for char in path:
+        code = ord(char)
+        if char in _ESCAPES:
+            out.append(_ESCAPES[char])
+        elif 0xDC80 <= code <= 0xDCFF:  # os.fsdecode's stand-in for the byte code - 0xDC00
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif 0xD800 <= code <= 0xDFFF or unicodedata.category(char) in ("Cc", "Zl", "Zp"):
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+        else:
+            out.append(char)
+    return "".join(out)

@@ -40,6 +40,31 @@ if TYPE_CHECKING:
 
 DEFAULT_CANDIDATES = 1000
 PREFER = ("onnx", "torch")
+#: Longer text is refused, not cut silently. Text encoders read far less anyway (CLIP: 77
+#: tokens, about 300 characters); within this bound, text past the model's token limit is cut
+#: by the tokenizer, as in training.
+MAX_QUERY_CHARS = 2000
+
+
+class QueryError(ValueError):
+    """A query that cannot be searched; the message says why and what would be accepted."""
+
+
+def check_text_query(query: str) -> str:
+    """``query`` as it will be encoded, or ``QueryError``: empty, not valid UTF-8, too long."""
+    if not query.strip():
+        raise QueryError('empty query: give some words to search for, e.g. "a dog on a beach"')
+    try:
+        query.encode("utf-8")
+    except UnicodeEncodeError as error:
+        # a shell argument with bytes that are not UTF-8 arrives as lone surrogates
+        bad = query[error.start].encode("utf-8", "surrogateescape")
+        raise QueryError(f"the query is not valid UTF-8 text (byte 0x{bad.hex()} at character {error.start}); "
+                         "check the terminal's encoding (LANG=C.UTF-8) or the text's source") from None
+    if len(query) > MAX_QUERY_CHARS:
+        raise QueryError(f"the query is {len(query)} characters long; the limit is {MAX_QUERY_CHARS} (text "
+                         "encoders read only the first few hundred characters anyway): shorten it")
+    return query
 
 
 def open_encoder(name: str, *, prefer: str = "onnx", device: Any = None, batch_size: int = 32) -> Encoder:
@@ -223,6 +248,9 @@ class Retriever:
         do_rerank = self.rerank if rerank is None else bool(rerank)
         if not queries:
             return []
+        for query in queries:
+            if isinstance(query, str):
+                check_text_query(query)
         state = self._ensure_teacher(self._state) if do_rerank else self._state
         started = time.perf_counter()
         timings = StageTimings(batch_size=len(queries))
