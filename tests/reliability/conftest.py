@@ -7,8 +7,6 @@ Long variants (many kills, long fuzz runs) are marked ``long`` and run only with
 from __future__ import annotations
 
 import os
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -40,18 +38,44 @@ def plain_folder(root: Path, n: int, seed: int = 0) -> Path:
     return root
 
 
-def bomb_png(path: Path, width: int = 20_000, height: int = 20_000) -> Path:
-    """A valid black 1-bit PNG of ``width`` x ``height`` (400 Mpx by default) in a few KB.
+# -- figures the crash, concurrency and fuzz tests measure (kills landed, examples tried) ---------
+#
+# A test calls the ``reliability_figures`` fixture with keyword figures. Each call is printed,
+# attached to the test's report (``record_property``: junit XML), appended as one JSON line to
+# ``<pytest basetemp>/reliability-figures.jsonl`` (and to ``$VKD_RELIABILITY_REPORT`` when set),
+# and listed in a "reliability figures" section at the end of the run, with or without ``-s``.
 
-    Written chunk by chunk rather than with PIL's ``save``, which would first allocate the
-    whole image (a byte per pixel) in the test process.
-    """
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+_RELIABILITY_FIGURES: list[dict] = []
 
-    row = b"\0" * (1 + (width + 7) // 8)  # filter byte + packed bits
-    packer = zlib.compressobj(9)
-    body = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b""))
-    return path
+
+@pytest.fixture
+def reliability_figures(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                        record_property: object) -> object:
+    import json
+
+    def report(**figures: object) -> None:
+        line = {"test": request.node.nodeid, **figures}
+        text = json.dumps(line, sort_keys=True, default=str)
+        print(f"[reliability] {text}")
+        for key, value in figures.items():
+            record_property(key, value)
+        targets = [tmp_path_factory.getbasetemp() / "reliability-figures.jsonl"]
+        if os.environ.get("VKD_RELIABILITY_REPORT"):
+            targets.append(Path(os.environ["VKD_RELIABILITY_REPORT"]))
+        for target in targets:
+            with open(target, "a", encoding="utf-8") as handle:
+                handle.write(text + "\n")
+        _RELIABILITY_FIGURES.append(line)
+
+    return report
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int,
+                            config: pytest.Config) -> None:
+    import json
+
+    if not _RELIABILITY_FIGURES:
+        return
+    terminalreporter.section("reliability figures")
+    for line in _RELIABILITY_FIGURES:
+        terminalreporter.write_line(json.dumps(line, sort_keys=True, default=str))

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from reliability.conftest import plain_folder
 
+from reliability.conftest import plain_folder
 from vkd.cli import cli
 from vkd.indexer import Index, build_index
 from vkd.retrieval.retriever import MAX_QUERY_CHARS, QueryError, Retriever

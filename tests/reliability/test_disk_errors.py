@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from reliability.conftest import plain_folder
 
+from reliability.conftest import plain_folder
 from vkd.cli import cli
 from vkd.indexer import Index, build_index, verify_index
 from vkd.retrieval.retriever import Retriever

@@ -19,8 +19,8 @@ import pyarrow.ipc as ipc
 import pytest
 from click.testing import CliRunner
 from PIL import Image
-from reliability.conftest import noise_image, plain_folder
 
+from reliability.conftest import noise_image, plain_folder
 from vkd.cli import cli
 from vkd.indexer import Index, build_index, verify_index
 from vkd.indexer.manifest import SKIPPED_NAME, commit_manifest, read_manifest, read_skipped

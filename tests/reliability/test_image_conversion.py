@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import bomb_png
 from PIL import Image
 
+from reliability.image_files import bomb_png
 from vkd.cli import cli
 from vkd.indexer import Index, build_index
 from vkd.indexer.decode import decode_bytes, decode_file, pixel_guard

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from reliability.conftest import plain_folder
 
+from reliability.conftest import plain_folder
 from vkd.cli import cli
 from vkd.indexer import Index, ManifestError, build_index, compact_index, verify_index
 from vkd.indexer.faiss_index import BudgetTooSmallError

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from reliability.conftest import noise_image, plain_folder
 
+from reliability.conftest import noise_image, plain_folder
 from vkd.cli import cli
 from vkd.indexer import Index, build_index
 from vkd.indexer.manifest import read_manifest

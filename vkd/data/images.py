@@ -25,6 +25,8 @@ import hashlib
 import io
 import os
 import stat
+import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -42,6 +44,10 @@ DEFAULT_MAX_ASPECT = 100.0
 # pixel, plus room for metadata (EXIF, ICC profiles, XMP, thumbnails).
 BYTES_PER_PIXEL_BOUND = 8
 METADATA_ALLOWANCE = 16 * 2**20
+# PIL reads every PNG chunk and every JPEG segment before the scan whole into memory (and
+# keeps the unknown ones): a crafted 200 MB chunk costs 400 MB. Real files carry a few MB at
+# most (EXIF, XMP, ICC profiles), so more than this much of it is refused before PIL reads it.
+MAX_METADATA_BYTES = METADATA_ALLOWANCE
 # The formats the indexer lists by extension (vkd.indexer.scan.IMAGE_EXTENSIONS); PIL's other
 # plugins stay out of reach of untrusted files (EPS, for one, runs Ghostscript). MPO (phone
 # JPEGs with several pictures) is identified through "JPEG".
@@ -209,6 +215,69 @@ def convert_image(image: Image.Image, *, max_pixels: int | None = None,
     return to_rgb(upright(image))
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_PIXEL_CHUNKS = (b"IDAT", b"fdAT")
+# JPEG markers without a length field: RST0-7, SOI, EOI, TEM
+_JPEG_STANDALONE = frozenset({*range(0xD0, 0xDA), 0x01})
+
+
+def _reader_at(handle: IO[bytes]) -> Callable[[int, int], bytes]:
+    """``read_at(offset, count)``: positioned reads that leave ``handle``'s position and buffer alone."""
+    try:
+        fd = handle.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        def read_at(offset: int, count: int) -> bytes:
+            handle.seek(offset)
+            return handle.read(count)
+        return read_at
+    return lambda offset, count: os.pread(fd, count, offset)
+
+
+def _check_metadata(handle: IO[bytes], limit: int = MAX_METADATA_BYTES) -> None:
+    """Refuse a PNG or JPEG carrying more than ``limit`` bytes besides its compressed pixels.
+
+    Walks the chunk (segment) headers only, a few bytes each; the data is skipped over. Any
+    structure it does not understand is left for PIL to judge: this adds a bound, not a parser.
+    """
+    read_at = _reader_at(handle)
+    magic = read_at(0, 8)
+    total = 0
+    if magic == PNG_SIGNATURE:
+        offset = 8
+        while True:
+            header = read_at(offset, 8)
+            if len(header) < 8:
+                return
+            length, kind = struct.unpack(">I4s", header)
+            if not kind.isalpha():
+                return  # not a chunk type: a broken file, which PIL reports as such
+            total += 12 if kind in _PNG_PIXEL_CHUNKS else 12 + length  # length, type and CRC fields
+            if total > limit:
+                raise ImageError(f"PNG metadata exceeds {limit} bytes (chunk {kind!r} of {length} bytes at "
+                                 f"offset {offset}): refused before reading it")
+            if kind == b"IEND":
+                return
+            offset += 12 + length
+    elif magic[:2] == b"\xff\xd8":
+        offset = 2
+        while True:
+            header = read_at(offset, 4)
+            if len(header) < 2 or header[0] != 0xFF:
+                return
+            marker = header[1]
+            if marker == 0xFF or marker in _JPEG_STANDALONE:  # a fill byte, or no length to skip
+                offset += 1 if marker == 0xFF else 2
+                continue
+            if marker == 0xDA or len(header) < 4:  # start of scan: the pixels follow
+                return
+            length = struct.unpack(">H", header[2:])[0]
+            total += 2 + length
+            if total > limit:
+                raise ImageError(f"JPEG metadata before the image data exceeds {limit} bytes: refused "
+                                 "before reading it")
+            offset += 2 + length
+
+
 def _identify(handle: IO[bytes]) -> ImageFile.ImageFile:
     """Open the image in ``handle`` by its header, as ``Image.open`` does, but without PIL's
     own decompression-bomb check.
@@ -218,6 +287,7 @@ def _identify(handle: IO[bytes]) -> ImageFile.ImageFile:
     per-call bound instead and can name the size it refuses.
     """
     Image.preinit()
+    handle.seek(0)
     prefix = handle.read(16)
     if not prefix:
         raise ImageError("empty file (0 bytes)")
@@ -248,6 +318,7 @@ def _decode_handle(handle: IO[bytes], *, max_pixels: int | None, max_aspect: flo
                    source: str | None) -> Image.Image:
     """Header, guards, then pixels of the first frame, upright and in RGB."""
     try:
+        _check_metadata(handle)
         image = _identify(handle)
     except ImageError as error:
         raise ImageError(error.reason, source=source) from None

@@ -34,6 +34,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from vkd.data.images import load_image
+
 __all__ = [
     "COLOURS",
     "OBJECTS",
@@ -1067,7 +1069,7 @@ def preview_grid(pair_file: str | os.PathLike[str], out_path: str | os.PathLike[
         raise ValueError(f"{pair_file}: no pairs to preview")
     tiles = []
     for entry in entries:
-        image = Image.open(pair_file.parent / entry["image"]).convert("RGB")
+        image = load_image(pair_file.parent / entry["image"])
         tiles.append((image.resize((image.width * scale, image.height * scale), Image.NEAREST), entry["text"]))
     tile_w, tile_h = tiles[0][0].size
     font = ImageFont.load_default()

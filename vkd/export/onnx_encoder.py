@@ -3,7 +3,8 @@
 An export directory (``vkd export``) holds ``text.onnx`` / ``image.onnx`` (fp32), their
 ``*.int8.onnx`` twins, the ``tokenizer.json`` and ``preprocessor_config.json`` the torch
 model used, and ``export.json`` (the manifest read here). The encoder reports the torch
-model's fingerprint: the export's parity check is what makes vectors from either backend
+model's fingerprint (which names the checkpoint's files, so torch in fp32 or bf16 reports
+the same one): the export's parity check is what makes vectors from either backend
 interchangeable, so an index built with torch is searchable with ONNX and back.
 
 Importing this module pulls in numpy, PIL, ``tokenizers`` and ``onnxruntime`` only.

@@ -68,7 +68,9 @@ class Encoder(ABC):
     @abstractmethod
     def fingerprint(self) -> str:
         """Hash of the weights and the preprocessing: two encoders with the same
-        fingerprint produce the same vectors."""
+        fingerprint produce the same vectors (up to the precision they run in). A
+        checkpoint's weights count as its weight files, so the dtype, device and backend
+        (torch or its ONNX export) do not change it."""
 
     @abstractmethod
     def _encode_text_batch(self, texts: Sequence[str]) -> np.ndarray: ...
