@@ -6,8 +6,11 @@ Nothing is downloaded: HF_HUB_OFFLINE is forced before transformers is imported.
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# the tests' own home: the file-hash cache and demo outputs never touch the user's ~/.cache/vkd
+os.environ.setdefault("VKD_HOME", tempfile.mkdtemp(prefix="vkd-test-home-"))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see vkd/__init__.py: torch + faiss OpenMP
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -219,9 +219,7 @@ def decode_outcome(data: bytes) -> str:
     return "decoded"
 
 
-def run_decode_fuzz(strategy: st.SearchStrategy[tuple[str, bytes]], max_examples: int) -> Counter:
-    tried: Counter = Counter()
-
+def run_decode_fuzz(strategy: st.SearchStrategy[tuple[str, bytes]], max_examples: int, tried: Counter) -> None:
     @fuzz_settings(max_examples)
     @given(strategy)
     def probe(case: tuple[str, bytes]) -> None:
@@ -230,7 +228,12 @@ def run_decode_fuzz(strategy: st.SearchStrategy[tuple[str, bytes]], max_examples
         tried["examples"] += 1
 
     probe()
-    return tried
+
+
+def report(figures: Callable[..., None], name: str, tried: Counter) -> None:
+    """Reported whether the property held or not: a failing run's figures say how far it got."""
+    outcomes = dict(sorted((key, value) for key, value in tried.items() if key != "examples"))
+    figures(fuzz=name, examples=tried["examples"], outcomes=outcomes)
 
 
 MAGICS = [b"", PNG_SIGNATURE, b"\xff\xd8\xff\xe0", b"\xff\xd8\xff\xdb", b"GIF89a", b"GIF87a", b"RIFF\x00\x00\x00\x00WEBPVP8 ",
@@ -249,15 +252,21 @@ def test_every_seed_image_decodes() -> None:
 
 @pytest.mark.parametrize("kind", ["arbitrary", "mutated"])
 def test_decode_bytes_raises_only_decode_error(kind: str, reliability_figures: Callable[..., None]) -> None:
-    tried = run_decode_fuzz(ARBITRARY if kind == "arbitrary" else MUTATED, 300)
-    reliability_figures(fuzz=f"decode_bytes/{kind}", examples=tried.pop("examples"), outcomes=dict(sorted(tried.items())))
+    tried: Counter = Counter()
+    try:
+        run_decode_fuzz(ARBITRARY if kind == "arbitrary" else MUTATED, 300, tried)
+    finally:
+        report(reliability_figures, f"decode_bytes/{kind}", tried)
 
 
 @pytest.mark.long
 @pytest.mark.parametrize("kind", ["arbitrary", "mutated"])
 def test_decode_bytes_raises_only_decode_error_long(kind: str, reliability_figures: Callable[..., None]) -> None:
-    tried = run_decode_fuzz(ARBITRARY if kind == "arbitrary" else MUTATED, 5000)
-    reliability_figures(fuzz=f"decode_bytes/{kind}", examples=tried.pop("examples"), outcomes=dict(sorted(tried.items())))
+    tried: Counter = Counter()
+    try:
+        run_decode_fuzz(ARBITRARY if kind == "arbitrary" else MUTATED, 5000, tried)
+    finally:
+        report(reliability_figures, f"decode_bytes/{kind}", tried)
 
 
 # -- (b) manifest.json --------------------------------------------------------------------------------
@@ -363,14 +372,25 @@ def _locate(doc: Any, path: tuple[Any, ...]) -> tuple[Any, Any] | None:
     return None
 
 
+class ManifestCase:
+    """The edits in words (all hypothesis prints of a failing example: not the whole file),
+    the bytes written as manifest.json, and those bytes parsed (None when not JSON)."""
+
+    def __init__(self, done: list[str], data: bytes, doc: Any) -> None:
+        self.done, self.data, self.doc = done, data, doc
+
+    def __repr__(self) -> str:
+        return f"ManifestCase({self.done!r})"
+
+
 @st.composite
-def manifest_cases(draw: st.DrawFn, fx: FuzzIndex) -> tuple[list[str], bytes, Any]:
-    """(what was done, the bytes written as manifest.json, the document when it is JSON)."""
+def manifest_cases(draw: st.DrawFn, fx: FuzzIndex) -> ManifestCase:
     doc = copy.deepcopy(fx.manifest)
     done = []
     paths = [p for p in fx.paths if p]
-    for _ in range(draw(st.integers(1, 3))):
-        op = draw(st.sampled_from(["delete", "replace", "special", "add", "escape", "shards", "swap-kinds"]))
+    for _ in range(draw(st.sampled_from([1, 1, 1, 2, 3]))):  # mostly one edit: a single bad value must be caught
+        op = draw(st.sampled_from(["special"] * 3 + ["replace"] * 3 + ["delete"] * 2 + ["add"] * 2
+                                  + ["escape", "shards", "swap-kinds"]))
         if op in ("delete", "replace", "special"):
             path = draw(st.sampled_from(paths))
             found = _locate(doc, path)
@@ -419,7 +439,7 @@ def manifest_cases(draw: st.DrawFn, fx: FuzzIndex) -> tuple[list[str], bytes, An
                     shard["index"]["kind"] = draw(st.sampled_from(["flat", "hnsw", "ivfpq", "HNSW", "auto", ""]))
             done.append("swap index kinds")
     data = json.dumps(doc, indent=1).encode()
-    raw = draw(st.sampled_from(["as-is"] * 6 + ["truncate", "flip", "nest", "bom", "latin-1", "duplicate-key"]))
+    raw = draw(st.sampled_from(["as-is"] * 12 + ["truncate", "flip", "nest", "bom", "latin-1", "duplicate-key"]))
     if raw == "truncate":
         data = data[:draw(st.integers(0, max(0, len(data) - 1)))]
     elif raw == "flip":
@@ -440,7 +460,7 @@ def manifest_cases(draw: st.DrawFn, fx: FuzzIndex) -> tuple[list[str], bytes, An
         parsed = json.loads(data)
     except (ValueError, RecursionError):
         parsed = None
-    return done, data, parsed
+    return ManifestCase(done, data, parsed)
 
 
 def _value(doc: Any, path: tuple[Any, ...]) -> Any:
@@ -545,14 +565,12 @@ def probe_manifest(fx: FuzzIndex, data: bytes, doc: Any, done: list[str]) -> dic
     return outcome
 
 
-def run_manifest_fuzz(fx: FuzzIndex, max_examples: int) -> Counter:
-    tried: Counter = Counter()
-
+def run_manifest_fuzz(fx: FuzzIndex, max_examples: int, tried: Counter) -> None:
     @fuzz_settings(max_examples)
     @given(manifest_cases(fx))
-    def probe(case: tuple[list[str], bytes, Any]) -> None:
-        done, data, doc = case
-        outcome = probe_manifest(fx, data, doc, done)
+    def probe(case: ManifestCase) -> None:
+        done, doc = case.done, case.doc
+        outcome = probe_manifest(fx, case.data, doc, done)
         tried["examples"] += 1
         tried[f"open:{outcome['open']}"] += 1
         tried[f"verify:{outcome['verify']}"] += 1
@@ -565,7 +583,6 @@ def run_manifest_fuzz(fx: FuzzIndex, max_examples: int) -> Counter:
         probe()
     finally:
         (fx.out / "manifest.json").write_text(fx.text)
-    return tried
 
 
 def test_the_unmutated_manifest_opens_and_searches(fuzz_index: FuzzIndex) -> None:
@@ -588,14 +605,66 @@ def test_shard_files_outside_the_index_are_refused_by_name(fuzz_index: FuzzIndex
         (fx.out / "manifest.json").write_text(fx.text)
 
 
+WRONG_TYPES = [None, True, -1, 1.5, 2**64, "abc", [], {}]
+EXTRA_PARAMS = ("efSearch", "nprobe", "rescore_factor")  # read at search time, absent from some shards
+_DELETE = object()
+
+
+def _generalised(path: tuple[Any, ...]) -> str:
+    return ".".join("[*]" if isinstance(step, int) else str(step) for step in path)
+
+
+def test_every_manifest_value_replaced_by_each_json_type(fuzz_index: FuzzIndex,
+                                                         reliability_figures: Callable[..., None]) -> None:
+    """The systematic counterpart of the fuzzing below: every key deleted, and every value
+    (plus the search parameters a shard may lack) set to each other JSON type in turn."""
+    fx = fuzz_index
+    leaves = [path for path in fx.paths if path and not isinstance(_value(fx.manifest, path), dict | list)]
+    leaves += [path for path in fx.paths if path and _value(fx.manifest, path) in ([], {})]
+    for i, shard in enumerate(fx.manifest["shards"]):
+        leaves += [("shards", i, "index", "params", key) for key in EXTRA_PARAMS if key not in shard["index"]["params"]]
+    cases = [(path, _DELETE) for path in fx.paths if path]
+    cases += [(path, value) for path in leaves for value in WRONG_TYPES
+              if not (path[:-1] and _locate(fx.manifest, path) and _value(fx.manifest, path) == value
+                      and type(_value(fx.manifest, path)) is type(value))]
+    failures: dict[tuple[str, str], str] = {}
+    try:
+        for path, value in cases:
+            doc = copy.deepcopy(fx.manifest)
+            parent = _value(doc, path[:-1])
+            if value is _DELETE:
+                del parent[path[-1]]
+            else:
+                parent[path[-1]] = value
+                if path[-1] == "rescore_factor":
+                    parent["rescore"] = True  # the factor is read only when re-scoring
+            label = f"{'delete' if value is _DELETE else 'set'} {'.'.join(map(str, path))}" + (
+                "" if value is _DELETE else f" = {json.dumps(value)}")
+            try:
+                probe_manifest(fx, json.dumps(doc).encode(), doc, [label])
+            except Exception as error:  # every kind is a finding: collected, then reported together
+                failures.setdefault((type(error).__name__, _generalised(path)), f"{label}: {str(error)[:160]}")
+    finally:
+        (fx.out / "manifest.json").write_text(fx.text)
+    reliability_figures(fuzz="manifest/every-value", examples=len(cases), failures=len(failures))
+    assert not failures, f"{len(failures)} kinds of malformed manifest are not refused cleanly:\n" + "\n".join(
+        f"  {kind} at {where}; e.g. {example}" for (kind, where), example in sorted(failures.items()))
+
+
 def test_mutated_manifests_are_read_or_refused_cleanly(fuzz_index: FuzzIndex,
                                                        reliability_figures: Callable[..., None]) -> None:
-    tried = run_manifest_fuzz(fuzz_index, 200)
-    reliability_figures(fuzz="manifest", examples=tried.pop("examples"), outcomes=dict(sorted(tried.items())))
+    tried: Counter = Counter()
+    try:
+        run_manifest_fuzz(fuzz_index, 300, tried)
+    finally:
+        report(reliability_figures, "manifest", tried)
 
 
 @pytest.mark.long
 def test_mutated_manifests_are_read_or_refused_cleanly_long(fuzz_index: FuzzIndex,
                                                             reliability_figures: Callable[..., None]) -> None:
-    tried = run_manifest_fuzz(fuzz_index, 4000)
-    reliability_figures(fuzz="manifest", examples=tried.pop("examples"), outcomes=dict(sorted(tried.items())))
+    tried: Counter = Counter()
+    try:
+        run_manifest_fuzz(fuzz_index, 5000, tried)
+    finally:
+        report(reliability_figures, "manifest", tried)

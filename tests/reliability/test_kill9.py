@@ -39,7 +39,7 @@ from PIL import Image
 
 import vkd
 from vkd.cli import cli
-from vkd.indexer import Index, verify_index
+from vkd.indexer import Index, ManifestError, verify_index
 from vkd.indexer.fsutil import TMP_MARKER
 from vkd.models import load_encoder
 from vkd.retrieval import Retriever
@@ -384,6 +384,8 @@ def check_after_kill(world: World, out: Path, run: Run, before: dict[str, Any] |
     if manifest is None:
         # killed before the first commit of a new index: there is no index, and there was none
         assert before is None, f"{out}: manifest.json vanished; it listed {_live_rows(before)} rows"
+        with pytest.raises(ManifestError, match="manifest.json"):
+            Index.open(out)
         tally.no_index_yet += 1
         return 0
     assert verify_index(out) == [], f"after killing run {run.pid}"
@@ -606,17 +608,18 @@ def rebuild_kills(world: World, n_kills: int, seed: int) -> tuple[Tally, list[in
         run = world.launcher.start(world.argv(out, "--rebuild"))
         run.wait_until(lambda r=run: r.holds_lock(out))
 
-        def rebuilding(files: dict[str, int] = at_start, names: set[str] = old_names) -> bool:
-            # the run has begun writing shards of its own: a temporary, or a shard file that is
-            # neither an old one nor a leftover (a reused leftover name has a new inode)
-            _old_rows_visible(world, out, seen)
-            return any(name.split(".")[0] not in names and files.get(name) != inode
-                       for name, inode in _shard_files(out).items())
+        # a random moment of its work: once it has written this many files of new shards (of 24)
+        target = moments.randint(1, 2 * N_IMAGES // SHARD_SIZE - 1)
 
-        started = run.wait_until(rebuilding, step=0.0)
-        deadline = time.monotonic() + moments.uniform(0.0, 0.8 * world.full_run_seconds)
-        while started and time.monotonic() < deadline and run.poll() is None:
+        def rebuilding(files: dict[str, int] = at_start, names: set[str] = old_names, want: int = target) -> bool:
+            # files of its own: neither an old shard's nor a leftover (a reused leftover name has a new inode)
             _old_rows_visible(world, out, seen)
+            written = [name for name, inode in _shard_files(out).items()
+                       if TMP_MARKER not in name and name.split(".")[0] not in names and files.get(name) != inode]
+            return len(written) >= want
+
+        if run.wait_until(rebuilding, step=0.0):
+            time.sleep(moments.uniform(0.0, 0.01))
         run.signal(signal.SIGKILL)
         if not tally.killed(run, out):
             # the rebuild finished: readers saw the old rows until the swap (checked below)
