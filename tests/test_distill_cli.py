@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -70,7 +71,8 @@ def test_a_run_with_overrides(tmp_path: Path, data_dir: Path, tiny_clip: Path, t
         "distill", str(config), "--set", "max_steps=2", "--set", f"val_data_path={data_dir / 'val.jsonl'}",
         "--config_override", f"output_dir={out}", "temperature=3.5", "eval_strategy=steps", "eval_steps=1"])
     assert result.exit_code == 0, result.output
-    assert f"model    {out / 'model'}" in result.output and "best     val t2i R@1" in result.output
+    assert f"model    {out / 'model'}" in result.output
+    assert re.search(r"best     val rsum \d+\.\d\d at epoch 0\.\d+ \(step [12]\) of 2 evaluations", result.output)
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["temperature"] == 3.5 and saved["max_steps"] == 2
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -80,6 +82,103 @@ def test_a_run_with_overrides(tmp_path: Path, data_dir: Path, tiny_clip: Path, t
     assert report["steps"] == 2 and report["student"]["parameters"] > 0 and report["teachers"][0]["parameters"] > 0
     assert [v["step"] for v in report["val"]] == [1, 2] and report["best"]["step"] in (1, 2)
     assert report["final_model"] == "best" and report["wall_time_s"] > 0
+
+
+def read_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_errors_from_the_run_itself_are_one_line(tmp_path: Path, data_dir: Path, tiny_clip: Path,
+                                                 tiny_clip_teacher: Path) -> None:
+    config = write_config(tmp_path / "c.yaml", data_dir, tiny_clip, tiny_clip_teacher, max_steps=1)
+    assert CliRunner().invoke(cli, ["distill", str(config)]).exit_code == 0
+    again = CliRunner().invoke(cli, ["distill", str(config)])
+    # a click error (SystemExit 1 with "Error: ..."), not an exception with its traceback
+    assert again.exit_code == 1 and isinstance(again.exception, SystemExit), again.exception
+    assert again.output.startswith(f"Error: output_dir {tmp_path / 'out'} already holds checkpoints")
+    assert "set resume_from_checkpoint: latest" in again.output and "Traceback" not in again.output
+
+    (tmp_path / "a-file").write_text("")
+    blocked = CliRunner().invoke(cli, ["distill", str(config), "--set", f"output_dir={tmp_path / 'a-file' / 'out'}"])
+    assert blocked.exit_code == 1 and isinstance(blocked.exception, SystemExit), blocked.exception
+    assert blocked.output.startswith("Error: ") and "Not a directory" in blocked.output
+
+
+def test_a_run_shorter_than_an_epoch_evaluates_its_last_weights(tmp_path: Path, data_dir: Path, tiny_clip: Path,
+                                                                tiny_clip_teacher: Path) -> None:
+    """34 pairs in batches of 8 make 4 steps an epoch; max_steps=2 ends the run before the
+    first per-epoch evaluation, so the run evaluates its final weights and says it kept them."""
+    config = write_config(tmp_path / "c.yaml", data_dir, tiny_clip, tiny_clip_teacher, max_steps=2,
+                          val_data_path=str(data_dir / "val.jsonl"), eval_strategy="epoch")
+    result = CliRunner().invoke(cli, ["distill", str(config)])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    evals = [r for r in read_rows(out) if r["type"] == "eval"]
+    assert [(r["step"], r["end_of_run"], r["best"]) for r in evals] == [(2, True, True)]
+    report = json.loads((out / "report.json").read_text())
+    assert [v["step"] for v in report["val"]] == [2] and report["best"]["step"] == 2
+    assert report["final_model"] == "best" and report["final_model_step"] == 2
+    assert "evaluated at the end of the run" in report["final_model_reason"]
+    assert f"kept     {report['final_model_reason']}" in result.output
+
+    # without validation data the summary says the last weights were kept, and why
+    plain = write_config(tmp_path / "p.yaml", data_dir, tiny_clip, tiny_clip_teacher, max_steps=2,
+                         output_dir=str(tmp_path / "plain"))
+    result = CliRunner().invoke(cli, ["distill", str(plain)])
+    assert result.exit_code == 0, result.output
+    assert "kept     the last weights (step 2): no val_data_path" in result.output
+
+
+def test_best_metric_is_configurable_and_printed_with_two_decimals(tmp_path: Path, data_dir: Path, tiny_clip: Path,
+                                                                   tiny_clip_teacher: Path) -> None:
+    config = write_config(tmp_path / "c.yaml", data_dir, tiny_clip, tiny_clip_teacher, max_steps=2,
+                          val_data_path=str(data_dir / "val.jsonl"), eval_strategy="steps", eval_steps=1,
+                          best_metric="i2t_R@5")
+    result = CliRunner().invoke(cli, ["distill", str(config)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    best = report["best"]
+    assert best["metric"] == "i2t_R@5" and best["value"] == max(v["i2t_R@5"] for v in report["val"])
+    assert f"best     val i2t_R@5 {best['value']:.2f} at epoch" in result.output
+
+    bad = CliRunner().invoke(cli, ["distill", str(config), "--set", "best_metric=R@1"])
+    assert bad.exit_code == 2 and "best_metric = 'R@1' is not an accepted choice" in bad.output
+
+
+def test_contrastive_only_runs_log_no_distillation_settings(tmp_path: Path, data_dir: Path, tiny_clip: Path,
+                                                           tiny_clip_teacher: Path) -> None:
+    config = write_config(tmp_path / "c.yaml", data_dir, tiny_clip, tiny_clip_teacher, max_steps=2,
+                          use_distillation=False, temperature=3.5)
+    result = CliRunner().invoke(cli, ["distill", str(config)])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    rows = read_rows(out)
+    assert rows and not any({"temperature", "distillation_weight"} & row.keys() for row in rows)
+    report = json.loads((out / "report.json").read_text())
+    assert not any({"temperature", "distillation_weight"} & stage.keys() for stage in report["stages"])
+    assert report["loss"] == {"use_distillation": False, "terms": ["ce"]}
+    assert "temperature" not in result.output and "distillation_weight" not in result.output
+    assert "teacher cache" not in result.output
+    assert "loss     contrastive (CE) only" in result.output
+
+
+def test_the_summary_states_what_lora_trains(tmp_path: Path, data_dir: Path, tiny_clip: Path,
+                                            tiny_clip_teacher: Path) -> None:
+    config = write_config(tmp_path / "c.yaml", data_dir, tiny_clip, tiny_clip_teacher, max_steps=1, lora_r=16)
+    result = CliRunner().invoke(cli, ["distill", str(config)])
+    assert result.exit_code == 0, result.output
+    student = json.loads((tmp_path / "out" / "report.json").read_text())["student"]
+    trained, total = student["trained_parameters"], student["parameters"]
+    assert student["trained_percent"] == round(100 * trained / total, 2) and student["logit_scale_trained"] is False
+    assert (f"trains   {trained:,} of {total:,} student parameters ({100 * trained / total:.2f}%): "
+            "LoRA r=16 and the projection heads; logit scale frozen under LoRA") in result.output
+    # on a student this narrow, r=16 trains a large share: the summary says so
+    assert "use_lora: false" in result.output
+
+    full = CliRunner().invoke(cli, ["distill", str(config), "--set", "use_lora=false",
+                                    f"output_dir={tmp_path / 'full'}"])
+    assert full.exit_code == 0, full.output
+    assert "(100.00%): full fine-tuning, logit scale included" in full.output
 
 
 def test_help_shows_an_example_and_imports_no_torch() -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -104,3 +106,39 @@ def test_a_target_that_matches_nothing_is_named(tiny_clip: Path) -> None:
     with pytest.raises(ValueError, match=r"lora_target_modules: 'qkv' matches no linear layer of CLIPModel; "
                                          r"linear layers end in: .*fc1"):
         apply_lora(encoder, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "qkv"])
+
+
+def test_a_lora_run_emits_no_future_warning(tmp_path: Path, pair_file: Path, tiny_clip: Path,
+                                           tiny_clip_teacher: Path) -> None:
+    # peft's PeftModel reads transformers' deprecated `is_gradient_checkpointing` on every
+    # LoRA run; the user must not see that FutureWarning (pyproject ignores FutureWarning
+    # for the suite, so turn it back into an error here).
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        distill(_config(tmp_path, pair_file, tiny_clip, tiny_clip_teacher, max_steps=1))
+
+
+def test_the_adapter_loads_from_another_directory(tmp_path: Path, pair_file: Path, tiny_clip: Path,
+                                                  tiny_clip_teacher: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_clip, work / "student")
+    monkeypatch.chdir(work)
+    result = distill(_config(Path("run"), pair_file, Path("student"), tiny_clip_teacher, max_steps=1))
+    adapter = (work / result.adapter_dir).resolve()
+    base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == str((work / "student").resolve())
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    model = PeftModel.from_pretrained(AutoModel.from_pretrained(base), adapter)
+    assert type(model.get_base_model()).__name__ == "CLIPModel"
+
+
+def test_a_hub_id_stays_an_id_in_the_adapter(tiny_clip: Path) -> None:
+    encoder = load_encoder(tiny_clip, device="cpu")
+    peft_model = apply_lora(encoder, r=4, alpha=8, dropout=0.0, base_name="openai/clip-vit-base-patch32")
+    assert peft_model.peft_config["default"].base_model_name_or_path == "openai/clip-vit-base-patch32"

@@ -252,3 +252,126 @@ def test_the_final_model_is_the_best_evaluated_one(
     assert result.report["best_epoch"] == 1.0 and result.report["final_model"] == "best"
     final = evaluate_encoder(load_encoder(result.model_dir, device="cpu"), pair_file)
     assert final["t2i_R@1"] == val[0]["t2i_R@1"] and final["rsum"] == val[0]["rsum"]
+
+
+def test_the_best_evaluation_is_chosen_on_the_stated_metric_ties_to_the_later() -> None:
+    from vkd.distill.trainer import choose_best
+
+    rows = [{"step": 1, "t2i_R@1": 50.0, "rsum": 300.0},
+            {"step": 2, "t2i_R@1": 40.0, "rsum": 310.0},
+            {"step": 3, "t2i_R@1": 45.0, "rsum": 310.0}]
+    assert choose_best(rows, "rsum")["step"] == 3  # a tie goes to the later evaluation
+    assert choose_best(rows, "t2i_R@1")["step"] == 1
+    assert choose_best([], "rsum") is None
+    assert DistillConfig.from_dict({"model_name_or_path": "m", "use_distillation": False, "data_path": "d",
+                                    "output_dir": "o"}).best_metric == "rsum"
+
+
+# -- per-model options: each model gets the options given for it ------------------------------
+
+
+@pytest.fixture(scope="module")
+def large_image_pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 pairs of 500x375 photos (192 Qwen3-VL image tokens each) with long captions."""
+    from conftest import make_images
+
+    from vkd.data.pairs import write_pairs
+
+    root = tmp_path_factory.mktemp("large-images")
+    records = []
+    for i, image in enumerate(make_images(8, seed=5, size=(500, 375))):
+        image.save(root / f"{i}.png")
+        records.append({"image": f"{i}.png", "text": f"photo {i}: a dog on a beach with a red ball near the blue sea"})
+    write_pairs(root / "pairs.jsonl", records)
+    return root / "pairs.jsonl"
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_64(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CLIP whose text tower has 64 positions (the tiny SigLIP has 32)."""
+    from vkd.models.tiny import build_tiny
+
+    return build_tiny("clip", tmp_path_factory.mktemp("tiny-clip-64"), seed=2, max_text_length=64)
+
+
+def test_a_qwen3vl_teacher_with_a_short_text_limit_trains_on_large_images(
+    tmp_path: Path, large_image_pairs: Path, tiny_clip: Path, tiny_qwen3vl: Path
+) -> None:
+    """The student's limit stays the student's, and a Qwen3-VL teacher's own limit cuts its
+    text only: the image's 192 tokens and the template's end survive."""
+    from vkd.models.qwen3vl import MAX_LENGTH
+
+    config = make_config(tmp_path, large_image_pairs, tiny_clip, tiny_qwen3vl, max_steps=1, max_text_length=16,
+                         teacher_max_text_length=8)
+    trainer = Trainer(config)
+    teacher = trainer.teachers[0].encoder
+    assert trainer.student.max_text_length == 16
+    assert (teacher.processor.max_text_length, teacher.processor.max_length) == (8, MAX_LENGTH)
+    batch = trainer._collator()([(i, trainer.train_pairs[i]) for i in range(8)])
+    inputs = batch["teachers"][0].image_chunks[0]
+    assert inputs["mm_token_type_ids"].sum(dim=1).tolist() == [192] * 8
+    result = trainer.train()
+    assert result.report["steps"] == 1 and 0 <= train_rows(tmp_path)[0]["loss"] < 100
+
+
+def test_a_matryoshka_student_leaves_the_teachers_targets_full_size(
+    tmp_path: Path, pair_file: Path, tiny_qwen3vl: Path
+) -> None:
+    """matryoshka_dim is the student's: the teacher's targets keep its own (full, or its own
+    teacher_matryoshka_dim) size, and feature_mse learns the map between the two."""
+    config = make_config(tmp_path / "full", pair_file, tiny_qwen3vl, tiny_qwen3vl, max_steps=1, matryoshka_dim=8)
+    trainer = Trainer(config)
+    assert (trainer.student.dim, trainer.teachers[0].encoder.dim) == (8, 32)
+    projections = {name: tuple(p.shape) for name, p in trainer.loss.named_parameters()}
+    assert projections == {"kd.feature_mse.projections.maps.0.weight": (32, 8)}
+    batch = trainer._collator()([(i, trainer.train_pairs[i]) for i in range(8)])
+    targets = trainer.teacher_outputs(batch)[0]
+    assert targets.text.shape == targets.image.shape == (8, 32)
+    result = trainer.train()
+    assert [t["dim"] for t in result.report["teachers"]] == [32]
+
+    own = make_config(tmp_path / "own", pair_file, tiny_qwen3vl, tiny_qwen3vl, max_steps=1, matryoshka_dim=8,
+                      teacher_matryoshka_dim=16)
+    assert Trainer(own).teachers[0].encoder.dim == 16
+    with pytest.raises(ValueError, match="teacher_matryoshka_dim = 16 .*only Qwen3-VL"):
+        Trainer(make_config(tmp_path / "clip", pair_file, tiny_qwen3vl, [tiny_qwen3vl, pair_file.parent],
+                            teacher_matryoshka_dim=16))
+
+
+def test_a_siglip_teacher_keeps_its_own_text_length(
+    tmp_path: Path, pair_file: Path, tiny_clip_64: Path, tiny_siglip: Path
+) -> None:
+    """A student limit above the SigLIP teacher's 32 positions is the student's alone."""
+    config = make_config(tmp_path / "run", pair_file, tiny_clip_64, tiny_siglip, max_steps=1, max_text_length=48)
+    trainer = Trainer(config)
+    assert (trainer.student.max_text_length, trainer.teachers[0].encoder.max_text_length) == (48, 32)
+    assert trainer.train().report["steps"] == 1
+    with pytest.raises(ValueError, match="max_text_length=48 exceeds the text tower's 32 positions"):
+        Trainer(make_config(tmp_path / "too-long", pair_file, tiny_clip_64, tiny_siglip, teacher_max_text_length=48))
+
+
+def test_queries_and_documents_keep_their_instructions_in_training(
+    tmp_path: Path, pair_file: Path, tiny_qwen3vl: Path
+) -> None:
+    """Captions are queries and images documents for the student and the teacher alike; the
+    teacher takes the student's instructions unless given its own, and the trained model
+    keeps them."""
+    from vkd.models import load_encoder
+
+    config = make_config(tmp_path, pair_file, tiny_qwen3vl, tiny_qwen3vl, max_steps=1, use_lora=False,
+                         distillation_loss_type="kl_divergence", query_instruction="Find the photo",
+                         teacher_document_instruction="Represent the photo")
+    trainer = Trainer(config)
+    student, teacher = trainer.student, trainer.teachers[0].encoder
+    assert (student.query_instruction, student.document_instruction) == ("Find the photo.", "Represent the user's input.")
+    assert (teacher.query_instruction, teacher.document_instruction) == ("Find the photo.", "Represent the photo.")
+    batch = trainer._collator()([(i, trainer.train_pairs[i]) for i in range(8)])
+    decode = student.processor.tokenizer.decode
+    assert decode(batch["text_chunks"][0]["input_ids"][0]).startswith("<|im_start|>system\nFind the photo.<|im_end|>")
+    assert decode(batch["image_chunks"][0]["input_ids"][0]).startswith(
+        "<|im_start|>system\nRepresent the user's input.<|im_end|>")
+    assert decode(batch["teachers"][0].image_chunks[0]["input_ids"][0]).startswith(
+        "<|im_start|>system\nRepresent the photo.<|im_end|>")
+    result = trainer.train()
+    saved = load_encoder(result.model_dir, device="cpu")
+    assert (saved.query_instruction, saved.document_instruction) == ("Find the photo.", "Represent the user's input.")

@@ -232,3 +232,44 @@ def test_eval_command_on_a_tiny_clip(tiny_clip: Path, colour_pairs: Path) -> Non
     table = CliRunner().invoke(eval_command, ["--model", str(tiny_clip), "--data", str(colour_pairs)])
     assert table.exit_code == 0, table.output
     assert "image→text" in table.stdout and "3 images, 6 captions" in table.stdout
+
+
+def make_run(root: Path, model: Path | None) -> Path:
+    """A folder laid out like a `vkd distill` output_dir (model/ only once the run has ended)."""
+    import shutil
+
+    root.mkdir(parents=True)
+    (root / "config.yaml").write_text("output_dir: x\n")
+    (root / "metrics.jsonl").write_text("")
+    if model is not None:
+        shutil.copytree(model, root / "model")
+    return root
+
+
+def test_resolve_model_dir_finds_the_model_of_a_distill_run(tmp_path: Path, tiny_clip: Path) -> None:
+    from vkd.distill.rundir import resolve_model_dir
+
+    run = make_run(tmp_path / "runs" / "x", tiny_clip)
+    assert resolve_model_dir(run) == str(run / "model")
+    assert resolve_model_dir(str(run)) == str(run / "model")
+    # a model directory, a hub id and a missing path are left to the loader
+    assert resolve_model_dir(tiny_clip) == str(tiny_clip)
+    assert resolve_model_dir("openai/clip-vit-base-patch32") == "openai/clip-vit-base-patch32"
+    assert resolve_model_dir(tmp_path / "nothing") == str(tmp_path / "nothing")
+    unfinished = make_run(tmp_path / "runs" / "y", None)
+    with pytest.raises(ValueError, match=r"runs/y is a vkd distill run without a model yet: .*runs/y/model"):
+        resolve_model_dir(unfinished)
+
+
+def test_eval_command_points_at_the_model_of_a_distill_run(tiny_clip: Path, colour_pairs: Path,
+                                                           tmp_path: Path) -> None:
+    run = make_run(tmp_path / "runs" / "x", tiny_clip)
+    result = CliRunner().invoke(eval_command, ["--model", str(run), "--data", str(colour_pairs), "--json",
+                                               "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert f"{run} is a vkd distill run; evaluating {run / 'model'}" in result.stderr
+    assert json.loads(result.stdout)["model"] == str(run / "model")
+
+    unfinished = make_run(tmp_path / "runs" / "y", None)
+    result = CliRunner().invoke(eval_command, ["--model", str(unfinished), "--data", str(colour_pairs)])
+    assert result.exit_code == 1 and "is a vkd distill run without a model yet" in result.output

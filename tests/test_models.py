@@ -132,3 +132,42 @@ def test_help_paths_load_no_heavy_library(args: list[str]) -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "Usage: vkd" in done.stdout
     assert done.stderr.strip().splitlines()[-1] == "[]"
+
+
+def test_cli_tiny_takes_a_caption_corpus_and_dimensions(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"image": "a.png", "text": ["a zebra with a xylophone"] * 3}) + "\n"
+                     + json.dumps({"image": "b.png", "text": "the xylophone of a zebra"}) + "\n")
+    args = ["model", "tiny", "--family", "clip", "--hidden", "48", "--heads", "4", "--layers", "1", "--proj", "24",
+            "--image-size", "48", "--patch-size", "16"]
+    result = CliRunner().invoke(cli, [*args, "--corpus", str(pairs), "--out", str(tmp_path / "m")])
+    assert result.exit_code == 0, result.output
+    encoder = load_encoder(tmp_path / "m", device="cpu")
+    text, vision = encoder.model.config.text_config, encoder.model.config.vision_config
+    assert encoder.dim == 24 and (text.hidden_size, text.num_hidden_layers, text.num_attention_heads) == (48, 1, 4)
+    assert (vision.hidden_size, vision.image_size, vision.patch_size) == (48, 48, 16)
+    # the captions' words became whole tokens (<s> word </s>); without the corpus they are split
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "m")("xylophone")["input_ids"]) == 3
+    assert CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "plain")]).exit_code == 0
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "plain")("xylophone")["input_ids"]) > 3
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--family", "clip", "--hidden", "30", "--heads", "4"], "--hidden 30 is not a multiple of --heads 4"),
+    (["--family", "clip", "--image-size", "40", "--patch-size", "16"],
+     "--image-size 40 is not a multiple of --patch-size 16"),
+    (["--family", "siglip", "--proj", "16"], "--proj does not apply to siglip"),
+    (["--family", "qwen3-vl", "--image-size", "64"], "--image-size does not apply to qwen3-vl"),
+    (["--family", "clip", "--corpus", "missing.jsonl"], "'missing.jsonl' does not exist"),
+])
+def test_cli_tiny_rejects_dimensions_that_do_not_fit(tmp_path: Path, args: list[str], message: str) -> None:
+    result = CliRunner().invoke(cli, ["model", "tiny", *args, "--out", str(tmp_path / "m")])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "m").exists()
+
+
+def test_cli_tiny_help_has_examples() -> None:
+    result = CliRunner().invoke(cli, ["model", "tiny", "--help"])
+    assert "--corpus pairs.jsonl" in result.output and "--hidden 64" in result.output

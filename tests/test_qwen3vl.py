@@ -12,6 +12,8 @@ from PIL import Image
 
 from vkd.models import load_encoder
 from vkd.models.qwen3vl import (
+    DEFAULT_INSTRUCTION,
+    DEFAULT_QUERY_INSTRUCTION,
     LORA_TARGET_MODULES,
     MAX_PIXELS,
     MIN_PIXELS,
@@ -60,8 +62,8 @@ def test_prompt_comes_from_the_chat_template(encoder: Qwen3VLEncoder) -> None:
         "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>a dog<|im_end|>\n"
         "<|im_start|>assistant\n"
     )
-    assert encoder.prompt("", image=False) == (
-        "<|im_start|>system\nRepresent the user's input.<|im_end|>\n"
+    assert encoder.prompt("", image=False) == (  # text alone is a query: the query instruction
+        f"<|im_start|>system\n{DEFAULT_QUERY_INSTRUCTION}<|im_end|>\n"
         "<|im_start|>user\nNULL<|im_end|>\n"
         "<|im_start|>assistant\n"
     )
@@ -160,7 +162,9 @@ def test_save_and_reload_give_identical_vectors(tiny_qwen3vl: Path, tmp_path: Pa
     for name in ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja", "preprocessor_config.json"):
         assert (out / name).is_file(), name
     reopened = load_encoder(out, device="cpu")
-    assert (reopened.instruction, reopened.dim) == ("Find the matching photo.", 16)
+    # `instruction` sets both roles; the saved options restore both
+    assert (reopened.query_instruction, reopened.document_instruction, reopened.dim) == (
+        "Find the matching photo.", "Find the matching photo.", 16)
     assert reopened.fingerprint == original.fingerprint
     np.testing.assert_array_equal(reopened.encode_text(TEXTS), original.encode_text(TEXTS))
     np.testing.assert_array_equal(reopened.encode_images(images), original.encode_images(images))
@@ -170,7 +174,9 @@ def test_save_and_reload_give_identical_vectors(tiny_qwen3vl: Path, tmp_path: Pa
 
 def test_preprocessing_config_names_what_decides_the_vectors(encoder: Qwen3VLEncoder) -> None:
     config = encoder.preprocessing_config()
-    assert config["instruction"] == "Represent the user's input."
+    assert config["query_instruction"] == DEFAULT_QUERY_INSTRUCTION
+    assert config["document_instruction"] == DEFAULT_INSTRUCTION == "Represent the user's input."
+    assert config["max_text_length"] is None
     assert (config["min_pixels"], config["max_pixels"], config["factor"]) == (4 * 32 * 32, 1800 * 32 * 32, 32)
     assert config["matryoshka_dim"] is None
     assert config["image"]["patch_size"] == 16 and config["image"]["merge_size"] == 2
@@ -205,3 +211,90 @@ def test_bad_model_directories_are_named(tiny_qwen3vl: Path, tmp_path: Path, enc
     (no_template / "chat_template.jinja").unlink()
     with pytest.raises(ValueError, match="no chat template"):
         Qwen3VLEncoder.from_pretrained(no_template)
+
+
+def test_queries_and_documents_carry_their_own_instructions(
+    tiny_qwen3vl: Path, encoder: Qwen3VLEncoder, images: list[Image.Image]
+) -> None:
+    """Text is a query (the task instruction), an image a document (the default instruction),
+    as in the official evaluation; each instruction changes only its own side's vectors."""
+    decode = encoder.processor.tokenizer.decode
+    query = f"<|im_start|>system\n{DEFAULT_QUERY_INSTRUCTION}<|im_end|>\n<|im_start|>user\n"
+    document = f"<|im_start|>system\n{DEFAULT_INSTRUCTION}<|im_end|>\n<|im_start|>user\n"
+    assert encoder.prompt("a dog").startswith(query)
+    assert encoder.prompt(None, image=True).startswith(document)
+    # what the model is fed, not only what prompt() says
+    assert decode(encoder.tokenize(["a dog"])["input_ids"][0]).startswith(query)
+    assert decode(encoder.preprocess(images[:1])["input_ids"][0]).startswith(document)
+
+    generic = "Retrieve images or text relevant to the user's query."
+    other_query = load_encoder(tiny_qwen3vl, device="cpu", query_instruction=generic)
+    assert (other_query.query_instruction, other_query.document_instruction) == (generic, DEFAULT_INSTRUCTION)
+    assert decode(other_query.tokenize(["a dog"])["input_ids"][0]).startswith(f"<|im_start|>system\n{generic}<|im_end|>")
+    assert np.abs(other_query.encode_text(TEXTS) - encoder.encode_text(TEXTS)).max() > 1e-3
+    np.testing.assert_array_equal(other_query.encode_images(images), encoder.encode_images(images))
+
+    other_document = load_encoder(tiny_qwen3vl, device="cpu", document_instruction="Represent the given image")
+    assert decode(other_document.preprocess(images[:1])["input_ids"][0]).startswith(
+        "<|im_start|>system\nRepresent the given image.<|im_end|>")
+    assert np.abs(other_document.encode_images(images) - encoder.encode_images(images)).max() > 1e-3
+    np.testing.assert_array_equal(other_document.encode_text(TEXTS), encoder.encode_text(TEXTS))
+
+
+def test_fingerprint_covers_both_instructions(tiny_qwen3vl: Path, encoder: Qwen3VLEncoder) -> None:
+    fingerprints = {
+        encoder.fingerprint,
+        load_encoder(tiny_qwen3vl, device="cpu", query_instruction="Find a photo").fingerprint,
+        load_encoder(tiny_qwen3vl, device="cpu", document_instruction="Represent the photo").fingerprint,
+    }
+    assert len(fingerprints) == 3
+    # the defaults spelled out are the defaults
+    same = load_encoder(tiny_qwen3vl, device="cpu", query_instruction=DEFAULT_QUERY_INSTRUCTION,
+                        document_instruction=DEFAULT_INSTRUCTION)
+    assert same.fingerprint == encoder.fingerprint
+    assert encoder.load_options()["query_instruction"] == DEFAULT_QUERY_INSTRUCTION
+    assert encoder.load_options()["document_instruction"] == DEFAULT_INSTRUCTION
+
+
+def _real_length(inputs: dict[str, torch.Tensor], row: int) -> int:
+    return int(inputs["attention_mask"][row].sum())
+
+
+def test_text_limit_cuts_the_text_never_the_image_or_the_template(
+    tiny_qwen3vl: Path, encoder: Qwen3VLEncoder
+) -> None:
+    """max_text_length counts the user's text only: a 500x375 image keeps its 192 tokens, and
+    the last real token is still the chat template's end (what last-token pooling reads)."""
+    short = load_encoder(tiny_qwen3vl, device="cpu", max_text_length=4)
+    tokenizer = short.processor.tokenizer
+    long_text = "a dog on a beach with a red ball near the blue sea on a sunny day"
+    image = make_images(1, size=(500, 375))[0]
+    inputs = short.prepare([(image, long_text), (None, long_text), (None, "cat")])
+    ending = "<|im_end|>\n<|im_start|>assistant\n"
+    assert int(inputs["mm_token_type_ids"][0].sum()) == 192  # 512x384 / 32² merged patches
+    for row, has_image in ((0, True), (1, False)):
+        ids = inputs["input_ids"][row][inputs["attention_mask"][row].bool()]
+        rendered = tokenizer.decode(ids)
+        assert rendered.endswith(ending)
+        user = rendered.split("<|im_start|>user\n")[1].removesuffix(ending).replace("<|vision_end|>", "|")
+        text = user.split("|")[-1] if has_image else user
+        assert long_text.startswith(text) and 0 < len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= 4
+        assert rendered == short.prompt(text, image=has_image).replace("<|image_pad|>", "<|image_pad|>" * (192 if has_image else 0))
+    # a text within the limit is untouched, so its vector is the unlimited encoder's
+    np.testing.assert_allclose(short.encode_text(["cat"]), encoder.encode_text(["cat"]), atol=1e-6)
+    cut = tokenizer.decode(inputs["input_ids"][1][inputs["attention_mask"][1].bool()]).split("user\n")[1].removesuffix(ending)
+    np.testing.assert_allclose(short.encode_text([long_text]), encoder.encode_text([cut]), atol=1e-6)
+    assert short.fingerprint != encoder.fingerprint
+    with pytest.raises(ValueError, match="max_text_length=0"):
+        load_encoder(tiny_qwen3vl, device="cpu", max_text_length=0)
+
+
+def test_the_whole_sequence_bound_also_cuts_only_the_text(tiny_qwen3vl: Path) -> None:
+    bounded = load_encoder(tiny_qwen3vl, device="cpu", max_length=64)
+    text = " ".join(["a dog on a beach"] * 20)
+    inputs = bounded.prepare([(None, text)])
+    assert 50 < _real_length(inputs, 0) <= 64
+    assert bounded.processor.tokenizer.decode(inputs["input_ids"][0]).endswith("<|im_end|>\n<|im_start|>assistant\n")
+    # an image that alone needs more tokens than max_length is an error, never a cut image
+    with pytest.raises(ValueError, match=r"max_length=64.*raise max_length or lower max_pixels"):
+        bounded.prepare([(make_images(1, size=(500, 375))[0], "a dog")])

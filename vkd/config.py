@@ -323,6 +323,8 @@ def _to_str(raw: Any) -> str:
 _SCALARS: dict[Any, Callable[[Any], Any]] = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
 
 LOSS_TYPES = ("kl_divergence", "feature_mse", "icl", "similarity_mse")
+# Keys of vkd.evaluate.recall_at_k's result (default ks) that can choose the best weights.
+BEST_METRICS = ("rsum", *(f"{d}_R@{k}" for d in ("t2i", "i2t") for k in (1, 5, 10)))
 
 
 @dataclass(kw_only=True)
@@ -352,11 +354,30 @@ class DistillConfig(Config):
     update_teacher_every: int = field(default=1, metadata={"help": "steps between EMA updates", "min": 1})
     teacher_cache: bool = field(default=True, metadata={"help": "store teacher embeddings once per sample"})
     teacher_cache_dir: str | None = field(default=None, metadata={"help": "null = <output_dir>/teacher_cache"})
+    # per-model options: each belongs to the model it is given for (a teacher's targets are
+    # never cut to the student's shape); the teacher_* ones take one value for every teacher
+    # or a list with one per teacher (null in it: that teacher's own default)
+    teacher_max_text_length: int | list[int | None] | None = field(default=None, metadata={
+        "help": "each teacher's text token limit (Qwen3-VL: the user's text only); null = the model's own",
+        "min": 1})
+    teacher_matryoshka_dim: int | list[int | None] | None = field(default=None, metadata={
+        "help": "each teacher's Matryoshka size (Qwen3-VL only); null = its full dimension", "min": 1})
+    query_instruction: str | None = field(default=None, metadata={
+        "help": "Qwen3-VL instruction of texts (queries: captions); null = the model's own "
+                "(saved with it, else 'Find an image that matches the given caption.')"})
+    document_instruction: str | None = field(default=None, metadata={
+        "help": "Qwen3-VL instruction of images (documents); null = the model's own (saved with it, else "
+                "\"Represent the user's input.\")"})
+    teacher_query_instruction: str | None = field(default=None, metadata={
+        "help": "the teachers' query instruction; null = query_instruction"})
+    teacher_document_instruction: str | None = field(default=None, metadata={
+        "help": "the teachers' document instruction; null = document_instruction"})
     # data
     data_path: str = field(metadata={"help": "the training pair file, a .jsonl"})
     val_data_path: str | None = field(default=None, metadata={"help": "validation pair file; null = none"})
     output_dir: str = field(metadata={"help": "where the merged student, checkpoints and logs go"})
-    max_text_length: int | None = field(default=None, metadata={"help": "null = the model's limit", "min": 1})
+    max_text_length: int | None = field(default=None, metadata={
+        "help": "the student's text token limit (Qwen3-VL: the user's text only); null = the model's own", "min": 1})
     num_workers: int = field(default=0, metadata={"help": "data loader processes; 0 = main process", "min": 0})
     # distillation
     use_distillation: bool = field(default=True, metadata={"help": "false = contrastive fine-tuning only"})
@@ -364,7 +385,8 @@ class DistillConfig(Config):
     temperature: float = field(default=2.0, metadata={"help": "KD softmax temperature", "gt": 0})
     distillation_weight: float = field(default=0.5, metadata={"help": "w in (1-w)·CE + w·KD", "min": 0, "max": 1})
     stages: list[Stage] | None = field(default=None, metadata={"help": "stages run in order; null = one stage"})
-    matryoshka_dim: int | None = field(default=None, metadata={"help": "truncate embeddings to this size", "min": 1})
+    matryoshka_dim: int | None = field(default=None, metadata={
+        "help": "the student's embedding size, a prefix of its vector (Qwen3-VL only); null = full", "min": 1})
     # optimisation
     epochs: int = field(default=3, metadata={"min": 1})
     max_steps: int | None = field(default=None, metadata={"help": "stop after this many steps", "min": 1})
@@ -387,6 +409,9 @@ class DistillConfig(Config):
     save_steps: int = field(default=0, metadata={"help": "0 = save only at the end", "min": 0})
     eval_strategy: str = field(default="epoch", metadata={"choices": ["epoch", "steps", "no"]})
     eval_steps: int = field(default=500, metadata={"min": 1})
+    best_metric: str = field(default="rsum", metadata={
+        "help": "val metric that picks the weights written to model/ (rsum = R@1+R@5+R@10, both directions); "
+                "a tie goes to the later evaluation", "choices": list(BEST_METRICS)})
     report_to: list[str] = field(default_factory=lambda: ["jsonl"], metadata={"choices": ["jsonl", "tensorboard"]})
     resume_from_checkpoint: str | bool | None = field(
         default=None, metadata={"help": "a checkpoint directory, or true/'latest' for the newest one"})
@@ -396,6 +421,22 @@ class DistillConfig(Config):
         """``teacher_model_name_or_path`` as a list (empty without a teacher)."""
         t = self.teacher_model_name_or_path
         return [] if t is None else [t] if isinstance(t, str) else list(t)
+
+    def student_options(self) -> dict[str, Any]:
+        """The student's own model options (None: the model's default)."""
+        return {"max_text_length": self.max_text_length, "matryoshka_dim": self.matryoshka_dim,
+                "query_instruction": self.query_instruction, "document_instruction": self.document_instruction}
+
+    def teacher_options(self, index: int) -> dict[str, Any]:
+        """Teacher ``index``'s own model options (None: the model's default); instructions not
+        given for the teachers are the student's, since both encode the same task."""
+        def own(value: Any) -> Any:
+            return value[index] if isinstance(value, list) else value
+
+        return {"max_text_length": own(self.teacher_max_text_length),
+                "matryoshka_dim": own(self.teacher_matryoshka_dim),
+                "query_instruction": self.teacher_query_instruction or self.query_instruction,
+                "document_instruction": self.teacher_document_instruction or self.document_instruction}
 
     @property
     def loss_types(self) -> list[str]:
@@ -415,6 +456,11 @@ class DistillConfig(Config):
                                  "give one weight per teacher"))
             elif not any(self.teacher_weights):
                 problems.append(("teacher_weights", "teacher_weights are all 0; at least one must be > 0"))
+        for key in ("teacher_max_text_length", "teacher_matryoshka_dim"):
+            value = getattr(self, key)
+            if isinstance(value, list) and len(value) != len(self.teachers):
+                problems.append((key, f"{key} = {value!r} has {len(value)} entries for {len(self.teachers)} "
+                                 "teacher(s); give one value for every teacher, or one per teacher"))
         if self.use_distillation and not self.loss_types:
             problems.append(("distillation_loss_type", "distillation_loss_type is empty (accepted: one or "
                              f"more of {', '.join(LOSS_TYPES)})"))

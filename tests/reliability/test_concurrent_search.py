@@ -299,3 +299,36 @@ def test_an_open_snapshot_outlives_compaction_and_rebuild(tmp_path: Path, tiny_c
     assert len(hits) == 8 and all(Path(hit.path).is_file() for hit in hits)
     assert set(live_rows(Index.open(out)).values()) == old_paths - {str(images / "img001.png"),
                                                                     str(images / "img006.png")}
+
+
+def test_index_open_racing_a_compaction_gets_a_whole_snapshot(tmp_path: Path, tiny_clip: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race the readers above run into now and then, made certain: a compaction commits and
+    deletes a shard's files between ``Index.open`` mapping its Arrow file and opening its FAISS
+    file. The open must retry on the new manifest (as it does when an Arrow file is gone), not
+    hand out a snapshot whose shard cannot be searched."""
+    import vkd.indexer.index as index_module
+
+    images = noise_folder(tmp_path / "imgs", 10, seed=11)
+    out = tmp_path / "idx"
+    student = load_encoder(tiny_clip, device="cpu")
+    build_index(images, out, student=student, shard_size=SHARD_SIZE)
+    (images / "img001.png").unlink()
+    build_index(images, out, student=student, shard_size=SHARD_SIZE)  # only shard-00000 has a retired row
+    real_open_arrow = index_module.open_arrow
+    raced: list[Path] = []
+
+    def open_arrow_then_compact(path: Path) -> Any:
+        table = real_open_arrow(path)
+        if not raced:
+            raced.append(path)
+            compact_index(out)  # rewrites shard-00000 and deletes its files, the FAISS one not yet opened
+        return table
+
+    monkeypatch.setattr(index_module, "open_arrow", open_arrow_then_compact)
+    index = Index.open(out)
+    assert raced and raced[0].name == "shard-00000.arrow"
+    assert len(index) == 9
+    for shard in index.shards:
+        _, rows = shard.search(shard.student_vectors([0]), 1)
+        assert rows[0, 0] == 0

@@ -43,7 +43,6 @@ from vkd.indexer.decode import DecodeError, decode_bytes
 from vkd.models import load_encoder
 from vkd.retrieval import Retriever
 
-LONG = os.environ.get("VKD_RELIABILITY_LONG") == "1"
 MAX_PIXELS = 1 << 20  # the guards are the same code at any bound; this one keeps an example cheap
 
 

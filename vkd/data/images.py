@@ -298,7 +298,10 @@ def _identify(handle: IO[bytes]) -> ImageFile.ImageFile:
         if fmt not in Image.OPEN:
             continue  # a PIL built without this codec (WebP)
         factory, accept = Image.OPEN[fmt]
-        verdict = accept(prefix) if accept is not None else True
+        try:
+            verdict = accept(prefix) if accept is not None else True
+        except Exception:  # PIL's checks unpack fixed-size fields: a 1-byte file breaks some
+            continue
         if isinstance(verdict, str):
             failures.append(f"{fmt}: {verdict}")
             continue

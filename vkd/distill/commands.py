@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -40,21 +41,71 @@ def distill(config_path: Path, overrides: tuple[str, ...]) -> None:
 
     from vkd.distill.trainer import Trainer
 
+    # Expected failures (bad values found while starting or running: ValueError, ConfigError,
+    # PairFileError; files and disks: OSError) carry a message that says what to change, so
+    # the user sees that one line; anything else is a bug and keeps its traceback.
     try:
         trainer = Trainer(config)
+        result = trainer.train()
     except (ValueError, OSError) as error:
+        if not str(error):
+            raise
         raise click.ClickException(str(error)) from None
-    result = trainer.train()
     if not trainer.is_main:
         return
-    report = result.report
-    click.echo(f"model    {result.model_dir}")
-    if result.adapter_dir is not None:
-        click.echo(f"adapter  {result.adapter_dir}")
-    click.echo(f"report   {result.report_path}")
+    for line in summary(result.report, result.model_dir, result.adapter_dir, result.report_path):
+        click.echo(line)
+
+
+# LoRA training more than this share of a student's weights saves little over full fine-tuning.
+LARGE_LORA_SHARE = 20.0
+
+
+def summary(report: dict[str, Any], model_dir: Path, adapter_dir: Path | None, report_path: Path) -> list[str]:
+    """The lines ``vkd distill`` prints at the end of a run, from its report."""
+    lines = [f"model    {model_dir}"]
+    if adapter_dir is not None:
+        lines.append(f"adapter  {adapter_dir}")
+    lines.append(f"report   {report_path}")
+    lines.extend(_trained_lines(report["student"]))
+    lines.append(f"loss     {_loss_text(report)}")
     best = report.get("best")
     if best:
-        click.echo(f"best     val t2i R@1 {best['t2i_R@1']:.1f} at epoch {best['epoch']:g} (step {best['step']})")
-    cache = report["teacher_cache"]
-    click.echo(f"steps    {report['steps']} in {report['wall_time_s']:.1f} s; teacher cache "
-               f"{cache['hits']} hits / {cache['misses']} misses")
+        count = len(report["val"])
+        lines.append(f"best     val {best['metric']} {best['value']:.2f} at epoch {best['epoch']:g} "
+                     f"(step {best['step']}) of {count} evaluation{'s' if count != 1 else ''}")
+    lines.append(f"kept     {report['final_model_reason']}")
+    steps = f"steps    {report['steps']} in {report['wall_time_s']:.1f} s"
+    if report["teachers"]:  # a CE-only or EMA-only run has no teacher cache to speak of
+        cache = report["teacher_cache"]
+        steps += f"; teacher cache {cache['hits']} hits / {cache['misses']} misses"
+    lines.append(steps)
+    return lines
+
+
+def _trained_lines(student: dict[str, Any]) -> list[str]:
+    trained, total, percent = student["trained_parameters"], student["parameters"], student["trained_percent"]
+    scale = student["logit_scale_trained"]
+    lora = student["lora"]
+    if lora:
+        what = f"LoRA r={lora['r']}" + (" and the projection heads" if lora["heads"] else "")
+        # The scale is a bare parameter a peft adapter cannot carry (see vkd.distill.lora).
+        what += "; logit scale frozen under LoRA" if scale is False else ""
+    else:
+        what = "full fine-tuning" + (", logit scale included" if scale else "")
+    lines = [f"trains   {trained:,} of {total:,} student parameters ({percent:.2f}%): {what}"]
+    if lora and percent is not None and percent >= LARGE_LORA_SHARE:
+        lines.append(f"note     LoRA r={lora['r']} trains {percent:.0f}% of this student's parameters: on a model "
+                     "this narrow, full fine-tuning (use_lora: false) costs little more and trains the logit "
+                     "scale too; or lower lora_r")
+    return lines
+
+
+def _loss_text(report: dict[str, Any]) -> str:
+    if not report["loss"]["use_distillation"]:
+        return "contrastive (CE) only (use_distillation: false)"
+    kd = " + ".join(report["loss"]["terms"][1:])
+    stages = report["stages"]
+    temperature = " → ".join(f"{s['temperature']:g}" for s in stages)
+    weight = " → ".join(f"{s['distillation_weight']:g}" for s in stages)
+    return f"(1 - w)·CE + w·({kd}); temperature {temperature}, distillation_weight w {weight}"

@@ -15,13 +15,20 @@ Projection heads (CLIP ``text_projection``/``visual_projection``, SigLIP ``text_
 ``vision_model.head``) train in full as peft ``modules_to_save``, so they are stored in the
 adapter and ``base model + adapter`` reproduces the merged student exactly. The logit scale
 (and SigLIP's logit bias) stays frozen at the student's pretrained value under LoRA: it is a
-bare parameter that a peft adapter cannot carry, and a frozen scale keeps the adapter
-complete. Full fine-tuning (``use_lora: false``) trains it too.
+bare parameter that a peft adapter cannot carry (``modules_to_save`` takes modules only), and
+training it anyway would make ``base model + adapter`` differ from the merged student, so the
+adapter would silently load a different model. A pretrained student's scale is already the
+one its embeddings were trained for; the run summary says it stayed frozen. Full fine-tuning
+(``use_lora: false``) trains it too.
+
+The adapter's ``base_model_name_or_path`` is the base as an absolute path when it is a local
+directory (a hub id stays an id), so the adapter loads from any working directory.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -103,8 +110,17 @@ def apply_lora(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
         exclude_modules=excluded or None, modules_to_save=heads or None, bias="none",
     )
-    peft_model = get_peft_model(encoder.model, config)
-    peft_model.peft_config["default"].base_model_name_or_path = base_name or encoder.name
+    from vkd.models.checkpoint import resolve_model_name
+
+    with warnings.catch_warnings():
+        # peft 0.21 (PeftModel.__init__) reads ``model.is_gradient_checkpointing``, which
+        # transformers 5 deprecated in favour of ``is_activation_checkpointing`` with a
+        # FutureWarning on every read; the value is the same, so only that warning is hidden.
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated",
+                                category=FutureWarning)
+        peft_model = get_peft_model(encoder.model, config)
+    # As given, a relative directory would only load from the run's working directory.
+    peft_model.peft_config["default"].base_model_name_or_path = resolve_model_name(base_name or encoder.name)
     encoder.invalidate_fingerprint()
     return peft_model
 

@@ -17,19 +17,31 @@ Output directory::
     output_dir/
       model/            the student, a plain model directory (LoRA merged) that load_encoder
                         and from_pretrained open: the weights of the best evaluation
-                        (val t2i Recall@1), or the last weights without val_data_path
+                        (val ``best_metric``, rsum by default), or the last weights without
+                        val_data_path or with eval_strategy: no
       adapter/          (use_lora) the same student as a PEFT adapter over model_name_or_path
       config.yaml       the resolved config
-      metrics.jsonl     one JSON row per logging step ("type": "train") and per evaluation ("eval")
-      report.json       parameter counts, val recall per evaluation, best epoch, wall time,
-                        steps, teacher-cache hits/misses, teacher forward counts
+      metrics.jsonl     one JSON row per logging step ("type": "train") and per evaluation ("eval");
+                        CE-only runs (use_distillation: false) log no temperature or weight
+      report.json       parameter counts (trained share, logit scale trained or frozen), the
+                        loss terms, val recall per evaluation, the best evaluation, which
+                        weights model/ holds and why, wall time, steps, teacher-cache
+                        hits/misses, teacher forward counts
       checkpoints/step-NNNNNN/   every save_steps and at the end (see Trainer.save_checkpoint)
       teacher_cache/    <teacher fingerprint>.arrow, unless teacher_cache_dir points elsewhere
 
 ``max_steps`` stops the run early without changing the schedule (warm-up and decay stay
 planned over the stages' epochs), so a run cut at step k and resumed continues exactly the
-run it was cut from; the final model is then the best evaluated one, or the last weights if
-nothing was evaluated.
+run it was cut from.
+
+The best weights. With val_data_path and an eval_strategy, the weights written to model/ are
+those of the evaluation with the highest ``best_metric`` (``choose_best``: a tie goes to the
+later evaluation). When the schedule did not evaluate the last step (``max_steps`` shorter
+than an epoch, or a step count that is not a multiple of ``eval_steps``), the run evaluates
+its final weights at the end, so they are among the candidates; that row carries
+``"end_of_run": true``. It is made after the final checkpoint is saved and is not part of the
+checkpoint, so a resumed run still continues exactly the run it was cut from. The report's
+``final_model_reason`` (printed by ``vkd distill``) says which weights were kept and why.
 """
 
 from __future__ import annotations
@@ -41,7 +53,7 @@ import random
 import re
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,7 +73,8 @@ from vkd.distill.teacher import EmaTeacher, Teacher, cache_summary, make_teacher
 from vkd.models.base import TorchEncoder
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
-BEST_METRIC = "t2i_R@1"
+# what report.json shows of each evaluation (the metrics best_metric can choose from)
+VAL_KEYS = ("rsum", *(f"{d}_R@{k}" for d in ("t2i", "i2t") for k in (1, 5, 10)))
 
 
 @dataclass
@@ -104,6 +117,20 @@ class StagePlan:
     @property
     def end_epoch(self) -> int:
         return self.first_epoch + self.epochs
+
+
+def choose_best(evaluations: Sequence[Mapping[str, Any]], metric: str) -> Mapping[str, Any] | None:
+    """The evaluation with the highest ``metric`` (None when there is none).
+
+    A tie goes to the later evaluation: equal on the chosen metric, the later weights have
+    trained on more data, and a run whose final weights tie the best keeps its final weights
+    (the ones its adapter and last checkpoint also describe) rather than an older copy.
+    """
+    best = None
+    for row in evaluations:
+        if best is None or row[metric] >= best[metric]:
+            best = row
+    return best
 
 
 def plan_stages(config: DistillConfig) -> list[StagePlan]:
@@ -235,42 +262,47 @@ class Trainer:
         self.last_lr = 0.0
         self._scheduler_state: dict[str, Any] | None = None
         self._saved_step = -1
+        self._evaluated_step = -1
         self._window: list[LossOutput] = []
         self._writer: Any = None
         self.resumed_from: Path | None = None
 
     # -- setup ------------------------------------------------------------------------------
 
-    def _encoder_options(self, family: str) -> dict[str, Any]:
-        config, options = self.config, {}
-        if config.max_text_length is not None:
-            options["max_length" if family == "qwen3-vl" else "max_text_length"] = config.max_text_length
-        if config.matryoshka_dim is not None and family == "qwen3-vl":
-            options["matryoshka_dim"] = config.matryoshka_dim
-        return options
+    def _encoder_options(self, family: str, teacher: int | None = None) -> dict[str, Any]:
+        """``load_encoder`` options of the student (``teacher`` None) or of teacher number
+        ``teacher``: each model gets the options given for it, never another model's, so a
+        teacher keeps its own text limit and its full-size targets (DESIGN, Distillation)."""
+        given = self.config.student_options() if teacher is None else self.config.teacher_options(teacher)
+        accepted = ("max_text_length",) if family != "qwen3-vl" else tuple(given)  # CLIP/SigLIP: no instructions
+        return {key: value for key, value in given.items() if key in accepted and value is not None}
 
-    def _load(self, name: str, dtype: Any = None) -> TorchEncoder:
+    def _load(self, name: str, dtype: Any = None, teacher: int | None = None) -> TorchEncoder:
         from vkd.models import detect_family, load_encoder
 
-        encoder = load_encoder(name, device=self.device, dtype=dtype, **self._encoder_options(detect_family(name)))
+        options = self._encoder_options(detect_family(name), teacher)
+        encoder = load_encoder(name, device=self.device, dtype=dtype, **options)
         if not isinstance(encoder, TorchEncoder):
             raise ValueError(f"{name}: distillation needs a torch model, got {type(encoder).__name__}")
         return encoder
 
     def _check_matryoshka(self) -> None:
-        if self.config.matryoshka_dim is None:
-            return
         from vkd.models import detect_family
 
-        names = [self.config.model_name_or_path, *(self.config.teachers if self.config.use_distillation else [])]
-        if not any(detect_family(name) == "qwen3-vl" for name in names):
-            raise ValueError(f"matryoshka_dim = {self.config.matryoshka_dim}: only Qwen3-VL models have "
-                             f"Matryoshka embeddings and none of {names} is one; remove matryoshka_dim")
+        config = self.config
+        given = [("matryoshka_dim", config.model_name_or_path, config.matryoshka_dim)]
+        if config.use_distillation:
+            given += [("teacher_matryoshka_dim", name, config.teacher_options(k)["matryoshka_dim"])
+                      for k, name in enumerate(config.teachers)]
+        for key, name, dim in given:
+            if dim is not None and detect_family(name) != "qwen3-vl":
+                raise ValueError(f"{key} = {dim} for {name}: only Qwen3-VL models have Matryoshka embeddings; "
+                                 f"remove it, or give null for this model")
 
     def _teachers(self, encoders: Sequence[TorchEncoder] | None) -> list[Teacher]:
         config = self.config
         if encoders is None:
-            encoders = [self._load(name) for name in config.teachers]
+            encoders = [self._load(name, teacher=k) for k, name in enumerate(config.teachers)]
         cache_dir = None
         if config.teacher_cache:
             cache_dir = Path(config.teacher_cache_dir) if config.teacher_cache_dir else self.out / "teacher_cache"
@@ -388,7 +420,19 @@ class Trainer:
         progress.close()
         if self._saved_step != self.global_step:
             self.save_checkpoint()
+        if self._last_step_unevaluated():
+            # After the checkpoint, so that a resumed run does not carry this extra evaluation
+            # (or a best chosen by it) and still continues exactly the run it was cut from.
+            self.evaluate(self.stage, end_of_run=True)
         return self._finish(time.perf_counter() - self._started)
+
+    def _last_step_unevaluated(self) -> bool:
+        """Whether the final weights would go unevaluated although the run evaluates (the same
+        answer on every rank: evaluations restored from a checkpoint are the same everywhere)."""
+        if self.val_pairs is None or self.config.eval_strategy == "no":
+            return False
+        return self._evaluated_step != self.global_step and all(
+            row["step"] != self.global_step for row in self.evaluations)
 
     def _collator(self) -> Collator:
         # Snapshot of each cache for this epoch: rows outside it are prepared for the teacher.
@@ -428,10 +472,12 @@ class Trainer:
 
     # -- evaluation and logging ---------------------------------------------------------------
 
-    def evaluate(self, stage: StagePlan) -> dict[str, Any] | None:
-        """Recall on val_data_path (main process; the others wait); keeps the best weights."""
+    def evaluate(self, stage: StagePlan, *, end_of_run: bool = False) -> dict[str, Any] | None:
+        """Recall on val_data_path (main process; the others wait); keeps the best weights
+        (``best_metric``, ties to the later evaluation, see ``choose_best``)."""
         if self.val_pairs is None:
             return None
+        self._evaluated_step = self.global_step  # on every rank: train() decides on it collectively
         row = None
         if self.is_main:
             from vkd.evaluate import evaluate_encoder
@@ -442,14 +488,26 @@ class Trainer:
             self.student.model.train()
             row = {"type": "eval", "step": self.global_step, "epoch": self._epoch_float(), "stage": stage.index,
                    **metrics}
-            if self.best is None or metrics[BEST_METRIC] > self.best[BEST_METRIC]:
-                self.best = {"step": self.global_step, "epoch": row["epoch"], BEST_METRIC: metrics[BEST_METRIC]}
+            if end_of_run:
+                row["end_of_run"] = True
+            metric = self.config.best_metric
+            current = self._best_row()
+            if choose_best([current, row] if current is not None else [row], metric) is row:
+                self.best = {"step": row["step"], "epoch": row["epoch"], "metric": metric, "value": row[metric],
+                             **{key: row[key] for key in VAL_KEYS}}
                 self.best_state = self._trainable_state()
-            row["best"] = self.best["step"] == self.global_step
+            row["best"] = self.best is not None and self.best["step"] == self.global_step
             self.evaluations.append(row)
             self._write_row(row)
         self.accelerator.wait_for_everyone()
         return row
+
+    def _best_row(self) -> dict[str, Any] | None:
+        """The evaluation row of ``self.best``: it holds every metric, so the comparison also
+        works for a best restored from a checkpoint that recorded another metric."""
+        if self.best is None:
+            return None
+        return next((row for row in self.evaluations if row["step"] == self.best["step"]), None)
 
     def _epoch_float(self) -> float:
         return round(self.global_step / self.steps_per_epoch, 4)
@@ -463,8 +521,9 @@ class Trainer:
         }
         for name in window[-1].parts:
             row[name] = float(torch.stack([o.parts[name] for o in window]).float().mean())
-        row.update(temperature=self.loss.temperature, distillation_weight=self.loss.distillation_weight,
-                   logit_scale=float(self.student.logit_scale_tensor().detach()),
+        if self.config.use_distillation:  # a CE-only run uses neither
+            row.update(temperature=self.loss.temperature, distillation_weight=self.loss.distillation_weight)
+        row.update(logit_scale=float(self.student.logit_scale_tensor().detach()),
                    local_batch=self.config.batch_size, global_batch=self.last_global_batch)
         if self.teachers:
             row["teacher_cache"] = cache_summary(self.teachers)
@@ -479,9 +538,10 @@ class Trainer:
         metrics = self.out / "metrics.jsonl"
         kept = []
         if self.resumed_from is not None and metrics.is_file():
-            # rows past the checkpoint came from the interrupted run and will be logged again
-            kept = [line for line in metrics.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= self.global_step]
+            # rows past the checkpoint came from the interrupted run and will be logged again;
+            # its end-of-run evaluation is not in the checkpoint, so not part of this run either
+            rows = [(line, json.loads(line)) for line in metrics.read_text().splitlines() if line.strip()]
+            kept = [line for line, row in rows if row.get("step", 0) <= self.global_step and not row.get("end_of_run")]
         metrics.write_text("".join(line + "\n" for line in kept))
         if "tensorboard" in self.config.report_to:
             try:
@@ -639,6 +699,29 @@ class Trainer:
             "teacher_forward_rows": int(sum(v[1] for v in values)),
         }
 
+    def _final_model_reason(self) -> str:
+        """Which weights model/ holds, and why, in one sentence (the report and the summary)."""
+        last = self.global_step
+        if self.val_pairs is None:
+            return f"the last weights (step {last}): no val_data_path, so there was nothing to choose between"
+        if self.config.eval_strategy == "no":
+            return f"the last weights (step {last}): eval_strategy is 'no', so nothing was evaluated"
+        best = self._best_row()
+        if self.best_state is None or best is None:
+            return f"the last weights (step {last}): nothing was evaluated"
+        metric, count = self.config.best_metric, len(self.evaluations)
+        of = f"the best of {count} evaluation{'s' if count != 1 else ''} on val {metric}"
+        if best["step"] == last:
+            reason = f"the last weights (step {last}), {of} ({best[metric]:.2f})"
+        else:
+            final = next((row for row in self.evaluations if row["step"] == last), None)
+            scored = f"; the last weights (step {last}) scored {final[metric]:.2f}" if final else ""
+            reason = f"the weights of step {best['step']} (epoch {best['epoch']:g}), {of} ({best[metric]:.2f}{scored})"
+        if any(row.get("end_of_run") for row in self.evaluations):
+            reason += (f"; step {last} was evaluated at the end of the run, which eval_strategy "
+                       f"'{self.config.eval_strategy}' had not reached")
+        return reason
+
     def _finish(self, wall_time: float) -> DistillResult:
         counters = self._counters()
         if self.best_state is not None:
@@ -649,29 +732,53 @@ class Trainer:
         report: dict[str, Any] = {}
         if self.is_main:
             trained = sum(p.numel() for _, p in self.trainable)
+            # before the merge: afterwards the LoRA names are gone
+            scale_trained = any(name.rsplit(".", 1)[-1] == "logit_scale" for name, _ in self.trainable)
+            # None: the model has no logit scale of its own (the loss uses a fixed one)
+            if not isinstance(getattr(self.student.model, "logit_scale", None), torch.nn.Parameter):
+                scale_trained = None
+            lora = None
             if self.peft is not None:
+                peft_config = self.peft.peft_config["default"]
+                lora = {"r": self.config.lora_r, "alpha": self.config.lora_alpha,
+                        "target_modules": sorted(peft_config.target_modules),
+                        "heads": sorted(peft_config.modules_to_save or [])}
                 shutil.rmtree(adapter_dir, ignore_errors=True)
                 save_adapter(self.peft, adapter_dir)
                 merge(self.student, self.peft)
             shutil.rmtree(model_dir, ignore_errors=True)
             self.student.save(model_dir)
+            total = self.student.num_parameters()
+            distilling = self.config.use_distillation
+            # A CE-only run has no temperature or distillation weight: leaving them out keeps
+            # the report from suggesting settings that did nothing.
+            stages = [{k: v for k, v in vars(s).items()
+                       if distilling or k not in ("temperature", "distillation_weight")} for s in self.stages]
+            kept_step = self.best["step"] if self.best_state is not None and self.best else self.global_step
             report = {
                 "student": {"name": self.config.model_name_or_path, "family": self.student.family,
-                            "dim": self.student.dim, "parameters": self.student.num_parameters(),
-                            "trained_parameters": trained, "lora": self.peft is not None},
+                            "dim": self.student.dim, "parameters": total, "trained_parameters": trained,
+                            "trained_percent": round(100 * trained / total, 2) if total else None,
+                            "logit_scale_trained": scale_trained,
+                            "lora": lora},
+                "loss": {"use_distillation": distilling,
+                         "terms": ["ce", *self.config.loss_types] if distilling else ["ce"]},
                 **counters,
                 "ema_teacher": self.ema.describe() if self.ema else None,
                 "steps": self.global_step,
                 "epochs": self._epoch_float(),
                 "steps_per_epoch": self.steps_per_epoch,
-                "stages": [vars(s) for s in self.stages],
+                "stages": stages,
                 "num_processes": self.world,
                 "global_batch_size": self.config.batch_size * self.world,
-                "val": [{k: r[k] for k in ("step", "epoch", "stage", "t2i_R@1", "i2t_R@1", "rsum")}
+                "val": [{k: r[k] for k in ("step", "epoch", "stage", *VAL_KEYS, "end_of_run") if k in r}
                         for r in self.evaluations],
+                "best_metric": self.config.best_metric,
                 "best": self.best,
                 "best_epoch": self.best["epoch"] if self.best else None,
                 "final_model": "best" if self.best_state is not None else "last",
+                "final_model_step": kept_step,
+                "final_model_reason": self._final_model_reason(),
                 "wall_time_s": round(wall_time, 3),
                 "resumed_from": str(self.resumed_from) if self.resumed_from else None,
                 "outputs": {"model": str(model_dir), "adapter": str(adapter_dir) if adapter_dir else None,

@@ -100,6 +100,18 @@ class OnnxEncoder(Encoder):
     def fingerprint(self) -> str:
         return str(self.manifest["source"]["fingerprint"])
 
+    def load_options(self) -> dict[str, Any]:
+        """The options the exported model was loaded with (empty for exports older than the record)."""
+        return dict(self.manifest["source"].get("options") or {})
+
+    @property
+    def query_instruction(self) -> str | None:  # type: ignore[override]
+        return self.load_options().get("query_instruction")
+
+    @property
+    def document_instruction(self) -> str | None:  # type: ignore[override]
+        return self.load_options().get("document_instruction")
+
     @property
     def has_image_tower(self) -> bool:
         return bool(self.manifest.get("image"))

@@ -162,7 +162,12 @@ def _chat_template_parts(encoder: Any) -> dict[str, str]:
     if rendered.count(_TEMPLATE_SENTINEL) != 1:
         raise ExportError(f"{encoder.name}: the chat template does not place the text verbatim once")
     prefix, suffix = rendered.split(_TEMPLATE_SENTINEL)
-    parts = {"prefix": prefix, "suffix": suffix, "empty_text": NULL_TEXT}
+    # The torch path cuts the text, never the template, to its own limit and to what the
+    # whole-sequence bound leaves beside the prompt.
+    processor = encoder.processor
+    room = processor.max_length - sum(processor.count_tokens([prefix, suffix]))
+    limit = room if processor.max_text_length is None else min(processor.max_text_length, room)
+    parts = {"prefix": prefix, "suffix": suffix, "empty_text": NULL_TEXT, "max_text_tokens": limit}
     for text in SAMPLE_TEXTS:
         expected = encoder.prompt(text or None)
         if expected != prefix + (text or NULL_TEXT) + suffix:
@@ -419,6 +424,8 @@ def _write_export(
             "dim": int(encoder.dim),
             "logit_scale": float(encoder.logit_scale),
             "backend": type(encoder).__name__,
+            # what load_encoder(..., prefer="onnx") compares a request's options with
+            "options": encoder.load_options(),
         },
         "exporter": "torch.onnx (TorchScript, dynamo=False)",
         "opset": opset,

@@ -144,7 +144,9 @@ class TextTokenizer:
     ``padding_side``, ``truncation_side``, ``pad_id``, ``pad_token``,
     ``add_special_tokens``, ``inputs`` (which of input_ids / attention_mask /
     token_type_ids the model takes) and ``template``: ``None`` or
-    ``{"prefix", "suffix", "empty_text"}`` for chat-formatted models.
+    ``{"prefix", "suffix", "empty_text", "max_text_tokens"}`` for chat-formatted models, whose
+    text is cut to ``max_text_tokens`` (tokenized alone, at a token boundary) before the prompt
+    is built, as the torch path does: the prompt's closing tokens are never cut.
     """
 
     def __init__(self, tokenizer_file: str | os.PathLike[str], config: dict[str, Any]) -> None:
@@ -158,6 +160,11 @@ class TextTokenizer:
             raise ValueError(f"{tokenizer_file}: text inputs {sorted(unknown)} unknown; expected some of {TEXT_INPUTS}")
         self.add_special_tokens = bool(config.get("add_special_tokens", True))
         self.template = config.get("template")
+        limit = (self.template or {}).get("max_text_tokens")
+        self.max_text_tokens = int(limit) if limit is not None else None
+        # A second, unconfigured copy counts the text's own tokens (the first one truncates and
+        # pads); it is only read, so concurrent searches can share it too.
+        self._counter = Tokenizer.from_file(str(tokenizer_file)) if self.max_text_tokens is not None else None
         padding = config.get("padding", "longest")
         if padding not in ("longest", "max_length"):
             raise ValueError(f"{tokenizer_file}: padding={padding!r}; expected 'longest' or 'max_length'")
@@ -173,9 +180,25 @@ class TextTokenizer:
             length=self.max_length if padding == "max_length" else None,
         )
 
+    def cut_text(self, text: str) -> str:
+        """``text`` cut to ``max_text_tokens`` tokens at a token boundary (as
+        ``Qwen3VLEmbeddingProcessor.cut_text``)."""
+        if self._counter is None or self.max_text_tokens is None:
+            return text
+        limit = self.max_text_tokens
+        encoding = self._counter.encode(text, add_special_tokens=False)
+        if len(encoding.ids) <= limit:
+            return text
+        for keep in range(limit, 0, -1):  # a byte-level token may end inside a character
+            cut = text[: encoding.offsets[keep - 1][1]]
+            if len(self._counter.encode(cut, add_special_tokens=False).ids) <= limit:
+                return cut
+        return ""
+
     def render(self, text: str) -> str:
         if self.template is None:
             return text
+        text = self.cut_text(text)
         return f"{self.template['prefix']}{text or self.template.get('empty_text', '')}{self.template['suffix']}"
 
     def __call__(self, texts: Sequence[str]) -> dict[str, np.ndarray]:

@@ -224,6 +224,12 @@ class Index:
                 raise ManifestError(f"{index_dir / MANIFEST_NAME}: lists {arrow}, which {why}; run "
                                     f"`vkd index verify --repair {index_dir}` (it drops the shard, and the next "
                                     "`vkd index` run re-encodes its images)") from None
+            if any(shard.damage for shard in shards) and attempt < 2 and read_manifest(index_dir) != manifest:
+                # a commit (compaction, rebuild) replaced files between reading the manifest and
+                # opening them: take the new snapshot rather than one with holes
+                for shard in shards:
+                    shard.close()
+                continue
             return cls(index_dir, manifest, shards, root)
         raise AssertionError("unreachable")
 

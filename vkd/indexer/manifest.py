@@ -112,6 +112,30 @@ def _check_model(model: Any, role: str, path: Path) -> None:
              f"{role}.family is {model['family']!r:.80}, expected a string")
 
 
+# What search and build read from an index spec's params: each an integer within bounds that
+# FAISS accepts (C int), so no value from the file reaches FAISS unchecked.
+_INT_PARAMS = {"M": (2, 512), "efConstruction": (1, 1 << 20), "efSearch": (1, 1 << 20), "nlist": (1, 1 << 24),
+               "nprobe": (1, 1 << 24), "m": (1, 4096), "nbits": (1, 16), "rescore_factor": (1, 1000)}
+
+
+def _check_index_spec(spec: Any, where: str, path: Path) -> None:
+    _require(isinstance(spec, dict) and spec.get("kind") in INDEX_KINDS and isinstance(spec.get("factory"), str)
+             and isinstance(spec.get("params", {}), dict), path,
+             f"{where} is {spec!r:.120}, expected {{kind: {'|'.join(INDEX_KINDS)}, factory: str, params: {{}}}}")
+    _require("estimated_bytes" not in spec or _is_int(spec["estimated_bytes"]), path,
+             f"{where}.estimated_bytes is {spec.get('estimated_bytes')!r:.80}, expected an integer >= 0")
+    _require(isinstance(spec.get("reason", ""), str), path, f"{where}.reason must be a string")
+    params = spec.get("params", {})
+    for key, (low, high) in _INT_PARAMS.items():
+        value = params.get(key)
+        _require(key not in params or (_is_int(value) and low <= value <= high), path,
+                 f"{where}.params.{key} is {value!r:.80}, expected an integer from {low} to {high}")
+    _require(isinstance(params.get("rescore", False), bool), path,
+             f"{where}.params.rescore is {params.get('rescore')!r:.80}, expected true or false")
+    _require(params.get("metric", "inner_product") == "inner_product", path,
+             f"{where}.params.metric is {params.get('metric')!r:.80}, expected 'inner_product'")
+
+
 def _check_shard(shard: Any, i: int, path: Path) -> int:
     """Validate ``shards[i]``; returns its number (shard-NNNNN)."""
     where = f"shards[{i}]"
@@ -132,10 +156,7 @@ def _check_shard(shard: Any, i: int, path: Path) -> int:
     for key in ("arrow_bytes", "faiss_bytes"):
         _require(shard.get(key) is None or _is_int(shard[key]), path,
                  f"{where}.{key} is {shard.get(key)!r:.80}, expected an integer >= 0")
-    spec = shard["index"]
-    _require(isinstance(spec, dict) and spec.get("kind") in INDEX_KINDS and isinstance(spec.get("factory"), str)
-             and isinstance(spec.get("params", {}), dict), path,
-             f"{where}.index is {spec!r:.120}, expected {{kind: {'|'.join(INDEX_KINDS)}, factory: str, params: {{}}}}")
+    _check_index_spec(shard["index"], f"{where}.index", path)
     retired = shard["retired"]
     _require(isinstance(retired, list) and all(isinstance(r, str) for r in retired), path,
              f"{where}.retired must be a list of row ids (strings)")

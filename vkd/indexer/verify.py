@@ -141,9 +141,9 @@ def verify_index(index_dir: str | os.PathLike[str]) -> list[str]:
         if index.metric_type != faiss.METRIC_INNER_PRODUCT:
             problems.append(f"{faiss_path}: metric {index.metric_type}, expected inner product")
     if not problems:
-        if "rows" in manifest and int(manifest["rows"]) != total_rows:
+        if manifest.get("rows") is not None and int(manifest["rows"]) != total_rows:
             problems.append(f"{path / MANIFEST_NAME}: rows={manifest['rows']}, shards hold {total_rows}")
-        if "live_rows" in manifest and int(manifest["live_rows"]) != total_live:
+        if manifest.get("live_rows") is not None and int(manifest["live_rows"]) != total_live:
             problems.append(f"{path / MANIFEST_NAME}: live_rows={manifest['live_rows']}, shards hold {total_live}")
     return problems
 

@@ -63,6 +63,10 @@ class Encoder(ABC):
     batch_size: int = 32
     #: multiplier that turns cosine similarities into logits (CLIP: exp(logit_scale))
     logit_scale: float = DEFAULT_LOGIT_SCALE
+    #: the system instruction of text inputs (queries) and of image inputs (documents); None
+    #: for families that take no instruction (CLIP, SigLIP)
+    query_instruction: str | None = None
+    document_instruction: str | None = None
 
     @property
     @abstractmethod
@@ -120,8 +124,15 @@ class Encoder(ABC):
             progress.close()
         return l2_normalize(np.concatenate(parts, axis=0))
 
+    def load_options(self) -> dict[str, Any]:
+        """The ``load_encoder`` keyword options that, with ``name``, open an encoder giving these
+        vectors (instructions, text limit, Matryoshka size ...); an index records them so that
+        search encodes queries as the index was built. Empty when the name alone does."""
+        return {}
+
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "family": self.family, "dim": self.dim, "fingerprint": self.fingerprint}
+        return {"name": self.name, "family": self.family, "dim": self.dim, "fingerprint": self.fingerprint,
+                "options": self.load_options()}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, family={self.family!r}, dim={self.dim})"

@@ -44,7 +44,13 @@ class HFDualEncoder(TorchEncoder):
         self.batch_size = batch_size
         self.source_dir = source_dir
         text_config = getattr(model.config, "text_config", model.config)
-        self.max_text_length = max_text_length or getattr(text_config, "max_position_embeddings", 77)
+        positions = getattr(text_config, "max_position_embeddings", None)
+        if max_text_length is not None and positions is not None and int(max_text_length) > int(positions):
+            # SigLIP pads every text to this length, CLIP would index past its position table:
+            # either way the text tower cannot take it.
+            raise ValueError(f"{name}: max_text_length={max_text_length} exceeds the text tower's "
+                             f"{positions} positions; give at most {positions}, or none for the model's own limit")
+        self.max_text_length = int(max_text_length or positions or 77)
         self.pad_to_max_length = self.family in PAD_TO_MAX_LENGTH
         self.dim = int(getattr(model.config, "projection_dim", 0) or text_config.hidden_size)
         self._fingerprint = None
@@ -60,9 +66,16 @@ class HFDualEncoder(TorchEncoder):
         trust_remote_code: bool = False,
         allow_pickle: bool = False,
         max_text_length: int | None = None,
+        instruction: str | None = None,
+        query_instruction: str | None = None,
+        document_instruction: str | None = None,
     ) -> HFDualEncoder:
         """Open a model directory or hub id. Pickle weights (pytorch_model.bin) are refused
-        unless ``allow_pickle``: unpickling can run code."""
+        unless ``allow_pickle``: unpickling can run code.
+
+        CLIP and SigLIP take no instruction: ``instruction``, ``query_instruction`` and
+        ``document_instruction`` are accepted, so that one set of options opens a model of
+        any family, and ignored; they change neither the vectors nor the fingerprint."""
         from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
         from vkd.models.checkpoint import check_weights_format, checkpoint_weights, resolve_model_name
@@ -120,6 +133,9 @@ class HFDualEncoder(TorchEncoder):
 
     def _image_features(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return _pooled(self.model.get_image_features(**inputs))
+
+    def load_options(self) -> dict[str, Any]:
+        return {"max_text_length": self.max_text_length}
 
     def preprocessing_config(self) -> dict[str, Any]:
         processor = self.image_processor.to_dict() if hasattr(self.image_processor, "to_dict") else {}

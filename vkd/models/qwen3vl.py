@@ -2,11 +2,21 @@
 
 The recipe (DESIGN.md, "Encoders") as the reference embedder applies it:
 
-* a system turn holds the instruction (default "Represent the user's input.", stripped,
-  a final "." added when it ends without punctuation); the user turn holds the image,
-  then the text; an input with neither becomes the text "NULL";
+* a system turn holds the instruction (stripped, a final "." added when it ends without
+  punctuation); the user turn holds the image, then the text; an input with neither
+  becomes the text "NULL";
+* queries and documents carry different instructions, as in the official evaluation: text
+  (a query in every vkd use: search, training captions, evaluation) gets
+  ``query_instruction`` (default ``DEFAULT_QUERY_INSTRUCTION``), anything with an image (a
+  document: indexed images, an image used as a query too, so that an image searched for
+  scores exactly against its own indexed vector) gets ``document_instruction`` (default
+  "Represent the user's input.", the model's own default);
 * the prompt string comes from the model's own chat template with the generation
   prompt, never from a hand-built string;
+* length limits cut the user's text only, before the prompt is rendered: never the image
+  tokens nor the template's closing tokens, so the last real token stays the template's
+  end. ``max_text_length`` bounds the text's own tokens; ``max_length`` (the reference's
+  8192) bounds the whole sequence, and an image that alone exceeds it is an error;
 * images are resized here to multiples of 32 (patch 16 x merge 2) within
   ``min_pixels``..``max_pixels`` keeping the aspect ratio, and the image processor is
   called without resizing again;
@@ -37,6 +47,9 @@ import torch
 from vkd.models.base import TorchEncoder, load_rgb
 
 DEFAULT_INSTRUCTION = "Represent the user's input."
+#: The text-query instruction of the MTEB/MIEB image-text retrieval tasks (Flickr30k, COCO
+#: text-to-image) on which Qwen3-VL-Embedding is evaluated; documents keep DEFAULT_INSTRUCTION.
+DEFAULT_QUERY_INSTRUCTION = "Find an image that matches the given caption."
 NULL_TEXT = "NULL"
 PATCH_SIZE = 16
 MERGE_SIZE = 2
@@ -100,14 +113,14 @@ QWEN_SPECIAL_TOKENS = [
 ]
 
 
-def normalize_instruction(instruction: str | None) -> str:
+def normalize_instruction(instruction: str | None, default: str = DEFAULT_INSTRUCTION) -> str:
     """The system-turn text: stripped, "." appended unless it ends in punctuation.
 
-    ``None`` or a blank string means the default instruction.
+    ``None`` or a blank string means ``default``.
     """
     text = (instruction or "").strip()
     if not text:
-        return DEFAULT_INSTRUCTION
+        return default
     if not unicodedata.category(text[-1]).startswith("P"):
         text += "."
     return text
@@ -187,6 +200,7 @@ class Qwen3VLEmbeddingProcessor:
         min_pixels: int = MIN_PIXELS,
         max_pixels: int = MAX_PIXELS,
         max_length: int = MAX_LENGTH,
+        max_text_length: int | None = None,
         padding_side: str = "right",
     ) -> None:
         if not getattr(tokenizer, "chat_template", None):
@@ -198,6 +212,9 @@ class Qwen3VLEmbeddingProcessor:
         self.min_pixels = int(min_pixels)
         self.max_pixels = int(max_pixels)
         self.max_length = int(max_length)
+        if max_text_length is not None and int(max_text_length) < 1:
+            raise ValueError(f"max_text_length={max_text_length}: must be at least 1 (or None: no limit of its own)")
+        self.max_text_length = int(max_text_length) if max_text_length is not None else None
         self.padding_side = padding_side
         self.patch_size = int(image_processor.patch_size)
         self.merge_size = int(image_processor.merge_size)
@@ -232,6 +249,34 @@ class Qwen3VLEmbeddingProcessor:
             return image
         return image.resize((width, height), resample=Image.Resampling.BICUBIC)
 
+    def image_tokens(self, resized: Any) -> int:
+        """Tokens one ``<|image_pad|>`` expands to for an image already ``resize``d."""
+        return (resized.height // self.patch_size) * (resized.width // self.patch_size) // self.merge_size**2
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Tokens of each string, tokenized alone as the prompt tokenizes it (no special tokens added)."""
+        return [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+    def cut_text(self, text: str, limit: int) -> str:
+        """``text`` cut at a token boundary to at most ``limit`` tokens (tokenized alone).
+
+        The cut is made in the string, before any prompt is rendered, so the prompt stays the
+        chat template's own rendering of a (shorter) text.
+        """
+        if limit <= 0:
+            return ""
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = encoded["offset_mapping"]
+        if len(offsets) <= limit:
+            return text
+        # A byte-level token may end inside a character; re-tokenizing the cut then gives a
+        # token more than counted, so step back until the cut fits.
+        for keep in range(limit, 0, -1):
+            cut = text[: offsets[keep - 1][1]]
+            if self.count_tokens([cut])[0] <= limit:
+                return cut
+        return ""
+
     def __call__(self, prompts: Sequence[str], images: Sequence[Any] = ()) -> dict[str, torch.Tensor]:
         """Model inputs for rendered prompts; ``images`` fill the image placeholders in order.
 
@@ -261,18 +306,25 @@ class Qwen3VLEmbeddingProcessor:
                 expanded.append(text)
             prompts = expanded
         # Qwen tokenizers add no BOS/EOS; saying so keeps other tokenizers from adding theirs.
+        # No truncation here: cutting the sequence would cut image tokens or the template's
+        # end (which last-token pooling reads); Qwen3VLEncoder.prepare cuts the text instead.
         encoded = self.tokenizer(
             list(prompts), add_special_tokens=False, padding=True, padding_side=self.padding_side,
-            truncation=True, max_length=self.max_length, return_tensors="pt",
+            return_tensors="pt",
         )
         input_ids = encoded["input_ids"]
+        lengths = encoded["attention_mask"].sum(dim=1).tolist()
+        too_long = [(row, n) for row, n in enumerate(lengths) if n > self.max_length]
+        if too_long:
+            row, n = too_long[0]
+            raise ValueError(
+                f"input {row} is {n} tokens long (of which {expected[row]} image tokens), over "
+                f"max_length={self.max_length}; raise max_length or lower max_pixels"
+            )
         mm_token_type_ids = (input_ids == self.image_token_id).to(torch.int32)
         found = mm_token_type_ids.sum(dim=1).tolist()
         if found != expected:
-            raise ValueError(
-                f"image tokens per input {found} != {expected} expected: max_length={self.max_length} "
-                "truncated an image; raise max_length or lower max_pixels"
-            )
+            raise ValueError(f"image tokens per input {found} != {expected} expected")
         inputs.update(
             input_ids=input_ids, attention_mask=encoded["attention_mask"], mm_token_type_ids=mm_token_type_ids
         )
@@ -287,6 +339,7 @@ class Qwen3VLEmbeddingProcessor:
             "max_pixels": self.max_pixels,
             "factor": self.factor,
             "max_length": self.max_length,
+            "max_text_length": self.max_text_length,
             "image": {key: processor.get(key) for key in keep},
             "chat_template_sha256": hashlib.sha256(str(template).encode()).hexdigest(),
             "vocab_size": len(self.tokenizer),
@@ -309,9 +362,13 @@ class Qwen3VLEncoder(TorchEncoder):
         dtype: torch.dtype,
         batch_size: int = 32,
         instruction: str | None = None,
+        query_instruction: str | None = None,
+        document_instruction: str | None = None,
         matryoshka_dim: int | None = None,
         source_dir: Path | None = None,
     ) -> None:
+        """``instruction`` sets both roles at once; ``query_instruction`` (text) and
+        ``document_instruction`` (anything with an image) override it per role."""
         self.model = model
         self.processor = processor
         self.name = name
@@ -320,7 +377,8 @@ class Qwen3VLEncoder(TorchEncoder):
         self.dtype = dtype
         self.batch_size = batch_size
         self.source_dir = source_dir
-        self.instruction = normalize_instruction(instruction)
+        self.query_instruction = normalize_instruction(query_instruction or instruction, DEFAULT_QUERY_INSTRUCTION)
+        self.document_instruction = normalize_instruction(document_instruction or instruction, DEFAULT_INSTRUCTION)
         vision = model.config.vision_config
         model_sizes = (vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size)
         processor_sizes = (processor.patch_size, processor.merge_size, processor.image_processor.temporal_patch_size)
@@ -349,15 +407,19 @@ class Qwen3VLEncoder(TorchEncoder):
         trust_remote_code: bool = False,
         allow_pickle: bool = False,
         instruction: str | None = None,
+        query_instruction: str | None = None,
+        document_instruction: str | None = None,
         matryoshka_dim: int | None = None,
         min_pixels: int | None = None,
         max_pixels: int | None = None,
         max_length: int | None = None,
+        max_text_length: int | None = None,
         padding_side: str | None = None,
     ) -> Qwen3VLEncoder:
         """Open a Qwen3-VL directory or hub id; options not given fall back to what
-        ``save`` recorded there, then to the reference defaults. Pickle weights
-        (pytorch_model.bin) are refused unless ``allow_pickle``: unpickling can run code."""
+        ``save`` recorded there, then to the reference defaults. ``instruction`` sets the
+        query and the document instruction together. Pickle weights (pytorch_model.bin) are
+        refused unless ``allow_pickle``: unpickling can run code."""
         from transformers import AutoTokenizer, Qwen3VLModel
 
         from vkd.models.checkpoint import check_weights_format, checkpoint_weights, resolve_model_name
@@ -365,12 +427,18 @@ class Qwen3VLEncoder(TorchEncoder):
         name = resolve_model_name(name_or_path)
         check_weights_format(name, allow_pickle=allow_pickle)
         saved = _saved_options(name)
+        # An explicit `instruction` (both roles) outranks saved per-role ones; a directory saved
+        # before per-role instructions existed holds one "instruction" for both.
         options = {
-            "instruction": instruction if instruction is not None else saved.get("instruction"),
+            "query_instruction": _first(query_instruction, instruction, saved.get("query_instruction"),
+                                        saved.get("instruction")),
+            "document_instruction": _first(document_instruction, instruction, saved.get("document_instruction"),
+                                           saved.get("instruction")),
             "matryoshka_dim": matryoshka_dim if matryoshka_dim is not None else saved.get("matryoshka_dim"),
             "min_pixels": min_pixels if min_pixels is not None else saved.get("min_pixels", MIN_PIXELS),
             "max_pixels": max_pixels if max_pixels is not None else saved.get("max_pixels", MAX_PIXELS),
             "max_length": max_length if max_length is not None else saved.get("max_length", MAX_LENGTH),
+            "max_text_length": max_text_length if max_text_length is not None else saved.get("max_text_length"),
             "padding_side": padding_side if padding_side is not None else saved.get("padding_side", "right"),
         }
         # The embedding needs the base model only: a ForConditionalGeneration checkpoint
@@ -390,13 +458,15 @@ class Qwen3VLEncoder(TorchEncoder):
         image_processor = _pil_image_processor_class().from_pretrained(name)
         processor = Qwen3VLEmbeddingProcessor(
             tokenizer, image_processor, min_pixels=options["min_pixels"], max_pixels=options["max_pixels"],
-            max_length=options["max_length"], padding_side=options["padding_side"],
+            max_length=options["max_length"], max_text_length=options["max_text_length"],
+            padding_side=options["padding_side"],
         )
         device = torch.device(device)
         model.to(device).eval()
         encoder = cls(
             model, processor, name=name, device=device, dtype=dtype, batch_size=batch_size,
-            instruction=options["instruction"], matryoshka_dim=options["matryoshka_dim"],
+            query_instruction=options["query_instruction"], document_instruction=options["document_instruction"],
+            matryoshka_dim=options["matryoshka_dim"],
             source_dir=Path(name) if Path(name).is_dir() else None,
         )
         # Missing weights raised above, so the files determine the model; the lm_head a
@@ -413,14 +483,45 @@ class Qwen3VLEncoder(TorchEncoder):
 
     def prompt(self, text: str | None = None, image: bool = False, instruction: str | None = None) -> str:
         """The chat-formatted string for one input (one ``<|image_pad|>`` per image, before
-        expansion to the image's token count)."""
-        return self.processor.render(build_conversation(text, image, instruction or self.instruction))
+        expansion to the image's token count). Without ``instruction``, an input with an
+        image is a document (``document_instruction``), text alone a query (``query_instruction``)."""
+        default = self.document_instruction if image else self.query_instruction
+        return self.processor.render(build_conversation(text, image, instruction or default))
 
     def prepare(self, items: Sequence[Item], instruction: str | None = None) -> dict[str, torch.Tensor]:
-        """Model inputs for (image or None, text or None) items."""
-        prompts = [self.prompt(text, image is not None, instruction) for image, text in items]
-        images = [image for image, _ in items if image is not None]
-        return self.processor(prompts, images)
+        """Model inputs for (image or None, text or None) items; texts over the limits are cut
+        (see the module docstring), images never."""
+        images = [self.processor.resize(image) if image is not None else None for image, _ in items]
+        texts = self._fit_texts(images, [text for _, text in items], instruction)
+        prompts = [self.prompt(text, image is not None, instruction) for image, text in zip(images, texts, strict=True)]
+        return self.processor(prompts, [image for image in images if image is not None])
+
+    def _fit_texts(self, images: Sequence[Any], texts: Sequence[str | None],
+                   instruction: str | None) -> list[str | None]:
+        processor = self.processor
+        fitted = list(texts)
+        if processor.max_text_length is not None:
+            fitted = [processor.cut_text(text, processor.max_text_length) if text else text for text in fitted]
+        for row, (image, text) in enumerate(zip(images, fitted, strict=True)):
+            image_tokens = processor.image_tokens(image) if image is not None else 0
+            while True:
+                prompt = self.prompt(text, image is not None, instruction)
+                # A byte-level token covers at least one byte, so the common short prompt is
+                # known to fit without tokenizing it; the processor checks the real count anyway.
+                if len(prompt.encode("utf-8")) + image_tokens <= processor.max_length:
+                    break
+                length = processor.count_tokens([prompt])[0] - (1 if image is not None else 0) + image_tokens
+                excess = length - processor.max_length
+                if excess <= 0:
+                    break
+                if not text:
+                    raise ValueError(
+                        f"input {row} needs {length} tokens ({image_tokens} of them image tokens) without any "
+                        f"text, over max_length={processor.max_length}; raise max_length or lower max_pixels"
+                    )
+                text = processor.cut_text(text, processor.count_tokens([text])[0] - excess)
+            fitted[row] = text
+        return fitted
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         return self.prepare([(None, text) for text in texts])
@@ -478,19 +579,28 @@ class Qwen3VLEncoder(TorchEncoder):
 
     # -- identity and persistence -----------------------------------------------------
 
-    def options(self) -> dict[str, Any]:
+    def load_options(self) -> dict[str, Any]:
+        # padding_side is left out: it does not change the vectors (see last_token_pool).
         return {
-            "instruction": self.instruction,
+            "query_instruction": self.query_instruction,
+            "document_instruction": self.document_instruction,
             "matryoshka_dim": self.matryoshka_dim,
             "min_pixels": self.processor.min_pixels,
             "max_pixels": self.processor.max_pixels,
             "max_length": self.processor.max_length,
-            "padding_side": self.processor.padding_side,
+            "max_text_length": self.processor.max_text_length,
         }
+
+    def options(self) -> dict[str, Any]:
+        """Everything ``save`` records for ``from_pretrained`` to restore."""
+        return {**self.load_options(), "padding_side": self.processor.padding_side}
 
     def preprocessing_config(self) -> dict[str, Any]:
         # padding_side is left out: it does not change the vectors (see last_token_pool).
-        return {"instruction": self.instruction, "matryoshka_dim": self.matryoshka_dim, **self.processor.config()}
+        return {
+            "query_instruction": self.query_instruction, "document_instruction": self.document_instruction,
+            "matryoshka_dim": self.matryoshka_dim, **self.processor.config(),
+        }
 
     def save(self, out_dir: str | os.PathLike[str]) -> Path:
         out = Path(out_dir)
@@ -501,6 +611,11 @@ class Qwen3VLEncoder(TorchEncoder):
         (out / OPTIONS_FILE).write_text(json.dumps(self.options(), indent=2) + "\n")
         self.link_weights(out)
         return out
+
+
+def _first(*values: Any) -> Any:
+    """The first value that is not None (None when all are)."""
+    return next((value for value in values if value is not None), None)
 
 
 def _saved_options(name: str) -> dict[str, Any]:

@@ -22,6 +22,7 @@ SUPPORTED_FAMILIES = {
     **{t: "qwen3-vl" for t in QWEN3_VL_TYPES},
 }
 ONNX_MANIFEST = Path("onnx") / "export.json"
+ONNX_RUNTIME_OPTIONS = ("precision", "threads", "providers")
 
 
 def _read_config(name_or_path: str, trust_remote_code: bool) -> dict[str, Any]:
@@ -103,8 +104,16 @@ def load_encoder(
 
     ``prefer="onnx"`` uses the ONNX export in ``<dir>/onnx`` when there is one (no torch
     needed then). ``device`` defaults to CUDA when available, ``dtype`` to bf16 on CUDA and
-    float32 on CPU. Extra keyword options go to the backend (Qwen3-VL: ``instruction``,
-    ``matryoshka_dim``, ``min_pixels``, ``max_pixels``).
+    float32 on CPU. Extra keyword options go to the backend and belong to this model only:
+    ``max_text_length`` (every family: the text's own token limit; Qwen3-VL counts the user's
+    text only, never image or template tokens); Qwen3-VL also ``query_instruction`` (text
+    inputs, default "Find an image that matches the given caption."),
+    ``document_instruction`` (inputs with an image, default "Represent the user's input."),
+    ``instruction`` (both), ``matryoshka_dim``, ``min_pixels``, ``max_pixels``,
+    ``max_length``. CLIP/SigLIP accept the instruction options and ignore them. With
+    ``prefer="onnx"`` the export is used only if it was made with the options given
+    (``precision``, ``threads``, ``providers`` go to the ONNX encoder); otherwise the torch
+    model applies them.
 
     The encoder's ``name`` is a local directory's absolute path (a hub id stays an id), so
     whatever records it opens the same model from any working directory. Nothing from the
@@ -119,7 +128,13 @@ def load_encoder(
     if prefer == "onnx" and (Path(name) / ONNX_MANIFEST).is_file():
         from vkd.export.onnx_encoder import OnnxEncoder
 
-        return OnnxEncoder(Path(name) / "onnx", batch_size=batch_size, **backend_options)
+        runtime = {key: backend_options.pop(key) for key in ONNX_RUNTIME_OPTIONS if key in backend_options}
+        onnx = OnnxEncoder(Path(name) / "onnx", batch_size=batch_size, **runtime)
+        made_with = onnx.load_options()
+        # The export's preprocessing is fixed: it serves only a request for what it was made
+        # with (an index records the options its vectors were made with, instructions included).
+        if all(value is None or made_with.get(key) == value for key, value in backend_options.items()):
+            return onnx
 
     import torch
     from transformers.utils import logging as hf_logging
