@@ -182,7 +182,7 @@ def test_unknown_key_names_file_value_and_closest_key(tmp_path: Path) -> None:
 
 def test_unknown_key_without_close_match_lists_the_known_keys(tmp_path: Path) -> None:
     [message] = problems(tmp_path, zzz=1)
-    assert "unknown key zzz = 1 (known keys: batch_size, data_path," in message
+    assert "unknown key zzz = 1 (known keys: batch_size, best_metric, data_path," in message
 
 
 def test_unknown_override_key_names_set(tmp_path: Path) -> None:
@@ -389,3 +389,32 @@ def test_cli_helper_turns_config_errors_into_usage_errors(tmp_path: Path) -> Non
     bad = CliRunner().invoke(train, [str(path), "--set", "epohcs=4"])
     assert bad.exit_code == 2
     assert "Usage:" in bad.output and "unknown key epohcs = '4' (did you mean 'epochs'?)" in bad.output
+
+
+# --- per-model options ------------------------------------------------------------------------------
+
+
+def test_per_model_options_belong_to_their_model(tmp_path: Path) -> None:
+    """The student's keys are the student's; teacher_* take one value for all teachers or one
+    per teacher (null = that teacher's own), and teacher instructions default to the student's."""
+    path = write_config(tmp_path, teacher_model_name_or_path=["big", "other"], max_text_length=77,
+                        matryoshka_dim=256, teacher_max_text_length=[512, None], teacher_matryoshka_dim=1024,
+                        query_instruction="Find the photo", teacher_document_instruction="Represent the photo")
+    cfg = load_config(path)
+    assert cfg.student_options() == {"max_text_length": 77, "matryoshka_dim": 256,
+                                     "query_instruction": "Find the photo", "document_instruction": None}
+    assert cfg.teacher_options(0) == {"max_text_length": 512, "matryoshka_dim": 1024,
+                                      "query_instruction": "Find the photo", "document_instruction": "Represent the photo"}
+    assert cfg.teacher_options(1)["max_text_length"] is None and cfg.teacher_options(1)["matryoshka_dim"] == 1024
+    overridden = load_config(path, ["teacher_max_text_length=64,null", "teacher_matryoshka_dim=null"])
+    assert overridden.teacher_max_text_length == [64, None] and overridden.teacher_matryoshka_dim is None
+    assert load_config(path, ["teacher_max_text_length=32"]).teacher_options(1)["max_text_length"] == 32
+
+
+def test_per_teacher_lists_must_match_the_teachers(tmp_path: Path) -> None:
+    [message] = problems(tmp_path, teacher_max_text_length=[64, 32])
+    assert "teacher_max_text_length = [64, 32] has 2 entries for 1 teacher(s)" in message
+    [message] = problems(tmp_path, teacher_matryoshka_dim=[0])
+    assert "teacher_matryoshka_dim = [0] has item 0, which is out of range" in message
+    [message] = problems(tmp_path, teacher_instruction="x")
+    assert "unknown key teacher_instruction = 'x'" in message

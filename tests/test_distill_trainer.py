@@ -315,7 +315,7 @@ def test_a_qwen3vl_teacher_with_a_short_text_limit_trains_on_large_images(
 
 
 def test_a_matryoshka_student_leaves_the_teachers_targets_full_size(
-    tmp_path: Path, pair_file: Path, tiny_qwen3vl: Path
+    tmp_path: Path, pair_file: Path, tiny_qwen3vl: Path, tiny_clip: Path
 ) -> None:
     """matryoshka_dim is the student's: the teacher's targets keep its own (full, or its own
     teacher_matryoshka_dim) size, and feature_mse learns the map between the two."""
@@ -333,9 +333,12 @@ def test_a_matryoshka_student_leaves_the_teachers_targets_full_size(
     own = make_config(tmp_path / "own", pair_file, tiny_qwen3vl, tiny_qwen3vl, max_steps=1, matryoshka_dim=8,
                       teacher_matryoshka_dim=16)
     assert Trainer(own).teachers[0].encoder.dim == 16
-    with pytest.raises(ValueError, match="teacher_matryoshka_dim = 16 .*only Qwen3-VL"):
-        Trainer(make_config(tmp_path / "clip", pair_file, tiny_qwen3vl, [tiny_qwen3vl, pair_file.parent],
+    with pytest.raises(ValueError, match="teacher_matryoshka_dim = 16 for .*only Qwen3-VL.*give null for this"):
+        Trainer(make_config(tmp_path / "clip", pair_file, tiny_qwen3vl, [tiny_qwen3vl, tiny_clip],
                             teacher_matryoshka_dim=16))
+    mixed = make_config(tmp_path / "mixed", pair_file, tiny_qwen3vl, [tiny_qwen3vl, tiny_clip],
+                        teacher_matryoshka_dim=[16, None])
+    assert [t.encoder.dim for t in Trainer(mixed).teachers] == [16, 32]
 
 
 def test_a_siglip_teacher_keeps_its_own_text_length(

@@ -273,3 +273,46 @@ def test_eval_command_points_at_the_model_of_a_distill_run(tiny_clip: Path, colo
     unfinished = make_run(tmp_path / "runs" / "y", None)
     result = CliRunner().invoke(eval_command, ["--model", str(unfinished), "--data", str(colour_pairs)])
     assert result.exit_code == 1 and "is a vkd distill run without a model yet" in result.output
+
+
+def test_index_and_export_resolve_a_distill_run_too(tiny_clip: Path, tmp_path: Path) -> None:
+    from vkd.cli import cli
+
+    unfinished = make_run(tmp_path / "runs" / "y", None)
+    for args in (["export", str(unfinished)], ["index", str(tmp_path), "--model", str(unfinished)]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 1 and "is a vkd distill run without a model yet" in result.output, result.output
+
+    run = make_run(tmp_path / "runs" / "x", tiny_clip)
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(images / "red.png")
+    result = CliRunner().invoke(cli, ["index", str(images), "--model", str(run), "--out", str(tmp_path / "idx"),
+                                      "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert f"{run} is a vkd distill run; using {run / 'model'} as the student" in result.stderr
+    assert f"student {run / 'model'}" in result.stdout
+
+
+def test_eval_command_encodes_captions_as_queries_and_images_as_documents(
+    tiny_qwen3vl: Path, tiny_clip: Path, colour_pairs: Path
+) -> None:
+    """--query-instruction / --document-instruction reach the model: captions are encoded with
+    the query instruction and images with the document one (what the JSON reports)."""
+    from vkd.models import load_encoder
+
+    instructions = ["--query-instruction", "Find the photo", "--document-instruction", "Represent the photo"]
+    common = ["--data", str(colour_pairs), "--json", "--device", "cpu", *instructions]
+    result = CliRunner().invoke(eval_command, ["--model", str(tiny_qwen3vl), *common])
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    assert printed["model_options"]["query_instruction"] == "Find the photo."
+    assert printed["model_options"]["document_instruction"] == "Represent the photo."
+    encoder = load_encoder(tiny_qwen3vl, device="cpu", query_instruction="Find the photo",
+                           document_instruction="Represent the photo")
+    direct = evaluate_encoder(encoder, colour_pairs)
+    assert {key: printed[key] for key in direct} == direct
+    # CLIP takes no instruction: accepted, ignored, and not reported as an option of the model
+    clip = CliRunner().invoke(eval_command, ["--model", str(tiny_clip), *common])
+    assert clip.exit_code == 0, clip.output
+    assert "query_instruction" not in json.loads(clip.stdout)["model_options"]

@@ -238,3 +238,25 @@ def test_static_int8_export_calibrated_on_pairs(tiny_clip: Path, tmp_path: Path)
         assert result.parity["towers"][tower]["int8"]["n"] > 8  # calibration inputs joined the samples
     graph = onnx.load(str(result.out_dir / "text.int8.onnx")).graph
     assert any(node.op_type == "QuantizeLinear" for node in graph.node)
+
+
+def test_a_qwen3vl_text_limit_and_instructions_survive_the_export(tiny_qwen3vl: Path, tmp_path: Path) -> None:
+    """The export cuts texts as the torch path does (the text only, never the template's end;
+    its parity samples run far past the limit) and keeps the query instruction; asked for
+    other options, load_encoder(prefer="onnx") gives the torch model, which applies them."""
+    model = load_encoder(tiny_qwen3vl, device="cpu", max_text_length=4, query_instruction="Find the photo")
+    model_dir = model.save(tmp_path / "short")
+    export_onnx(model_dir)
+    torch_encoder = load_encoder(model_dir, prefer="torch", device="cpu")
+    spec = json.loads((model_dir / "onnx" / "export.json").read_text())["text"]
+    ours = TextTokenizer(model_dir / "onnx" / "tokenizer.json", spec)(TEXTS + [""])
+    theirs = torch_encoder.tokenize(TEXTS + [""])
+    np.testing.assert_array_equal(ours["input_ids"], theirs["input_ids"].numpy())
+    onnx_encoder = load_encoder(model_dir, prefer="onnx")
+    assert isinstance(onnx_encoder, OnnxEncoder) and onnx_encoder.fingerprint == torch_encoder.fingerprint
+    assert onnx_encoder.query_instruction == "Find the photo."
+    cos = np.sum(onnx_encoder.encode_text(TEXTS) * torch_encoder.encode_text(TEXTS), axis=1)
+    assert cos.min() >= 0.99, cos
+    assert isinstance(load_encoder(model_dir, prefer="onnx", **onnx_encoder.load_options()), OnnxEncoder)
+    other = load_encoder(model_dir, prefer="onnx", device="cpu", query_instruction="Something else")
+    assert not isinstance(other, OnnxEncoder) and other.query_instruction == "Something else."

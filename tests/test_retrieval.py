@@ -330,3 +330,54 @@ def test_moved_student_gets_a_clear_error(corpus: Path, tiny_clip: Path, tmp_pat
         Retriever(index.path, prefer="torch")
     retriever = Retriever(index.path, student=str(tiny_clip), prefer="torch")  # same weights elsewhere
     assert len(retriever.search("a dog", k=2, rerank=False)) == 2
+
+
+def test_the_index_records_both_instructions_and_search_encodes_queries_with_them(
+    corpus: Path, tiny_qwen3vl: Path, tmp_path: Path
+) -> None:
+    """`vkd index` records the student's query and document instructions in the manifest; a
+    search reopens the student with them (named elsewhere too), so the text query carries the
+    recorded query instruction and the stored images the document one."""
+    from vkd.models import load_encoder
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in sorted(corpus.iterdir())[:5]:
+        shutil.copy(path, images / path.name)
+    out = tmp_path / "index"
+    result = _run(["index", str(images), "--model", str(tiny_qwen3vl), "--out", str(out), "--device", "cpu",
+                   "--no-progress", "--query-instruction", "Find the photo",
+                   "--document-instruction", "Represent the photo"])
+    assert result.exit_code == 0, result.output
+    recorded = json.loads((out / "manifest.json").read_text())["student"]["options"]
+    assert (recorded["query_instruction"], recorded["document_instruction"]) == ("Find the photo.", "Represent the photo.")
+
+    encoder = load_encoder(tiny_qwen3vl, device="cpu", query_instruction="Find the photo",
+                           document_instruction="Represent the photo")
+    index = Index.open(out)
+    stored = np.concatenate([shard.student_vectors(np.arange(shard.rows)) for shard in index.shards])
+    paths = sorted(images.iterdir())
+    np.testing.assert_allclose(np.sort(stored, axis=0), np.sort(encoder.encode_images(paths), axis=0), atol=1e-5)
+
+    expected = encoder.encode_text(["a dog"])[0]
+    moved = shutil.copytree(tiny_qwen3vl, tmp_path / "elsewhere")
+    for student in (None, str(moved)):  # recorded by name, or named: the recorded options either way
+        retriever = Retriever(out, student=student, prefer="torch", device="cpu")
+        assert (retriever.student.query_instruction, retriever.student.document_instruction) == (
+            "Find the photo.", "Represent the photo.")
+        hits = retriever.search("a dog", k=5, rerank=False)
+        by_path = {path.name: float(vector @ expected) for path, vector in zip(paths, encoder.encode_images(paths),
+                                                                               strict=True)}
+        assert [round(hit.score, 4) for hit in hits] == [round(by_path[Path(hit.path).name], 4) for hit in hits]
+
+    printed = _run(["search", "a dog", "--index", str(out), "--json", "--prefer", "torch", "--no-rerank"])
+    assert printed.exit_code == 0, printed.output
+    assert json.loads(printed.stdout)["student"]["options"]["query_instruction"] == "Find the photo."
+
+    # a later incremental run of the same model keeps encoding as the index was built
+    shutil.copy(sorted(corpus.iterdir())[7], images / "new.png")
+    again = _run(["index", str(images), "--model", str(tiny_qwen3vl), "--out", str(out), "--device", "cpu",
+                  "--no-progress", "--json"])
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["added"] == 1
+    assert Index.open(out).student == index.student

@@ -41,7 +41,29 @@ SHORT_HELP: dict[str, str] = {
 }
 
 
+# A library that a slim install lacks -> the extra that brings it (pyproject.toml). The base
+# install (and "vkd[serve]") has no torch: a command that needs it says which extra to add.
+EXTRA_FOR: dict[str, str] = {
+    **dict.fromkeys(("torch", "transformers", "peft", "accelerate", "safetensors", "onnx", "onnxscript"), "full"),
+    **dict.fromkeys(("onnxruntime", "fastapi", "uvicorn", "multipart", "starlette"), "serve"),
+    "matplotlib": "bench",
+}
+
+
 class LazyGroup(click.Group):
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except ModuleNotFoundError as error:
+            missing = (error.name or "").split(".")[0]
+            if missing not in EXTRA_FOR:
+                raise
+            command = ctx.invoked_subcommand or "this command"
+            raise click.ClickException(
+                f"vkd {command} needs {missing}, which this install lacks (the base and \"vkd[serve]\" installs "
+                f"leave out torch and the other training libraries): pip install \"vkd[{EXTRA_FOR[missing]}]\""
+            ) from error
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(name for name in COMMANDS if self._available(name))
 

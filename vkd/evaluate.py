@@ -141,7 +141,9 @@ def evaluate_encoder(
 ) -> dict[str, Any]:
     """Recall@K of ``encoder`` on a pair file (or a ``PairSet``).
 
-    Each unique image is encoded once and every caption once. Returns the metrics of
+    Each unique image is encoded once and every caption once: captions as queries
+    (``encode_text``: the query instruction) and images as documents (``encode_images``: the
+    document instruction), for both directions, as the embeddings would be in an index. Returns the metrics of
     :func:`recall_at_k` plus ``n_images`` and ``n_texts``.
     """
     from vkd.data.pairs import PairSet, read_pairs
@@ -172,12 +174,14 @@ def format_table(metrics: dict[str, Any], ks: Sequence[int] = DEFAULT_KS) -> str
 EXAMPLE = """\b
 Examples:
   vkd eval --model out/student --data data/flickr30k/test.jsonl
+  vkd eval --model runs/x --data test.jsonl      # a vkd distill run: evaluates runs/x/model
   vkd eval --model openai/clip-vit-base-patch32 --data data/flickr30k/test.jsonl --json
 """
 
 
 @click.command("eval", epilog=EXAMPLE)
-@click.option("--model", required=True, help="Model directory or hub id (anything vkd.load_encoder opens).")
+@click.option("--model", required=True,
+              help="Model directory or hub id (anything vkd.load_encoder opens), or a vkd distill output_dir.")
 @click.option(
     "--data", "data_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
     help="Pair file (.jsonl) to evaluate on, e.g. test.jsonl from `vkd data flickr30k`.",
@@ -186,13 +190,30 @@ Examples:
 @click.option("--device", default=None, help="torch device (default: cuda when available, else cpu).")
 @click.option("--onnx", is_flag=True, help="Use the model's ONNX export (<model>/onnx) when it has one.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON instead of a table.")
+@click.option("--query-instruction", default=None, metavar="TEXT",
+              help="Qwen3-VL: instruction of the captions (queries).  [default: the model's own]")
+@click.option("--document-instruction", default=None, metavar="TEXT",
+              help="Qwen3-VL: instruction of the images (documents).  [default: the model's own]")
 def eval_command(
-    model: str, data_path: Path, batch_size: int | None, device: str | None, onnx: bool, as_json: bool
+    model: str, data_path: Path, batch_size: int | None, device: str | None, onnx: bool, as_json: bool,
+    query_instruction: str | None = None, document_instruction: str | None = None,
 ) -> None:
     """Recall@1/5/10 of a model on a pair file, text→image and image→text.
 
     Percentages; image→text counts a hit when any of the image's captions is in the top K.
+    MODEL may also be a `vkd distill` output directory: its model/ is evaluated.
     """
+    from vkd.distill.rundir import resolve_model_dir
+
+    try:
+        resolved = resolve_model_dir(model)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
+    if resolved != model:
+        # stderr: --json output on stdout stays parseable
+        click.echo(f"{model} is a vkd distill run; evaluating {resolved}", err=True)
+        model = resolved
+
     from vkd.data.pairs import PairFileError, read_pairs
 
     try:
@@ -209,6 +230,10 @@ def eval_command(
         options["device"] = device
     if batch_size is not None:
         options["batch_size"] = batch_size
+    # CLIP and SigLIP accept instructions and ignore them (they take none)
+    for key, value in (("query_instruction", query_instruction), ("document_instruction", document_instruction)):
+        if value is not None:
+            options[key] = value
     try:
         encoder = load_encoder(model, **options)
     except (OSError, ValueError) as error:
@@ -216,7 +241,8 @@ def eval_command(
 
     metrics = evaluate_encoder(encoder, pair_set, batch_size=batch_size, show_progress=not as_json)
     if as_json:
-        click.echo(json.dumps({"model": model, "data": str(data_path), **metrics}, indent=2))
+        click.echo(json.dumps({"model": model, "model_options": encoder.load_options(), "data": str(data_path),
+                               **metrics}, indent=2))
         return
     click.echo(f"model  {model} ({encoder.family}, {encoder.dim}-d)")
     click.echo(f"data   {data_path}: {metrics['n_images']} images, {metrics['n_texts']} captions")

@@ -111,6 +111,23 @@ def step_options(function: Callable[..., Any]) -> Callable[..., Any]:
     return function
 
 
+def serve_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--clients", type=click.IntRange(min=1), default=None,
+                     help="Concurrent clients.  [default: 8; --quick: 4]"),
+        click.option("--requests", "requests_per_client", type=click.IntRange(min=1), default=None,
+                     help="Searches per client.  [default: 200; --quick: 10]"),
+        click.option("--max-seconds", type=click.FloatRange(min=1), default=None,
+                     help="Time limit of each runtime's load run.  [default: 120; --quick: 30]"),
+        click.option("--serve-python", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="Python of a venv with only vkd[serve] to run the ONNX server on (the slim install). "
+                          " [default: this Python]"),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
 def _progress(message: str) -> None:
     click.echo(f"  {message}", err=True)
 
@@ -267,6 +284,27 @@ def _step(session: Session) -> Any:
                               progress=_progress)
 
 
+def _serve(session: Session) -> Any:
+    from vkd.bench.serve import ServeSettings, run_serve_benchmark
+    from vkd.data.pairs import read_pairs
+    from vkd.indexer.manifest import read_manifest
+
+    s, o = session.source, session.options
+    index = s.require("an index with teacher vectors", s.index_dir, "run `vkd demo`, or pass --index DIR")
+    manifest = read_manifest(Path(index))
+    teacher = (manifest.get("teacher") or {}).get("name")
+    if not teacher:
+        raise click.UsageError(f"{index}: this index stores no teacher vectors; the serve benchmark measures the "
+                               "teacher rerank: index with --teacher MODEL")
+    settings = ServeSettings.quick() if session.quick else ServeSettings()
+    for key in ("clients", "requests_per_client", "max_seconds"):
+        if o.get(key):
+            setattr(settings, key, o[key])
+    return run_serve_benchmark(index, student=str(manifest["student"]["name"]), teacher=str(teacher),
+                               queries=read_pairs(s.test_pairs).texts(), workdir=_scratch(session, "serve"),
+                               settings=settings, serve_python=o.get("serve_python"), progress=_progress)
+
+
 def _scratch(session: Session, name: str) -> Path:
     from vkd.bench.source import scratch_dir
 
@@ -274,7 +312,7 @@ def _scratch(session: Session, name: str) -> Path:
 
 
 RUNNERS: dict[str, Callable[[Session], Any]] = {
-    "distill": _distill, "search": _search, "export": _export, "index": _index, "step": _step,
+    "distill": _distill, "search": _search, "export": _export, "index": _index, "step": _step, "serve": _serve,
 }
 
 
@@ -367,6 +405,27 @@ def step_command(**options: Any) -> None:
       vkd bench step --steps 20 --out results
     """
     _run_one("step", options)
+
+
+@bench.command("serve", short_help="vkd serve under load on loopback: torch vs the slim ONNX runtime.")
+@common_options
+@serve_options
+def serve_command(**options: Any) -> None:
+    """`vkd serve` under a bounded load on 127.0.0.1, torch runtime vs slim ONNX runtime:
+    requests/s, p50/p95/p99 latency, errors, start-up time to ready, idle and peak RSS.
+
+    Each runtime is a real server process on a free loopback port; --clients threads send
+    --requests text searches each (the held-out captions), capped at --max-seconds. Models
+    without an ONNX export are exported into OUT/.work/serve first. Not part of `all`:
+    it starts servers and takes the machine's CPUs for minutes.
+
+    \b
+    Example:
+      vkd bench serve --out results
+      vkd bench serve --quick --out /tmp/serve-smoke
+      vkd bench serve --serve-python slim/bin/python     # ONNX server from a vkd[serve]-only venv
+    """
+    _run_one("serve", options)
 
 
 @bench.command("all", short_help="Every benchmark, then OUT/RESULTS.md.")

@@ -12,8 +12,10 @@ A line looks like::
   it defaults to the ``image`` path as written.
 
 Every pair gets a ``sample_id`` that depends only on the image path as written and the
-caption, not on the line number: the teacher cache is keyed by it, and reordering or
-editing other lines of a file must not hand a sample someone else's cached embeddings.
+caption, not on the line number, so it names the pair across reorderings and edits of other
+lines. The teacher cache does not key on it: a path says nothing about the bytes behind it,
+so the cache keys rows by the image's content hash and the caption
+(``vkd.distill.teacher.cache_key``).
 """
 
 from __future__ import annotations

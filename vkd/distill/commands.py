@@ -31,9 +31,13 @@ def distill(config_path: Path, overrides: tuple[str, ...]) -> None:
     """Distill a teacher into a student as CONFIG.yaml says.
 
     Overrides (--set key=value, --config_override key=value ...) apply on top of the file.
-    Writes OUTPUT_DIR/model (the merged student, for vkd index/export/eval), OUTPUT_DIR/adapter
-    (LoRA runs), metrics.jsonl, report.json and checkpoints. Runs in one process, or in
-    several under `accelerate launch -m vkd distill`.
+    Writes OUTPUT_DIR/model (the merged student, for vkd index/export/eval, which also take
+    OUTPUT_DIR itself), OUTPUT_DIR/adapter (LoRA runs), metrics.jsonl, report.json and
+    checkpoints. With val_data_path, model/ holds the weights of the best evaluation by
+    best_metric (rsum = R@1+R@5+R@10 both directions by default; a tie goes to the later
+    evaluation), and the final weights are evaluated too. The summary says which weights were
+    kept and why, and what was trained. Runs in one process, or in several under
+    `accelerate launch -m vkd distill`.
     """
     from vkd.config import load_config_for_cli
 

@@ -9,7 +9,11 @@ batches, and the order never depends on what ran before.
 
 The collate (run in DataLoader workers when ``num_workers > 0``) decodes each image once and
 prepares the student's inputs, split into chunks for gradient caching, and each teacher's
-inputs for the rows its cache does not hold. Teachers whose cache already holds every row of
+inputs for the rows its cache does not hold. With a teacher cache it also hashes each image
+file's bytes, from the same read that decodes it, for the rows' cache keys
+(``vkd.distill.teacher.cache_key``): a key always names the bytes the teacher would see, and
+hashing a file already in memory costs a fraction of decoding it, so no hash is kept between
+epochs (a kept hash keyed by path, size and mtime would miss an edit that keeps the mtime). Teachers whose cache already holds every row of
 the batch cost nothing here, which is what makes a warm cache nearly free.
 """
 
@@ -24,6 +28,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from vkd.data.images import read_image_file
+from vkd.distill.teacher import cache_key
 from vkd.models.base import TorchEncoder, batched, load_rgb
 
 if TYPE_CHECKING:
@@ -81,9 +87,10 @@ def inputs_only(encoder: TorchEncoder) -> TorchEncoder:
 class Collator:
     """Turns a list of ``(index, pair)`` into a training batch (a dict).
 
-    ``teachers[k]`` is ``(encoder, cached_ids)``: the teacher's input preparer and the sample
-    ids its cache held when the epoch started (``None``: no cache, prepare every row). An
-    epoch never shows a sample twice, so that snapshot is exactly what the cache can answer.
+    ``teachers[k]`` is ``(encoder, cached_keys)``: the teacher's input preparer and the cache
+    keys its cache held when the epoch started (``None``: no cache, prepare every row). An
+    epoch never shows a sample twice, so that snapshot is exactly what the cache can answer
+    (two samples with the same content may both be prepared; the cache stores one row).
     """
 
     def __init__(
@@ -97,24 +104,34 @@ class Collator:
         self.teachers = [(inputs_only(encoder), cached) for encoder, cached in teachers]
         self.image_index = image_index
         self.chunk_size = chunk_size
+        # content keys are needed only where some teacher has a cache to look them up in
+        self.keyed = any(cached is not None for _, cached in self.teachers)
 
     def __call__(self, items: Sequence[tuple[int, Any]]) -> dict[str, Any]:
         indices = [index for index, _ in items]
         pairs = [pair for _, pair in items]
         texts = [pair.text for pair in pairs]
         sample_ids = [pair.sample_id for pair in pairs]
-        images = [load_rgb(pair.image) for pair in pairs]
+        keys: list[str] | None = None
+        if self.keyed:
+            # the same reader and bounds as load_rgb, plus the sha256 of the bytes it decoded
+            reads = [read_image_file(pair.image, sha256=True) for pair in pairs]
+            images = [read.image for read in reads]
+            keys = [cache_key(read.sha256, pair.text) for read, pair in zip(reads, pairs, strict=True)]
+        else:
+            images = [load_rgb(pair.image) for pair in pairs]
         size = self.chunk_size or len(items)
         batch: dict[str, Any] = {
             "indices": torch.tensor(indices, dtype=torch.long),
             "image_index": torch.as_tensor(self.image_index[indices], dtype=torch.long),
             "sample_ids": sample_ids,
+            "cache_keys": keys,
             "text_chunks": [self.student.tokenize(chunk) for chunk in batched(texts, size)],
             "image_chunks": [self.student.preprocess(chunk) for chunk in batched(images, size)],
             "teachers": [],
         }
         for encoder, cached in self.teachers:
-            rows = [i for i, sid in enumerate(sample_ids) if cached is None or sid not in cached]
+            rows = list(range(len(pairs))) if cached is None else [i for i, key in enumerate(keys) if key not in cached]
             if not rows:
                 batch["teachers"].append(None)
                 continue

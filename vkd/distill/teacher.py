@@ -5,12 +5,18 @@ Teacher cache
 -------------
 A frozen teacher gives a training sample the same embeddings every time, so they are stored
 once: ``<cache_dir>/<teacher fingerprint>.arrow`` is an Arrow IPC file with one row per
-sample, columns ``sample_id`` (string), ``text`` and ``image`` (``FixedSizeList<float32>[dim]``,
-L2-normalised), and schema metadata naming the teacher, its dimension and its logit scale.
-The fingerprint hashes the teacher's weights and preprocessing, and ``sample_id`` hashes the
-image path and caption (``vkd.data.pairs``), so a file can only answer for the same teacher
-on the same pair; other runs, stages and epochs reuse it. Embeddings are kept in float32 so
-a cached run trains exactly as an uncached one.
+sample, columns ``key`` (string), ``text`` and ``image`` (``FixedSizeList<float32>[dim]``,
+L2-normalised), and schema metadata naming the format version, the teacher, its fingerprint,
+dimension and logit scale. The fingerprint hashes the teacher's weights and preprocessing,
+and ``key`` (:func:`cache_key`) hashes the sha256 of the image file's bytes and the caption:
+a row answers for the same teacher on the same content, wherever the image lies and whatever
+it is called. Two data sets with the same file names and captions (every ``vkd data synth``
+output) share no rows unless their images are the same bytes, an image edited in place misses
+the cache, and a copy of an image elsewhere hits it. Other runs, stages and epochs reuse the
+file. Embeddings are kept in float32 so a cached run trains exactly as an uncached one.
+
+Version 1 files keyed rows by the image path as written; they are ignored with a warning and
+replaced at the next flush (the teacher recomputes their rows once).
 
 New rows are collected in memory and written by :meth:`TeacherCache.flush` (the trainer calls
 it at the end of each epoch and before each checkpoint): the file on disk is read again, the
@@ -22,7 +28,9 @@ the rows of every rank are gathered and the main process writes.
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +48,13 @@ if TYPE_CHECKING:
     from vkd.models.base import TorchEncoder
 
 CACHE_FORMAT = "vkd-teacher-cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+
+
+def cache_key(image_sha256: str, caption: str) -> str:
+    """The row key of one training sample: a hash of the image file's content hash and the
+    caption. The teacher is named by the cache file (its fingerprint), not by the key."""
+    return hashlib.sha256(f"{image_sha256}\n{caption}".encode()).hexdigest()[:32]
 
 
 def _distributed() -> bool:
@@ -48,7 +62,7 @@ def _distributed() -> bool:
 
 
 class TeacherCache:
-    """Embeddings of one teacher, keyed by sample id; see the module docstring for the format."""
+    """Embeddings of one teacher, keyed by :func:`cache_key`; see the module docstring for the format."""
 
     def __init__(self, directory: str | os.PathLike[str], *, fingerprint: str, dim: int,
                  logit_scale: float, teacher: str) -> None:
@@ -59,13 +73,14 @@ class TeacherCache:
         self._pending: list[tuple[list[str], np.ndarray, np.ndarray]] = []
         self._rows: dict[str, int] = {}
         self._text = self._image = np.zeros((0, self.dim), dtype=np.float32)
+        self._warned = False
         self.reload()
 
     def __len__(self) -> int:
         return len(self._rows)
 
     def keys(self) -> frozenset[str]:
-        """Sample ids the file holds (rows added since the last flush are not included)."""
+        """Keys the file holds (rows added since the last flush are not included)."""
         return frozenset(self._rows)
 
     def _read(self) -> pa.Table | None:
@@ -79,6 +94,24 @@ class TeacherCache:
                 f"{self.path}: not a teacher cache for a {self.dim}-d teacher (metadata {meta}); "
                 "delete the file or point teacher_cache_dir elsewhere"
             )
+        version = meta.get("version")
+        if version != str(CACHE_VERSION):
+            # Its keys mean something else (v1: the image path as written): reading them
+            # would hand an edited image its old vector. Treated as empty, replaced at flush.
+            if not self._warned:
+                warnings.warn(
+                    f"{self.path}: teacher cache format version {version} (rows keyed by image path); this "
+                    f"vkd keys rows by image content (version {CACHE_VERSION}). The file is ignored and "
+                    "replaced at the next flush; the teacher computes its rows once more.",
+                    UserWarning, stacklevel=3,
+                )
+                self._warned = True
+            return None
+        if meta.get("fingerprint") != self.fingerprint:
+            raise ValueError(
+                f"{self.path}: holds the rows of teacher fingerprint {meta.get('fingerprint')}, not "
+                f"{self.fingerprint} (a renamed or copied file?); delete it or point teacher_cache_dir elsewhere"
+            )
         return table
 
     def reload(self) -> None:
@@ -86,20 +119,20 @@ class TeacherCache:
         table = self._read()
         if table is None or table.num_rows == 0:
             return
-        self._rows = {sid: i for i, sid in enumerate(table.column("sample_id").to_pylist())}
+        self._rows = {key: i for i, key in enumerate(table.column("key").to_pylist())}
         self._text = _matrix(table.column("text"), self.dim)
         self._image = _matrix(table.column("image"), self.dim)
 
-    def lookup(self, sample_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(text, image) float32 [n, dim] for ids the file holds; counts them as hits."""
-        rows = np.fromiter((self._rows[sid] for sid in sample_ids), dtype=np.int64, count=len(sample_ids))
+    def lookup(self, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(text, image) float32 [n, dim] for keys the file holds; counts them as hits."""
+        rows = np.fromiter((self._rows[key] for key in keys), dtype=np.int64, count=len(keys))
         self.hits += len(rows)
         return self._text[rows], self._image[rows]
 
-    def add(self, sample_ids: Sequence[str], text: np.ndarray, image: np.ndarray) -> None:
+    def add(self, keys: Sequence[str], text: np.ndarray, image: np.ndarray) -> None:
         """Rows computed by the teacher; counted as misses, written at the next flush."""
-        self.misses += len(sample_ids)
-        self._pending.append((list(sample_ids), np.asarray(text, np.float32), np.asarray(image, np.float32)))
+        self.misses += len(keys)
+        self._pending.append((list(keys), np.asarray(text, np.float32), np.asarray(image, np.float32)))
 
     def flush(self) -> int:
         """Write every process's new rows into the file (collective with several processes);
@@ -122,24 +155,24 @@ class TeacherCache:
         if not pending:
             return 0
         existing = self._read()  # again: another run may have added rows since we loaded
-        known = set(existing.column("sample_id").to_pylist()) if existing is not None else set()
-        all_ids = [sid for part_ids, _, _ in pending for sid in part_ids]
+        known = set(existing.column("key").to_pylist()) if existing is not None else set()
+        all_keys = [key for part_keys, _, _ in pending for key in part_keys]
         keep = []
-        for row, sid in enumerate(all_ids):
-            if sid not in known:
-                known.add(sid)
+        for row, key in enumerate(all_keys):
+            if key not in known:
+                known.add(key)
                 keep.append(row)
         if not keep:
             return 0
-        ids = [all_ids[row] for row in keep]
+        keys = [all_keys[row] for row in keep]
         texts = np.concatenate([text for _, text, _ in pending])[keep]
         images = np.concatenate([image for _, _, image in pending])[keep]
         meta = {"format": CACHE_FORMAT, "version": str(CACHE_VERSION), "fingerprint": self.fingerprint,
                 "teacher": self.teacher, "dim": str(self.dim), "logit_scale": repr(self.logit_scale)}
         vector = pa.list_(pa.float32(), self.dim)
-        schema = pa.schema([("sample_id", pa.string()), ("text", vector), ("image", vector)], metadata=meta)
+        schema = pa.schema([("key", pa.string()), ("text", vector), ("image", vector)], metadata=meta)
         new = pa.table({
-            "sample_id": pa.array(ids, pa.string()),
+            "key": pa.array(keys, pa.string()),
             "text": _fixed_list(texts, self.dim),
             "image": _fixed_list(images, self.dim),
         }, schema=schema)
@@ -155,7 +188,7 @@ class TeacherCache:
             os.replace(temporary, self.path)
         finally:
             temporary.unlink(missing_ok=True)
-        return len(ids)
+        return len(keys)
 
     def describe(self) -> dict[str, Any]:
         return {"path": str(self.path), "rows": len(self), "hits": self.hits, "misses": self.misses}
@@ -186,9 +219,13 @@ class Teacher:
         self.encoder.model.eval().requires_grad_(False)
 
     @torch.no_grad()
-    def output(self, sample_ids: Sequence[str], inputs: TeacherInputs | None, device: torch.device) -> TeacherOutput:
-        """Embeddings for a batch: cached rows from the cache, the rest from the model."""
-        n, dim = len(sample_ids), self.encoder.dim
+    def output(self, keys: Sequence[str] | None, inputs: TeacherInputs | None, device: torch.device) -> TeacherOutput:
+        """Embeddings for a batch: rows the cache holds from the cache, the rest from the model.
+        ``keys``: each row's :func:`cache_key`; None when no teacher caches, and then every
+        row is in ``inputs``."""
+        if keys is None and (inputs is None or self.cache is not None):
+            raise RuntimeError(f"teacher {self.name}: the batch carries no cache keys (Collator without caches?)")
+        n, dim = len(keys) if keys is not None else len(inputs.rows), self.encoder.dim
         text = torch.empty(n, dim, device=device)
         image = torch.empty(n, dim, device=device)
         computed = set(inputs.rows) if inputs is not None else set()
@@ -196,7 +233,7 @@ class Teacher:
         if cached:
             if self.cache is None:
                 raise RuntimeError(f"teacher {self.name}: rows {cached} were not prepared and there is no cache")
-            hit_text, hit_image = self.cache.lookup([sample_ids[i] for i in cached])
+            hit_text, hit_image = self.cache.lookup([keys[i] for i in cached])
             text[cached] = torch.from_numpy(hit_text).to(device)
             image[cached] = torch.from_numpy(hit_image).to(device)
         if inputs is not None:
@@ -207,7 +244,7 @@ class Teacher:
             text[inputs.rows] = new_text.to(device)
             image[inputs.rows] = new_image.to(device)
             if self.cache is not None:
-                self.cache.add([sample_ids[i] for i in inputs.rows], new_text.cpu().numpy(), new_image.cpu().numpy())
+                self.cache.add([keys[i] for i in inputs.rows], new_text.cpu().numpy(), new_image.cpu().numpy())
         return TeacherOutput(text=text, image=image, logit_scale=float(self.encoder.logit_scale), weight=self.weight)
 
     def describe(self) -> dict[str, Any]:

@@ -225,10 +225,8 @@ class Trainer:
             # Trained in place from here: its weights stop being its checkpoint's files.
             self.student.invalidate_fingerprint()
         self.student.model.train()
-        self.ema = None
-        if config.use_distillation and config.teacher_mode == "ema":
-            self.ema = EmaTeacher(self.student, momentum=config.teacher_momentum, every=config.update_teacher_every)
-        teacher_dims = [t.encoder.dim for t in self.teachers] + ([self.student.dim] if self.ema else [])
+        use_ema = config.use_distillation and config.teacher_mode == "ema"
+        teacher_dims = [t.encoder.dim for t in self.teachers] + ([self.student.dim] if use_ema else [])
         self.loss = DistillationLoss(
             kd_types=config.loss_types, distillation_weight=self.stages[0].distillation_weight,
             temperature=self.stages[0].temperature, use_distillation=config.use_distillation,
@@ -237,6 +235,10 @@ class Trainer:
 
         self.trainable = [(n, p) for n, p in self.student.model.named_parameters() if p.requires_grad]
         self._broadcast_initial_weights()
+        # Copied after the broadcast: a copy taken before holds this rank's own starting weights,
+        # and the ranks' EMA teachers (whose targets must agree) would never meet.
+        self.ema = EmaTeacher(self.student, momentum=config.teacher_momentum,
+                              every=config.update_teacher_every) if use_ema else None
         scale = getattr(self.student.model, "logit_scale", None)
         # The logit scale and the loss's projections act on the whole gathered batch on every
         # rank; every other weight only reaches the loss through this rank's own embeddings.
@@ -331,7 +333,7 @@ class Trainer:
 
     def teacher_outputs(self, batch: dict[str, Any]) -> list[TeacherOutput]:
         """Every teacher's embeddings for the global batch (constants)."""
-        outputs = [t.output(batch["sample_ids"], inputs, self.device)
+        outputs = [t.output(batch["cache_keys"], inputs, self.device)
                    for t, inputs in zip(self.teachers, batch["teachers"], strict=True)]
         if self.ema is not None:
             with self.accelerator.autocast():
@@ -578,7 +580,9 @@ class Trainer:
         (every trained student weight: the whole student under full fine-tuning), ``loss``,
         ``ema`` and ``best`` weights, ``optimizer.pt``, ``scheduler.pt``, ``rng-<rank>.pt`` and
         ``trainer_state.json`` (step, epoch and position in it, evaluations, best). Written under
-        a temporary name and renamed, so a listed checkpoint is complete."""
+        a temporary name (``step-NNNNNN.tmp``), every file and directory fsynced, then renamed
+        and the rename fsynced: a kill or a crash at any point leaves no ``step-NNNNNN`` that is
+        not complete on disk (``latest_checkpoint`` also skips one without trainer_state.json)."""
         self.flush_teacher_caches()  # a resumed run then finds this run's teacher rows
         final = self.out / "checkpoints" / f"step-{self.global_step:06d}"
         temporary = final.with_name(final.name + ".tmp")
@@ -586,7 +590,9 @@ class Trainer:
             shutil.rmtree(temporary, ignore_errors=True)
             temporary.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
-        torch.save(_rng_state(), temporary / f"rng-{self.accelerator.process_index}.pt")
+        rng_file = temporary / f"rng-{self.accelerator.process_index}.pt"
+        torch.save(_rng_state(), rng_file)
+        _fsync(rng_file)  # by its writer: on a shared filesystem only the writer's fsync counts
         if self.is_main:
             save_file(self._trainable_state(), temporary / "trainable.safetensors")
             if self.peft is not None:
@@ -612,8 +618,16 @@ class Trainer:
             (temporary / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
         self.accelerator.wait_for_everyone()
         if self.is_main:
-            shutil.rmtree(final, ignore_errors=True)
+            _fsync_tree(temporary)
+            # An older copy of this step (a run resumed from before it) is renamed away, never
+            # deleted in place: a kill mid-delete would leave a partial step-NNNNNN behind.
+            retired = final.with_name(final.name + ".old")
+            shutil.rmtree(retired, ignore_errors=True)
+            if final.exists():
+                os.replace(final, retired)
             os.replace(temporary, final)
+            _fsync(final.parent)  # the rename itself
+            shutil.rmtree(retired, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         self._saved_step = self.global_step
         return final
@@ -796,9 +810,33 @@ class Trainer:
 
 
 def latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
-    """The ``step-NNNNNN`` checkpoint with the highest step in ``directory`` (None if none)."""
+    """The complete ``step-NNNNNN`` checkpoint with the highest step in ``directory`` (None if
+    none). Temporary (``.tmp``) and retired (``.old``) directories never match the name, and a
+    ``step-NNNNNN`` without trainer_state.json (written last) is skipped as incomplete."""
     directory = Path(directory)
     if not directory.is_dir():
         return None
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))]
+    found = [(int(m.group(1)), p) for p in directory.iterdir()
+             if p.is_dir() and (m := CHECKPOINT_RE.match(p.name)) and (p / "trainer_state.json").is_file()]
     return max(found)[1] if found else None
+
+
+def _fsync(path: Path) -> None:
+    """Flush one file, or one directory's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not path.is_dir():
+            raise
+        # some filesystems cannot fsync a directory (EINVAL); the files are durable regardless
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file under ``root``, then each directory after its contents."""
+    for parent, _, files in os.walk(root, topdown=False):
+        for name in files:
+            _fsync(Path(parent) / name)
+        _fsync(Path(parent))

@@ -35,10 +35,19 @@ def export(model_dir: str, out: str | None, int8: str, calibration: str | None, 
     \b
     Example:
       vkd export out/student                 # -> out/student/onnx/{text,image}{,.int8}.onnx
+      vkd export runs/x                      # a vkd distill run: exports runs/x/model
       vkd search "a dog on a beach" --index photos.vkd --prefer onnx
     """
+    from vkd.distill.rundir import resolve_model_dir
     from vkd.export.onnx_export import ExportError, export_onnx
 
+    try:
+        resolved = resolve_model_dir(model_dir)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
+    if resolved != model_dir:
+        click.echo(f"{model_dir} is a vkd distill run; exporting {resolved}", err=True)
+        model_dir = resolved
     if calibration is None and int8 == "static":
         raise click.UsageError("--int8 static calibrates on real inputs: add --calibration pairs.jsonl "
                                "(or use --int8 dynamic)")

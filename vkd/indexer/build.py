@@ -289,6 +289,21 @@ def _limit_faiss_threads(threads: int) -> None:
     faiss.omp_set_num_threads(max(1, threads))
 
 
+def _recorded_options(index_dir: Path, role: str, model: Any, given: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The options the index at ``index_dir`` recorded for ``model`` when it names the recorded
+    model, under the ones ``given`` (those win); else ``given``."""
+    if not isinstance(model, (str, os.PathLike)) or not (index_dir / MANIFEST_NAME).is_file():
+        return given
+    try:
+        recorded = read_manifest(index_dir).get(role) or {}
+    except ManifestError:
+        return given  # the run itself reports it
+    name = Path(model).expanduser()
+    if recorded.get("name") != (str(name.resolve()) if name.exists() else str(model)):
+        return given
+    return {**(recorded.get("options") or {}), **{k: v for k, v in (given or {}).items() if v is not None}}
+
+
 def build_index(
     images_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str] | None = None,
@@ -307,6 +322,8 @@ def build_index(
     prefetch: int | None = None,
     faiss_threads: int | None = None,
     follow_links: bool = False,
+    student_options: dict[str, Any] | None = None,
+    teacher_options: dict[str, Any] | None = None,
 ) -> BuildResult:
     """Index the images under ``images_dir`` into ``out_dir`` (default: ``<images_dir>.vkd``).
 
@@ -318,6 +335,10 @@ def build_index(
     the next shard is encoded.
     ``follow_links`` also indexes files reached through symlinks whose target lies outside
     ``images_dir``; without it they are listed as skipped (links inside are always followed).
+    ``student_options``/``teacher_options``: ``load_encoder`` options for a model given by name
+    (e.g. ``{"query_instruction": ..., "document_instruction": ...}``); the manifest records
+    each model's options either way, search reopens the models with them, and a later run of
+    the same model takes the recorded ones for those it is not given.
     Raises ``IndexMismatchError`` when ``out_dir`` holds an index of other models or folder.
     """
     root = Path(images_dir).expanduser().resolve()
@@ -338,7 +359,11 @@ def build_index(
     if budget is not None and budget <= 0:
         raise ValueError(f"memory_budget={memory_budget!r}: must be positive")
 
-    stage = EncodeStage(student, teacher, batch_size=batch_size, device=device)
+    if not rebuild:  # an incremental run of the same model encodes as the index was built
+        student_options = _recorded_options(index_dir, "student", student, student_options)
+        teacher_options = _recorded_options(index_dir, "teacher", teacher, teacher_options)
+    stage = EncodeStage(student, teacher, batch_size=batch_size, device=device, student_options=student_options,
+                        teacher_options=teacher_options)
     started = time.perf_counter()  # after loading the models: the run's own cost
     student_info = model_record(stage.student.describe())
     teacher_info = model_record(stage.teacher.describe()) if stage.teacher is not None else None

@@ -115,14 +115,25 @@ def index() -> None:
               help="Also index what symlinks leading outside IMAGES_DIR point to; without it they are "
                    "skipped and listed. Links inside IMAGES_DIR are always followed.")
 @click.option("--device", default=None, help="torch device for the encoders.  [default: cuda if available]")
+@click.option("--query-instruction", default=None, metavar="TEXT",
+              help="Qwen3-VL: instruction of the text queries `vkd search` will encode (recorded in the "
+                   "index).  [default: the model's own]")
+@click.option("--document-instruction", default=None, metavar="TEXT",
+              help="Qwen3-VL: instruction the images are encoded with.  [default: the model's own]")
 @click.option("--rebuild", is_flag=True, help="Discard the existing index at --out and start over.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 def build_command(images_dir: Path, student: str, teacher: str | None, out_dir: Path | None, batch_size: int,
                   workers: int | None, shard_size: int, index_type: str, memory_budget: int | None,
                   max_pixels: int, follow_links: bool, device: str | None, rebuild: bool, progress: bool,
-                  as_json: bool) -> None:
+                  as_json: bool, query_instruction: str | None = None,
+                  document_instruction: str | None = None) -> None:
     """Index IMAGES_DIR (recursively) with the student, and the teacher if given.
+
+    Images are documents: a Qwen3-VL model encodes them with its document instruction; the
+    index records both instructions, and `vkd search` encodes text queries with the query
+    one. The instruction options apply to the student and the teacher (CLIP and SigLIP
+    take none and ignore them).
 
     \b
     Example:
@@ -131,11 +142,15 @@ def build_command(images_dir: Path, student: str, teacher: str | None, out_dir: 
     from vkd.indexer.build import build_index
     from vkd.indexer.index import Index
 
+    instructions = {"query_instruction": query_instruction, "document_instruction": document_instruction}
     try:
+        student = _model_dir(student, "student")
+        teacher = _model_dir(teacher, "teacher") if teacher is not None else None
         result = build_index(images_dir, out_dir, student=student, teacher=teacher, batch_size=batch_size,
                              workers=workers, shard_size=shard_size, index_type=index_type,
                              memory_budget=memory_budget, rebuild=rebuild, show_progress=progress,
-                             max_pixels=max_pixels, device=device, follow_links=follow_links)
+                             max_pixels=max_pixels, device=device, follow_links=follow_links,
+                             student_options=instructions, teacher_options=instructions)
         opened = Index.open(result.index_dir)
     except _library_errors() as error:
         raise _failure(error) from None
@@ -151,6 +166,16 @@ def build_command(images_dir: Path, student: str, teacher: str | None, out_dir: 
                    "rebuilt from their Arrow shards, or shards with a damaged Arrow file re-encoded")
     click.echo(f"index {result.index_dir}: {len(opened)} images in {len(opened.shards)} shards; "
                f"{_models(opened.student, opened.teacher)}")
+
+
+def _model_dir(name: str, role: str) -> str:
+    """``name``, or its model/ when it is a `vkd distill` output_dir (said on stderr)."""
+    from vkd.distill.rundir import resolve_model_dir
+
+    resolved = resolve_model_dir(name)
+    if resolved != name:
+        click.echo(f"{name} is a vkd distill run; using {resolved} as the {role}", err=True)
+    return resolved
 
 
 def _models(student: dict[str, Any], teacher: dict[str, Any] | None) -> str:

@@ -20,15 +20,18 @@ if TYPE_CHECKING:
     from vkd.models.base import Encoder
 
 
-def as_encoder(model: str | os.PathLike[str] | Encoder, *, device: Any = None, batch_size: int = 32) -> Encoder:
-    """An ``Encoder`` as is, or one loaded from a model directory / hub id."""
+def as_encoder(model: str | os.PathLike[str] | Encoder, *, device: Any = None, batch_size: int = 32,
+               options: Mapping[str, Any] | None = None) -> Encoder:
+    """An ``Encoder`` as is, or one loaded from a model directory / hub id with ``options``
+    (``load_encoder`` keywords, e.g. ``document_instruction``; None values are left out)."""
     from vkd.models.base import Encoder
 
     if isinstance(model, Encoder):
         return model
     from vkd.models import load_encoder
 
-    return load_encoder(model, device=device, batch_size=batch_size)
+    given = {key: value for key, value in (options or {}).items() if value is not None}
+    return load_encoder(model, device=device, batch_size=batch_size, **given)
 
 
 @dataclass
@@ -40,10 +43,16 @@ class Encoded:
 
 
 class EncodeStage:
+    """Images are documents: each model encodes them with its document instruction (the
+    query instruction is recorded with the index, for the queries of ``vkd search``).
+    ``student_options``/``teacher_options`` are ``load_encoder`` options for models given by name."""
+
     def __init__(self, student: str | Encoder, teacher: str | Encoder | None = None, *,
-                 batch_size: int = 32, device: Any = None) -> None:
-        self.student = as_encoder(student, device=device, batch_size=batch_size)
-        self.teacher = as_encoder(teacher, device=device, batch_size=batch_size) if teacher is not None else None
+                 batch_size: int = 32, device: Any = None, student_options: Mapping[str, Any] | None = None,
+                 teacher_options: Mapping[str, Any] | None = None) -> None:
+        self.student = as_encoder(student, device=device, batch_size=batch_size, options=student_options)
+        self.teacher = (as_encoder(teacher, device=device, batch_size=batch_size, options=teacher_options)
+                        if teacher is not None else None)
         self.batch_size = batch_size
 
     def _vectors(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray | None]:

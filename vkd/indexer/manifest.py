@@ -10,7 +10,7 @@ Layout (``version`` 1)::
 
     {"format": "vkd-index", "version": 1, "created": ISO-8601, "updated": ISO-8601,
      "images_root": "/abs/path/of/the/images",
-     "student": {"name", "fingerprint", "dim", "family"}, "teacher": {...} | null,
+     "student": {"name", "fingerprint", "dim", "family", "options"}, "teacher": {...} | null,
      "build": {"index_type", "memory_budget", "shard_size", "max_pixels", "follow_links"},
      "shards": [{"name", "arrow", "faiss", "rows", "arrow_sha256", "faiss_sha256",
                  "arrow_bytes", "faiss_bytes", "index": IndexSpec, "retired": [ids], "created"}],
@@ -21,6 +21,11 @@ Every open validates the whole file (``validate``): a shard's files are always
 ``<name>.arrow`` / ``<name>.faiss`` in the index directory, counts are integers, index kinds
 are known. ``unfinished_run`` is committed before a run encodes anything and dropped by its
 final commit, so an index left by a killed run says so (``vkd index verify``).
+
+A model's ``options`` are the ``load_encoder`` keywords that reopen it as it encoded the index
+(``Encoder.load_options``): for Qwen3-VL its ``query_instruction`` (what search gives text
+queries) and ``document_instruction`` (what the indexed images got), Matryoshka size and
+limits. Manifests written before the key existed have none (= the model's defaults).
 
 ``retired`` lists, per shard, the ids of rows whose file was deleted or changed after the
 shard was written; readers never return them and ``vkd index compact`` drops them.
@@ -53,6 +58,11 @@ SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # = vkd.indexer.faiss_index.INDEX_TYPES less "auto"; not imported, to keep this module light
 INDEX_KINDS = ("flat", "hnsw", "ivfpq")
 MODEL_KEYS = ("name", "fingerprint", "dim", "family")
+# The load_encoder options a model record may hold (Encoder.load_options of every backend):
+# preprocessing only. A manifest is data, so nothing in it may switch on trust_remote_code,
+# allow_pickle or any other way of running code from a checkpoint.
+MODEL_OPTIONS = frozenset({"query_instruction", "document_instruction", "matryoshka_dim", "max_text_length",
+                           "min_pixels", "max_pixels", "max_length"})
 SHARD_KEYS = ("name", "arrow", "faiss", "rows", "arrow_sha256", "faiss_sha256", "index", "retired")
 
 
@@ -64,6 +74,8 @@ def model_record(described: dict[str, Any]) -> dict[str, Any]:
     """The manifest's record of a model, its name one that resolves from any directory:
     a local model directory by its absolute path, a hub id as the id."""
     record = {key: described.get(key) for key in MODEL_KEYS}
+    if described.get("options") is not None:
+        record["options"] = {key: value for key, value in described["options"].items() if key in MODEL_OPTIONS}
     name = record["name"]
     if isinstance(name, str) and name and Path(name).expanduser().exists():
         record["name"] = str(Path(name).expanduser().resolve())
@@ -110,6 +122,12 @@ def _check_model(model: Any, role: str, path: Path) -> None:
     _require(_is_int(model["dim"], 1), path, f"{role}.dim is {model['dim']!r:.80}, expected a positive integer")
     _require(model["family"] is None or isinstance(model["family"], str), path,
              f"{role}.family is {model['family']!r:.80}, expected a string")
+    options = model.get("options", {})
+    # they become keyword arguments of load_encoder: known names only, values JSON scalars
+    _require(isinstance(options, dict) and set(options) <= MODEL_OPTIONS
+             and all(v is None or (isinstance(v, (str, int)) and not isinstance(v, bool)) for v in options.values()),
+             path, f"{role}.options is {options!r:.120}, expected an object of model options, each one of "
+             f"{', '.join(sorted(MODEL_OPTIONS))} with a string, integer or null value")
 
 
 # What search and build read from an index spec's params: each an integer within bounds that

@@ -16,6 +16,20 @@ from vkd.models.base import DEFAULT_LOGIT_SCALE, TorchEncoder, load_rgb
 # sits at a fixed position, so batch padding must be to max_length, exactly as in training.
 PAD_TO_MAX_LENGTH = {"siglip", "siglip2"}
 
+# Families trained on lowercased text. SigLIP's own tokenizer lowercases (do_lower_case), but
+# SigLIP 2's hub checkpoints ship a Gemma tokenizer that keeps case (transformers before 5.2
+# loads it as such), and a SigLIP checkpoint may ship one too. Lowercasing here is idempotent
+# where the tokenizer lowercases as well, so the rule is by family alone: the vectors never
+# depend on which tokenizer class a transformers version picked.
+LOWERCASE_TEXT = {"siglip", "siglip2"}
+
+# CLIP's convention: exp(logit_scale) is capped at 100 so the temperature cannot run away.
+MAX_LOGIT_SCALE = 100.0
+
+# Image inputs of get_image_features besides pixel_values: SigLIP 2 (NaFlex) takes a patch mask
+# and each image's patch grid.
+_EXTRA_IMAGE_INPUTS = ("pixel_attention_mask", "spatial_shapes")
+
 
 class HFDualEncoder(TorchEncoder):
     def __init__(
@@ -52,7 +66,14 @@ class HFDualEncoder(TorchEncoder):
                              f"{positions} positions; give at most {positions}, or none for the model's own limit")
         self.max_text_length = int(max_text_length or positions or 77)
         self.pad_to_max_length = self.family in PAD_TO_MAX_LENGTH
+        self.lowercase_text = self.family in LOWERCASE_TEXT
         self.dim = int(getattr(model.config, "projection_dim", 0) or text_config.hidden_size)
+        scale = getattr(model, "logit_scale", None)
+        # The cap never sits below the scale the model starts from (pretrained SigLIP: ~117):
+        # a clamp below it would replace the learned scale and stop its gradient at step 0.
+        # Computed as logit_scale_tensor computes it, so the start is inside the cap exactly.
+        self.max_logit_scale = max(MAX_LOGIT_SCALE, float(scale.detach().float().exp())) if scale is not None \
+            else MAX_LOGIT_SCALE
         self._fingerprint = None
 
     @classmethod
@@ -112,11 +133,12 @@ class HFDualEncoder(TorchEncoder):
         scale = getattr(self.model, "logit_scale", None)
         if scale is None:
             return super().logit_scale_tensor()
-        return scale.float().exp().clamp(max=100.0)
+        return scale.float().exp().clamp(max=self.max_logit_scale)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        texts = [text.lower() for text in texts] if self.lowercase_text else list(texts)
         encoded = self.tokenizer(
-            list(texts),
+            texts,
             padding="max_length" if self.pad_to_max_length else True,
             truncation=True,
             max_length=self.max_text_length,
@@ -126,7 +148,9 @@ class HFDualEncoder(TorchEncoder):
 
     def preprocess(self, images: Sequence[Any]) -> dict[str, torch.Tensor]:
         pixels = self.image_processor(images=[load_rgb(image) for image in images], return_tensors="pt")
-        return {"pixel_values": pixels["pixel_values"]}
+        inputs = {"pixel_values": pixels["pixel_values"]}
+        inputs.update({key: pixels[key] for key in _EXTRA_IMAGE_INPUTS if key in pixels})
+        return inputs
 
     def _text_features(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return _pooled(self.model.get_text_features(**inputs))
@@ -140,12 +164,28 @@ class HFDualEncoder(TorchEncoder):
     def preprocessing_config(self) -> dict[str, Any]:
         processor = self.image_processor.to_dict() if hasattr(self.image_processor, "to_dict") else {}
         keep = ("size", "crop_size", "image_mean", "image_std", "do_center_crop", "resample", "rescale_factor")
-        return {
-            "image": {key: processor.get(key) for key in keep},
+        image = {key: processor.get(key) for key in keep}
+        # SigLIP 2 sizes images by patch budget instead; listed only where set, so that the
+        # fingerprints of the other families stay as they were
+        image.update({key: processor[key] for key in ("patch_size", "max_num_patches")
+                      if processor.get(key) is not None})
+        config = {
+            "image": image,
             "max_text_length": self.max_text_length,
             "pad_to_max_length": self.pad_to_max_length,
             "vocab_size": len(self.tokenizer),
         }
+        if self.lowercase_text:
+            # only where it applies, so CLIP fingerprints (and the indexes that record them) stay
+            config["lowercase_text"] = True
+        return config
+
+    def describe(self) -> dict[str, Any]:
+        info = super().describe()
+        if self.lowercase_text:
+            info["text_preprocessing"] = (f"lowercased before tokenizing ({self.family} was trained on "
+                                          "lowercased text; its hub tokenizer may keep case)")
+        return info
 
     def save(self, out_dir: str | os.PathLike[str]) -> Path:
         out = Path(out_dir)

@@ -30,8 +30,16 @@ from vkd.retrieval.results import STAGES
               help="Teacher for the rerank.  [default: the one whose vectors the index stores]")
 @click.option("--prefer", type=click.Choice(["onnx", "torch"]), default="onnx", show_default=True,
               help="Use a model's ONNX export (MODEL/onnx) when it has one; torch otherwise.")
+@click.option("--server", default=None, metavar="URL",
+              help="Send the search to a running `vkd serve` at URL instead of loading the index and models "
+                   "here (the server's index and models are used).")
+@click.option("--api-key", envvar="VKD_API_KEY", default=None, metavar="KEY",
+              help="The server's API key, with --server.  [env: VKD_API_KEY]")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+              help="Seconds to wait for the server's answer, with --server.")
 def search(query: str | None, image: str | None, index_dir: str | None, k: int, candidates: int, as_json: bool,
-           no_rerank: bool, student: str | None, teacher: str | None, prefer: str) -> None:
+           no_rerank: bool, student: str | None, teacher: str | None, prefer: str, server: str | None,
+           api_key: str | None, timeout: float) -> None:
     """Search an index: the student finds --candidates images by ANN, the teacher
     reranks them against its stored vectors, the best -k are printed (rank, final
     score, student score, path). In that listing a path's control characters (newline,
@@ -42,13 +50,23 @@ def search(query: str | None, image: str | None, index_dir: str | None, k: int, 
     model's token limit (CLIP: 77 tokens) is cut by its tokenizer, as in training. An
     image query is decoded like an indexed image, with the same pixel limit.
 
+    The models are opened with the options the index recorded for them: a Qwen3-VL model
+    encodes a text query with the index's query instruction, and an image query like the
+    indexed images, with its document instruction (so an indexed image finds itself first).
+
     \b
     Examples:
       vkd search "a dog on a beach"                      # the demo's index
       vkd search "a dog on a beach" --index photos.vkd -k 20 --json
       vkd search --image query.jpg --index photos.vkd    # image -> image
       VKD_INDEX=photos.vkd vkd search "red car" --no-rerank
+      vkd search "a dog on a beach" --server http://127.0.0.1:8000   # a running `vkd serve`
+      vkd search --image query.jpg --server https://search.example.org --api-key KEY
     """
+    if server is not None:
+        _search_server(server, query=query, image=image, k=k, candidates=candidates, no_rerank=no_rerank,
+                       as_json=as_json, api_key=api_key, timeout=timeout)
+        return
     from vkd.indexer import IndexMismatchError, ManifestError
     from vkd.paths import default_index_dir
     from vkd.retrieval.retriever import Retriever
@@ -106,6 +124,68 @@ def search(query: str | None, image: str | None, index_dir: str | None, k: int, 
     how = {"teacher": "teacher rerank", "student": "exact student rerank (no teacher vectors)", None: "no rerank"}
     click.echo(f"{len(retriever.index)} images, {result.candidates} candidates, {how[result.reranked]}; "
                f"{stages}; total {times.total_ms:.1f} ms", err=True)
+
+
+def _search_server(server: str, *, query: str | None, image: str | None, k: int, candidates: int, no_rerank: bool,
+                   as_json: bool, api_key: str | None, timeout: float) -> None:
+    """``vkd search --server``: the same search and output, answered by a running server.
+
+    Only the standard library is imported on this path (``vkd.serve.client``), so it costs
+    a fraction of a second where loading the index and models here would cost seconds.
+    """
+    from click.core import ParameterSource
+
+    from vkd.serve.client import ServerError
+    from vkd.serve.client import search as remote_search
+
+    ctx = click.get_current_context()
+    local_only = [f"--{name.replace('_', '-')}" for name in ("index_dir", "student", "teacher", "prefer")
+                  if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)]
+    if local_only:
+        flags = ", ".join(flag.replace("--index-dir", "--index") for flag in local_only)
+        raise click.UsageError(f"{flags}: with --server the server's own index and models are searched; drop "
+                               f"{'it' if len(local_only) == 1 else 'them'}, or drop --server to search here")
+    if (query is None) == (image is None):
+        raise click.UsageError('give a text query or --image FILE (one of them): vkd search "a dog on a beach"')
+    given = ctx.get_parameter_source("candidates") == ParameterSource.COMMANDLINE
+    if given and candidates < k:
+        raise click.UsageError(f"--candidates {candidates} is smaller than -k {k}; stage 1 must find at least k")
+    try:
+        answer = remote_search(server, query=query, image=image, k=k, candidates=candidates if given else None,
+                               rerank=False if no_rerank else None, api_key=api_key, timeout=timeout)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+    except ServerError as error:
+        if error.status == 401:
+            raise click.ClickException(f"{server}: {error.detail} (vkd search: --api-key KEY or VKD_API_KEY)") from None
+        if 400 <= error.status < 500:
+            raise click.UsageError(f"{server}: {error.detail}") from None
+        raise click.ClickException(f"{server}: {error.detail}" if error.status else error.detail) from None
+    except OSError as error:  # the --image file could not be read
+        raise click.ClickException(f"{image}: {error.strerror or error}") from None
+    hits = answer.get("results", [])
+    if as_json:
+        payload = {key: answer.get(key) for key in ("query", "reranked", "candidates", "timings")}
+        payload.update(hits=hits, image=image, server=server, k=answer.get("k", k))
+        click.echo(json.dumps(payload, indent=2))
+        return
+    if not hits:
+        click.echo(f"no images in the index of {server}")
+        return
+
+    def score(value: float | None) -> str:
+        return f"{value:7.4f}" if isinstance(value, int | float) else f"{'-':>7}"
+
+    click.echo(f"{'rank':>4}  {'score':>7}  {'student':>7}  path")
+    for hit in hits:
+        click.echo(f"{hit['rank']:>4}  {score(hit.get('score'))}  {score(hit.get('student_score'))}  "
+                   f"{printable(str(hit['path']))}")
+    times = answer.get("timings", {})
+    stages = ", ".join(f"{stage.removesuffix('_ms').replace('_', ' ')} {float(times.get(stage, 0.0)):.1f} ms"
+                       for stage in STAGES)
+    how = {"teacher": "teacher rerank", "student": "exact student rerank (no teacher vectors)", None: "no rerank"}
+    click.echo(f"{server}: {answer.get('candidates')} candidates, {how.get(answer.get('reranked'), 'rerank')}; "
+               f"{stages}; total {float(times.get('total_ms', 0.0)):.1f} ms", err=True)
 
 
 _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}

@@ -7,7 +7,11 @@
    the top ``k`` by that score are the result. An index without teacher vectors is
    re-scored with the exact student vectors instead; ``rerank=False`` stops after 2.
 
-Models default to the ones the index manifest records, and a model whose fingerprint
+Models default to the ones the index manifest records, opened with the options it records
+for them (``load_encoder`` keywords such as Qwen3-VL's ``query_instruction``: a text query is
+a query, encoded with the instruction the index was built for; an image query is encoded as
+the indexed images were, with the document instruction, so an image finds itself first).
+A model named instead gets the same recorded options. A model whose fingerprint
 differs from the one the vectors were made with is refused (a teacher of the right
 dimension but another fingerprint only warns: its scores are comparable, just not the
 ones the index was built for).
@@ -67,9 +71,12 @@ def check_text_query(query: str) -> str:
     return query
 
 
-def open_encoder(name: str, *, prefer: str = "onnx", device: Any = None, batch_size: int = 32) -> Encoder:
+def open_encoder(name: str, *, prefer: str = "onnx", device: Any = None, batch_size: int = 32,
+                 options: dict[str, Any] | None = None) -> Encoder:
     """An encoder by name: an ONNX export directory itself, or a model (directory or hub
-    id) through ``load_encoder`` — which takes ``<dir>/onnx`` when ``prefer="onnx"``."""
+    id) through ``load_encoder`` with ``options`` — which takes ``<dir>/onnx`` when
+    ``prefer="onnx"`` and the export was made with those options. An export directory named
+    directly has fixed options: the fingerprint check says when they are not the index's."""
     from vkd.export.onnx_encoder import EXPORT_MANIFEST
 
     if (Path(name) / EXPORT_MANIFEST).is_file():
@@ -78,7 +85,8 @@ def open_encoder(name: str, *, prefer: str = "onnx", device: Any = None, batch_s
         return OnnxEncoder(name, batch_size=batch_size)
     from vkd.models import load_encoder
 
-    return load_encoder(name, prefer=prefer, device=device, batch_size=batch_size)
+    given = {key: value for key, value in (options or {}).items() if value is not None}
+    return load_encoder(name, prefer=prefer, device=device, batch_size=batch_size, **given)
 
 
 def is_image_query(query: Any) -> bool:
@@ -155,10 +163,10 @@ class Retriever:
         """The teacher used for rerank (loaded on first use when ``rerank=False``)."""
         return self._state.teacher
 
-    def _load(self, name: str, role: str, *, recorded: bool) -> Encoder:
+    def _load(self, name: str, role: str, *, recorded: bool, options: dict[str, Any] | None = None) -> Encoder:
         try:
-            return open_encoder(name, prefer=self.prefer, device=self.device)
-        except (OSError, ValueError) as error:
+            return open_encoder(name, prefer=self.prefer, device=self.device, options=options)
+        except (OSError, ValueError, TypeError) as error:  # TypeError: options another family does not take
             if not recorded:
                 raise ValueError(
                     f"{role} {name!r}: cannot load it ({error}); give a model directory, an ONNX export "
@@ -173,10 +181,12 @@ class Retriever:
         recorded = index.student
         if self._student_arg is None:
             reuse = previous is not None and previous.student.fingerprint == recorded["fingerprint"]
-            student = previous.student if reuse else self._load(str(recorded["name"]), "student", recorded=True)
+            student = previous.student if reuse else self._load(str(recorded["name"]), "student", recorded=True,
+                                                                 options=recorded.get("options"))
         elif isinstance(self._student_arg, str | os.PathLike):
             student = (previous.student if previous is not None
-                       else self._load(str(self._student_arg), "student", recorded=False))
+                       else self._load(str(self._student_arg), "student", recorded=False,
+                                       options=recorded.get("options")))
         else:
             student = self._student_arg
         check_student(index, student)
@@ -190,10 +200,11 @@ class Retriever:
             ):
                 teacher = previous.teacher
             elif load_teacher:
+                options = index.teacher.get("options")
                 if self._teacher_arg is not None:
-                    teacher = self._load(str(self._teacher_arg), "teacher", recorded=False)
+                    teacher = self._load(str(self._teacher_arg), "teacher", recorded=False, options=options)
                 else:
-                    teacher = self._load(str(index.teacher["name"]), "teacher", recorded=True)
+                    teacher = self._load(str(index.teacher["name"]), "teacher", recorded=True, options=options)
             if teacher is not None:
                 check_teacher(index, teacher)
         elif self._teacher_arg is not None:
