@@ -99,8 +99,6 @@ def running_server(index: Path, log: Path, api_key: str | None = None) -> Iterat
     if api_key is not None:
         env["VKD_API_KEY"] = api_key
     base = f"http://127.0.0.1:{port}"
-    if os.environ.get("DEV_STANDIN"):  # DEV-STANDIN: remove
-        command = [sys.executable, "/tmp/vkdpage/standin.py", str(index), str(port)] + ([api_key] if api_key else [])
     with open(log, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
@@ -242,15 +240,29 @@ def assert_no_horizontal_scroll(page: Any) -> None:
 def test_page_desktop_text_search_viewer_and_image_drop(server: str, open_page: Any, query_png: bytes,
                                                           tmp_path: Path) -> None:
     page = open_page(1280, 800)
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
     page.goto(server + "/")
     assert page.title()
-    assert page.evaluate("document.activeElement.id") == "q"  # autofocus
+    page.wait_for_function("() => document.activeElement.id === 'q'")  # autofocus
     assert page.locator("#empty").is_visible()
+    page.wait_for_function("() => /24 images indexed/.test(document.getElementById('corpus').textContent)")
     screenshot(page, tmp_path, "desktop-empty.png")
 
+    # the loading indicator is shown while a search is in flight
+    page.evaluate("""() => {
+        window.sawBusy = false;
+        const spinner = document.getElementById('spinner');
+        new MutationObserver(() => {
+            if (!spinner.hidden && document.getElementById('results').getAttribute('aria-busy') === 'true') {
+                window.sawBusy = true;
+            }
+        }).observe(spinner, {attributes: true});
+    }""")
     page.keyboard.type(QUERY)
     page.keyboard.press("Enter")
     tiles = wait_for_results(page, count=10)
+    assert page.evaluate("() => window.sawBusy") and page.locator("#spinner").is_hidden()
     assert "q=a+dog+on+a+beach" in page.url  # linkable
     assert QUERY in page.locator("#status").inner_text()
     timings = page.locator("#timings")
@@ -291,7 +303,8 @@ def test_page_desktop_text_search_viewer_and_image_drop(server: str, open_page: 
     assert page.locator("#viewer-title").inner_text().startswith("#1")
     page.keyboard.press("Escape")
     assert not viewer.is_visible()
-    assert page.evaluate("document.activeElement.getAttribute('href')") == tiles[0]["href"]
+    # the dialog's close event (queued) moves focus to the tile of the image last shown
+    page.wait_for_function("href => document.activeElement.getAttribute('href') === href", arg=tiles[0]["href"])
 
     # drop an image anywhere: its preview shows, and the exact image comes first
     drop_file(page, query_png, "query.png")
@@ -340,6 +353,10 @@ def test_page_desktop_text_search_viewer_and_image_drop(server: str, open_page: 
     page.keyboard.press("Enter")
     wait_for_results(page, count=5)
     assert error.is_hidden()
+
+    # everything came from the server itself: no CDN, no external fonts or scripts
+    outside = [url for url in requested if not url.startswith((server + "/", "data:", "blob:"))]
+    assert not outside, outside
 
 
 def test_page_phone_layout_and_file_button(server: str, open_page: Any, query_png: bytes, tmp_path: Path) -> None:

@@ -105,4 +105,18 @@ def test_a_logit_scale_below_the_cap_is_still_capped_at_100(tiny_clip: Path) -> 
     assert encoder.logit_scale < 100 and encoder.max_logit_scale == 100.0
     with torch.no_grad():
         encoder.model.logit_scale.fill_(math.log(150.0))
-    assert float(encoder.logit_scale_tensor()) == pytest.approx(100.0)
+    assert float(encoder.logit_scale_tensor().detach()) == pytest.approx(100.0)
+
+
+def test_the_onnx_export_lowercases_as_the_torch_encoder_does(cased_siglip: Path, tmp_path: Path) -> None:
+    """The export's parity samples include capitals: without the same lowercasing in the ONNX
+    tokenizer the export would fail its check, or search would encode queries differently."""
+    from vkd.export import export_onnx
+    from vkd.export.onnx_encoder import OnnxEncoder
+
+    result = export_onnx(cased_siglip, tmp_path / "onnx", int8="none")
+    onnx = OnnxEncoder(result.out_dir)
+    torch_encoder = load_encoder(cased_siglip, device="cpu")
+    np.testing.assert_allclose(onnx.encode_text(CASED), onnx.encode_text([t.lower() for t in CASED]), atol=1e-6)
+    np.testing.assert_allclose(onnx.encode_text(CASED), torch_encoder.encode_text(CASED), atol=1e-4)
+    assert onnx.fingerprint == torch_encoder.fingerprint

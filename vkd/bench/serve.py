@@ -101,12 +101,15 @@ class ServerProcess:
                 self._ready.set()
 
     def get(self, path: str) -> tuple[int, Any]:
+        """(status, parsed JSON, or the raw bytes of any other body)."""
         connection = http.client.HTTPConnection(HOST, self.port, timeout=30)
         try:
             connection.request("GET", path)
             response = connection.getresponse()
             body = response.read()
-            return response.status, json.loads(body) if body else None
+            if body and (response.getheader("content-type") or "").startswith("application/json"):
+                return response.status, json.loads(body)
+            return response.status, body
         finally:
             connection.close()
 

@@ -9,12 +9,14 @@ batches, and the order never depends on what ran before.
 
 The collate (run in DataLoader workers when ``num_workers > 0``) decodes each image once and
 prepares the student's inputs, split into chunks for gradient caching, and each teacher's
-inputs for the rows its cache does not hold. With a teacher cache it also hashes each image
-file's bytes, from the same read that decodes it, for the rows' cache keys
-(``vkd.distill.teacher.cache_key``): a key always names the bytes the teacher would see, and
-hashing a file already in memory costs a fraction of decoding it, so no hash is kept between
-epochs (a kept hash keyed by path, size and mtime would miss an edit that keeps the mtime). Teachers whose cache already holds every row of
+inputs for the rows its cache does not hold. Teachers whose cache already holds every row of
 the batch cost nothing here, which is what makes a warm cache nearly free.
+
+With a teacher cache the collate also hashes each image file's bytes, from the same read that
+decodes them, for the rows' cache keys (``vkd.distill.teacher.cache_key``): a key always names
+the bytes the teacher would see, and hashing a file just read costs a fraction of decoding
+it, so no hash is kept between epochs (one kept by path, size and mtime would miss an edit
+that keeps the mtime).
 """
 
 from __future__ import annotations
@@ -131,7 +133,10 @@ class Collator:
             "teachers": [],
         }
         for encoder, cached in self.teachers:
-            rows = list(range(len(pairs))) if cached is None else [i for i, key in enumerate(keys) if key not in cached]
+            if cached is None:
+                rows = list(range(len(pairs)))
+            else:
+                rows = [i for i, key in enumerate(keys or []) if key not in cached]
             if not rows:
                 batch["teachers"].append(None)
                 continue

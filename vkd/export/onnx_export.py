@@ -120,6 +120,8 @@ def _text_spec(encoder: TorchEncoder) -> tuple[Any, dict[str, Any]]:
             "add_special_tokens": True,
             "template": None,
         }
+        if encoder.lowercase_text:  # SigLIP: the text is lowercased before the tokenizer sees it
+            spec["lowercase"] = True
     elif type(encoder).__name__ == "Qwen3VLEncoder":
         tokenizer = encoder.processor.tokenizer
         spec = {

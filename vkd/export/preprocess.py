@@ -143,7 +143,8 @@ class TextTokenizer:
     ``config`` keys: ``max_length``, ``padding`` ("longest" or "max_length"),
     ``padding_side``, ``truncation_side``, ``pad_id``, ``pad_token``,
     ``add_special_tokens``, ``inputs`` (which of input_ids / attention_mask /
-    token_type_ids the model takes) and ``template``: ``None`` or
+    token_type_ids the model takes), ``lowercase`` (SigLIP families: lowercase the text
+    first, as ``HFDualEncoder.tokenize`` does) and ``template``: ``None`` or
     ``{"prefix", "suffix", "empty_text", "max_text_tokens"}`` for chat-formatted models, whose
     text is cut to ``max_text_tokens`` (tokenized alone, at a token boundary) before the prompt
     is built, as the torch path does: the prompt's closing tokens are never cut.
@@ -159,6 +160,7 @@ class TextTokenizer:
         if unknown:
             raise ValueError(f"{tokenizer_file}: text inputs {sorted(unknown)} unknown; expected some of {TEXT_INPUTS}")
         self.add_special_tokens = bool(config.get("add_special_tokens", True))
+        self.lowercase = bool(config.get("lowercase", False))
         self.template = config.get("template")
         limit = (self.template or {}).get("max_text_tokens")
         self.max_text_tokens = int(limit) if limit is not None else None
@@ -202,6 +204,8 @@ class TextTokenizer:
         return f"{self.template['prefix']}{text or self.template.get('empty_text', '')}{self.template['suffix']}"
 
     def __call__(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        if self.lowercase:
+            texts = [text.lower() for text in texts]
         encodings = self.tokenizer.encode_batch(
             [self.render(text) for text in texts], add_special_tokens=self.add_special_tokens
         )

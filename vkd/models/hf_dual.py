@@ -72,8 +72,9 @@ class HFDualEncoder(TorchEncoder):
         # The cap never sits below the scale the model starts from (pretrained SigLIP: ~117):
         # a clamp below it would replace the learned scale and stop its gradient at step 0.
         # Computed as logit_scale_tensor computes it, so the start is inside the cap exactly.
-        self.max_logit_scale = max(MAX_LOGIT_SCALE, float(scale.detach().float().exp())) if scale is not None \
-            else MAX_LOGIT_SCALE
+        self.max_logit_scale = MAX_LOGIT_SCALE
+        if scale is not None:
+            self.max_logit_scale = max(MAX_LOGIT_SCALE, float(scale.detach().float().exp()))
         self._fingerprint = None
 
     @classmethod

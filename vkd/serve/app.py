@@ -21,6 +21,7 @@ input gets a 4xx, never a 500.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -361,8 +362,6 @@ def create_app(config: ServeConfig, *, engine: SearchEngine | None = None) -> Fa
     """The FastAPI app for ``config``. Its lifespan starts the engine (models load in the
     background: ``/health`` says when they are ready) and stops it on shutdown. Pass
     ``engine`` to serve one built elsewhere (tests share an open ``Retriever`` that way)."""
-    import contextlib
-
     import vkd
 
     engine = engine or SearchEngine(config)
@@ -580,10 +579,13 @@ def create_app(config: ServeConfig, *, engine: SearchEngine | None = None) -> Fa
 
     # -- status -------------------------------------------------------------------
 
-    @app.get("/health", summary="Ready or not (no API key needed)", tags=["status"], responses={
+    health_responses: dict[int | str, dict[str, Any]] = {
         200: {"description": '{"status": "ready", ...}: the models are loaded.'},
         503: {"description": '{"status": "loading"} while the models load; {"status": "failed", "detail": ...} '
-                             "when they could not be loaded."}})
+                             "when they could not be loaded."}}
+
+    @app.api_route("/health", methods=["GET", "HEAD"], summary="Ready or not (no API key needed)", tags=["status"],
+                   responses=health_responses)
     async def health() -> JSONResponse:
         if engine.state == "ready" and engine.retriever is not None:
             return JSONResponse({"status": "ready", "live_rows": len(engine.retriever.index),

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from vkd.serve.config import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_UPLOAD_BYTES
+from vkd.serve.config import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_UPLOAD_BYTES, ServeConfig
 
 
 def _bytes_option(ctx: click.Context, param: click.Parameter, value: Any) -> int:
@@ -47,7 +47,7 @@ def _uses_onnx(name: str, prefer: str) -> bool:
     return (path / EXPORT_MANIFEST).is_file() or (prefer == "onnx" and (path / "onnx" / EXPORT_MANIFEST).is_file())
 
 
-def preflight(config: Any) -> list[str]:
+def preflight(config: ServeConfig) -> list[str]:
     """Check what can be checked before the server starts; returns warnings to print.
 
     Raises a ClickException naming the fix for what would make every request fail: no index,
@@ -105,6 +105,10 @@ def preflight(config: Any) -> list[str]:
               help="Teacher for the rerank (its text tower suffices).  [default: the index's]")
 @click.option("--prefer", type=click.Choice(["onnx", "torch"]), default="onnx", show_default=True,
               help="Use a model's ONNX export (MODEL/onnx) when it has one; torch otherwise.")
+@click.option("--precision", type=click.Choice(["int8", "fp32"]), default=None,
+              help="Which files of the ONNX exports to run.  [default: int8 where exported] Dynamic INT8 "
+                   "quantises each batch's activations together, so a query's scores move slightly (~1e-3) with "
+                   "the queries it is micro-batched with; fp32, or --max-batch 1, makes each answer independent.")
 @click.option("--images-root", type=click.Path(file_okay=False), default=None,
               help="Where the indexed images are, when not where the index recorded them (e.g. in a container).")
 @click.option("--candidates", type=click.IntRange(min=1), default=1000, show_default=True,
@@ -132,8 +136,8 @@ def preflight(config: Any) -> list[str]:
               show_default=True, help="uvicorn's log level.")
 @click.option("--access-log/--no-access-log", default=True, show_default=True, help="Log every request.")
 def serve(index_dir: str | None, host: str, port: int, workers: int, api_key: str | None, student: str | None,
-          teacher: str | None, prefer: str, images_root: str | None, candidates: int, max_k: int,
-          max_candidates: int, max_upload_bytes: int, max_image_pixels: int, batch_window_ms: float,
+          teacher: str | None, prefer: str, precision: str | None, images_root: str | None, candidates: int,
+          max_k: int, max_candidates: int, max_upload_bytes: int, max_image_pixels: int, batch_window_ms: float,
           max_batch: int, reload_interval: float, thumb_size: int, thumb_cache: str | None, root_path: str,
           log_level: str, access_log: bool) -> None:
     """Serve search over HTTP: the API (/search, /images, /thumbs, /health, /stats; described
@@ -158,24 +162,24 @@ def serve(index_dir: str | None, host: str, port: int, workers: int, api_key: st
     except ImportError:
         raise click.ClickException('vkd serve needs FastAPI and uvicorn: pip install "vkd[serve]"') from None
     from vkd.paths import default_index_dir
-    from vkd.serve.config import CONFIG_ENV, ServeConfig
+    from vkd.serve.config import CONFIG_ENV
 
     try:
         config = ServeConfig(
             index=index_dir or str(default_index_dir()), student=student, teacher=teacher, prefer=prefer,
-            images_root=images_root, candidates=candidates, max_k=max_k, max_candidates=max_candidates,
-            max_upload_bytes=max_upload_bytes, max_image_pixels=max_image_pixels, batch_window_ms=batch_window_ms,
+            precision=precision, images_root=images_root, candidates=candidates, max_k=max_k,
+            max_candidates=max_candidates, max_upload_bytes=max_upload_bytes, max_image_pixels=max_image_pixels, batch_window_ms=batch_window_ms,
             max_batch=max_batch, reload_interval_s=reload_interval, thumb_size=thumb_size, thumb_cache=thumb_cache,
             api_key=api_key, root_path=root_path,
         )
     except ValueError as error:
         raise click.UsageError(str(error)) from None
-    for warning in preflight(config):
-        click.echo(f"warning: {warning}", err=True)
     if not is_loopback(host) and api_key is None:
         click.echo(f"warning: listening on {host} without an API key: anyone who can reach this port can search "
                    "the index and read its images. Set --api-key (or VKD_API_KEY), and put a TLS proxy in front "
                    "(deploy/README.md)", err=True)
+    for warning in preflight(config):
+        click.echo(f"warning: {warning}", err=True)
 
     options: dict[str, Any] = dict(host=host, port=port, log_level=log_level, access_log=access_log,
                                    root_path=config.root_path, timeout_graceful_shutdown=10)

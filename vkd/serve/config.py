@@ -27,7 +27,8 @@ class ServeConfig:
 
     ``student`` / ``teacher``: model directories or ONNX export directories, None for the
     ones the index records. ``prefer="onnx"`` takes a named model's ``<model>/onnx`` export
-    when it has one. ``images_root`` replaces the images folder the index records (an index
+    when it has one; ``precision`` ("int8" or "fp32") picks the exports' files, default INT8
+    where exported. ``images_root`` replaces the images folder the index records (an index
     built on one machine, served from a container that mounts the images elsewhere).
     ``thumb_cache``: where thumbnails are kept, default ``<index>/thumbs``.
     """
@@ -36,6 +37,7 @@ class ServeConfig:
     student: str | None = None
     teacher: str | None = None
     prefer: str = "onnx"
+    precision: str | None = None
     images_root: str | None = None
     candidates: int = 1000
     max_k: int = 100
@@ -55,6 +57,8 @@ class ServeConfig:
         self.index = str(Path(self.index).expanduser())
         if self.prefer not in ("onnx", "torch"):
             raise ValueError(f"prefer={self.prefer!r}: choose onnx or torch")
+        if self.precision not in (None, "int8", "fp32"):
+            raise ValueError(f"precision={self.precision!r}: choose int8 or fp32")
         for name in ("candidates", "max_k", "max_candidates", "max_upload_bytes", "max_image_pixels",
                      "max_batch", "max_queue", "thumb_size"):
             if int(getattr(self, name)) < 1:

@@ -18,6 +18,7 @@ snapshot in service and is reported by ``/stats``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import queue
@@ -59,7 +60,6 @@ class Served:
 
     result: SearchResult
     index: Index
-    images_root: Path
     queue_ms: float
     batch_size: int
 
@@ -238,8 +238,12 @@ class SearchEngine:
         from vkd.retrieval.retriever import Retriever
 
         config = self.config
+        student: Any = config.student
+        teacher: Any = config.teacher
+        if config.precision is not None and config.prefer == "onnx":
+            student, teacher = _with_precision(config, student, teacher)
         try:
-            return Retriever(config.index, student=config.student, teacher=config.teacher,
+            return Retriever(config.index, student=student, teacher=teacher,
                              candidates=config.candidates, prefer=config.prefer, rerank=True)
         except ModuleNotFoundError as error:
             message = missing_torch_message(error)
@@ -310,11 +314,10 @@ class SearchEngine:
                 continue
             self.batches += 1
             self.batched_requests += len(group)
-            root = self.images_root(index)
             for job, result in zip(group, results, strict=True):
                 own = SearchResult(list(result)[: job.k], query=result.query, timings=result.timings,
                                    reranked=result.reranked, candidates=result.candidates)
-                job.future.set_result(Served(own, index, root, (started - job.enqueued) * 1000.0, len(group)))
+                job.future.set_result(Served(own, index, (started - job.enqueued) * 1000.0, len(group)))
 
     def _maybe_reload(self) -> None:
         interval = self.config.reload_interval_s
@@ -424,13 +427,32 @@ class SearchEngine:
         return out
 
 
+def _with_precision(config: ServeConfig, student: str | None, teacher: str | None) -> tuple[Any, Any]:
+    """The student and teacher as ONNX encoders of ``config.precision`` where they have an
+    export (the others stay names, for torch). Encoders passed in are kept across reloads;
+    the Retriever still refuses one that no longer matches the index."""
+    from vkd.export.onnx_encoder import EXPORT_MANIFEST, OnnxEncoder
+    from vkd.indexer.manifest import read_manifest
+
+    manifest = read_manifest(Path(config.index))
+    names = [student or manifest["student"]["name"], teacher or (manifest.get("teacher") or {}).get("name")]
+    chosen: list[Any] = [student, teacher]
+    for position, name in enumerate(names):
+        if not name:
+            continue
+        for candidate in (Path(name), Path(name) / "onnx"):
+            if (candidate / EXPORT_MANIFEST).is_file():
+                chosen[position] = OnnxEncoder(candidate, precision=config.precision)
+                break
+    return chosen[0], chosen[1]
+
+
 def _warm_image_tower(retriever: Retriever) -> None:
     from PIL import Image
 
-    try:
+    # a text-only export has no image tower: image queries will say so when they come
+    with contextlib.suppress(ValueError):
         retriever.search(Image.new("RGB", (64, 64), (128, 128, 128)), k=1)
-    except ValueError:
-        pass  # no image tower (a text-only export): image queries will say so
 
 
 def _model(encoder: Any) -> dict[str, Any] | None:

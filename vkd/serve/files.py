@@ -36,7 +36,7 @@ ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 JPEG_QUALITY = 85
 CHUNK = 256 * 1024
 # Errors that mean "this cache folder cannot be written", not "this thumbnail failed".
-_READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT}
+_READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR}
 
 
 class NotServable(Exception):

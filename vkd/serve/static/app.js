@@ -1,5 +1,6 @@
 // vkd search page: plain JavaScript, no build step, no external resources.
-// Talks to the API of `vkd serve`: GET/POST /search, POST /login, GET /health, GET /stats.
+// Talks to the API of `vkd serve`: GET/POST /search, POST /login, GET /health.
+// API paths are relative to the page, so the page also works under `vkd serve --root-path /vkd`.
 "use strict";
 
 (() => {
@@ -99,7 +100,6 @@
     const same = url === location.pathname + location.search && !(search.kind === "image");
     if (replace || same) history.replaceState(entry, "", url);
     else history.pushState(entry, "", url);
-    document.title = search.kind === "text" ? `${search.q} – vkd` : `${search.file.name || "image"} – vkd`;
   }
 
   function controlsFromUrl() {
@@ -157,14 +157,14 @@
 
   function request(search, signal) {
     if (search.kind === "text") {
-      return fetch("/search?" + new URLSearchParams(formFields(search)), {
+      return fetch("search?" + new URLSearchParams(formFields(search)), {
         signal, credentials: "same-origin", headers: { Accept: "application/json" },
       });
     }
     const body = new FormData();
     body.append("image", search.file, search.file.name || "query.png");
     for (const [key, value] of formFields(search)) body.append(key, value);
-    return fetch("/search", {
+    return fetch("search", {
       method: "POST", body, signal, credentials: "same-origin", headers: { Accept: "application/json" },
     });
   }
@@ -176,6 +176,7 @@
     state.current = search;
     if (push) remember(search, false);
     if (search.kind === "image") showQueryImage(search.file); else clearQueryImage();
+    document.title = `${search.kind === "text" ? search.q : search.file.name || "image"} – vkd`;
 
     showError("");
     el.empty.hidden = true;
@@ -212,7 +213,10 @@
       setBusy(false, "");
       const prefix = response.status >= 500 ? `Server error (${response.status}): ` : "";
       showError(prefix + (body ? detailOf(body, response) : `${response.status} ${response.statusText}`));
-      if (!state.results.length) el.empty.hidden = false;
+      // the results on screen would belong to another query
+      state.results = [];
+      el.results.replaceChildren();
+      el.timings.hidden = true;
       return;
     }
     state.controller = null;
@@ -232,11 +236,11 @@
     const items = results.map((hit, index) => {
       const teacher = hit.teacher_score;
       const label = `Result ${hit.rank}: ${hit.path}`;
+      // the link's text names the result; the thumbnail itself needs no second name
       const img = make("img", {
-        src: hit.thumb_url, alt: hit.path, decoding: "async",
+        src: hit.thumb_url, alt: "", decoding: "async",
         loading: index < 24 ? "eager" : "lazy",
       });
-      if (hit.width && hit.height) img.style.aspectRatio = `${hit.width} / ${hit.height}`;
       img.addEventListener("error", () => img.closest(".tile")?.classList.add("broken"), { once: true });
 
       const scores = make("dl", { class: "scores" }, [
@@ -272,6 +276,7 @@
       ["student encode", t.student_encode_ms], ["ANN", t.ann_ms],
       ["teacher encode", t.teacher_encode_ms], ["rerank", t.rerank_ms],
     ].filter(([, value]) => typeof value === "number");
+    if (typeof t.queue_ms === "number" && t.queue_ms >= 0.05) parts.push(["queued", t.queue_ms]);
     el.timings.replaceChildren(
       make("span", { class: "label", text: "Timings" }),
       ...parts.map(([name, value]) => make("span", { class: "stage" }, [`${name} `, make("b", { text: fmtMs(value) })])),
@@ -340,7 +345,7 @@
     const button = el.loginForm.querySelector("button");
     button.disabled = true;
     try {
-      const response = await fetch("/login", {
+      const response = await fetch("login", {
         method: "POST", credentials: "same-origin",
         headers: { "Content-Type": "application/json", Accept: "application/json" },
         body: JSON.stringify({ api_key: el.apiKey.value }),
@@ -357,7 +362,6 @@
       state.pending = null;
       if (pending) runSearch(pending, { push: false });
       else { el.empty.hidden = false; el.statusText.textContent = "Logged in."; el.q.focus(); }
-      loadStats();
     } catch {
       el.loginError.textContent = "Cannot reach the server.";
       el.loginError.hidden = false;
@@ -463,7 +467,7 @@
   });
   $("home").addEventListener("click", (event) => {
     event.preventDefault();
-    history.pushState({}, "", "/");
+    history.pushState({}, "", location.pathname);
     controlsFromUrl();
     reset();
     el.q.focus();
@@ -519,29 +523,25 @@
 
   window.addEventListener("popstate", restore);
 
-  // -- corpus info ----------------------------------------------------------------------
+  // -- server state ---------------------------------------------------------------------
 
-  async function loadStats() {
-    try {
-      const response = await fetch("/stats", { credentials: "same-origin", headers: { Accept: "application/json" } });
-      if (!response.ok) return;
-      const stats = await response.json();
-      const rows = typeof stats.rows === "number" ? stats.rows : null;
-      if (rows !== null) el.corpus.textContent = `${rows.toLocaleString()} image${rows === 1 ? "" : "s"} indexed.`;
-    } catch { /* stats are decoration only */ }
-  }
-
+  // /health needs no API key: it says whether the models are loaded, and how many images there are.
   async function checkHealth() {
+    let body = null;
     try {
-      const response = await fetch("/health", { headers: { Accept: "application/json" } });
-      const body = await readJson(response);
-      if (body && body.status === "loading" && !state.current) {
-        el.statusText.textContent = "The server is loading its models…";
-        setTimeout(checkHealth, 1000);
-      } else if (body && body.status === "ready" && !state.current && el.statusText.textContent.startsWith("The server")) {
-        el.statusText.textContent = "";
-      }
-    } catch { /* the search itself reports an unreachable server */ }
+      body = await readJson(await fetch("health", { headers: { Accept: "application/json" } }));
+    } catch { return; /* a search reports an unreachable server itself */ }
+    if (!body) return;
+    const rows = typeof body.live_rows === "number" ? body.live_rows : null;
+    if (rows !== null) el.corpus.textContent = `${rows.toLocaleString()} image${rows === 1 ? "" : "s"} indexed.`;
+    if (body.status === "loading") {
+      if (!state.current) el.statusText.textContent = "The server is loading its models…";
+      setTimeout(checkHealth, 1000);
+    } else if (body.status === "failed") {
+      showError("The server could not load its models" + (typeof body.detail === "string" ? `: ${body.detail}` : "."));
+    } else if (body.status === "ready" && !state.current && el.statusText.textContent.startsWith("The server")) {
+      el.statusText.textContent = "";
+    }
   }
 
   // -- start ----------------------------------------------------------------------------
@@ -549,5 +549,4 @@
   history.replaceState(history.state || {}, "", location.href);
   restore();
   checkHealth();
-  loadStats();
 })();
