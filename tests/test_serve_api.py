@@ -135,7 +135,7 @@ def test_concurrent_searches_are_batched_and_answer_as_one_at_a_time(demo: Path,
     from vkd.serve import SearchEngine, ServeConfig
 
     retriever = retriever_fp32
-    config = ServeConfig(index=str(demo / "index"), batch_window_ms=50.0, max_batch=64)
+    config = ServeConfig(index=str(demo / "index"), batch_window_ms=200.0, max_batch=64)
     engine = SearchEngine(config, retriever=retriever)
     engine.start()
     try:

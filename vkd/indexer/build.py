@@ -67,6 +67,8 @@ if TYPE_CHECKING:
     from vkd.models.base import Encoder
 
 INDEX_SUFFIX = ".vkd"
+# besides shards and the manifest: the skip list, the writer lock, and `vkd serve`'s thumbnail cache
+INDEX_OWN_NAMES = (SKIPPED_NAME, ".lock", "thumbs")
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -241,7 +243,7 @@ def _check_out_dir(index_dir: Path) -> None:
     if not index_dir.is_dir():
         return
     foreign = [p.name for p in index_dir.iterdir()
-               if not (SHARD_FILE.match(p.name) or p.name in (SKIPPED_NAME, ".lock") or TMP_MARKER in p.name)]
+               if not (SHARD_FILE.match(p.name) or p.name in INDEX_OWN_NAMES or TMP_MARKER in p.name)]
     if foreign:
         raise ValueError(f"{index_dir} exists and holds files that are not a vkd index ({', '.join(sorted(foreign)[:3])}"
                          f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty --out")

@@ -584,8 +584,8 @@ def create_app(config: ServeConfig, *, engine: SearchEngine | None = None) -> Fa
         503: {"description": '{"status": "loading"} while the models load; {"status": "failed", "detail": ...} '
                              "when they could not be loaded."}}
 
-    @app.api_route("/health", methods=["GET", "HEAD"], summary="Ready or not (no API key needed)", tags=["status"],
-                   responses=health_responses)
+    @app.head("/health", include_in_schema=False)  # for probes that send HEAD
+    @app.get("/health", summary="Ready or not (no API key needed)", tags=["status"], responses=health_responses)
     async def health() -> JSONResponse:
         if engine.state == "ready" and engine.retriever is not None:
             return JSONResponse({"status": "ready", "live_rows": len(engine.retriever.index),
