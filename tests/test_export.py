@@ -175,7 +175,7 @@ print(json.dumps({{
 
 
 def test_latency_benchmark_reports_every_stage_per_variant(indexes: dict[str, Path]) -> None:
-    from vkd.retrieval.benchmark import measure_latency
+    from vkd.bench.search import measure_latency
 
     report = measure_latency(indexes["clip"], RANK_QUERIES[:3], batch_sizes=(1, 4), repeats=2, warmup=1,
                              candidates=20)

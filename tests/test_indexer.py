@@ -282,7 +282,7 @@ def test_interrupted_run_resumes_from_the_last_commit(tmp_path: Path, tiny_clip:
 
 
 def test_measure_indexing_reports_throughput(tmp_path: Path, tiny_clip: Path) -> None:
-    from vkd.indexer.benchmark import measure_indexing
+    from vkd.bench.index import measure_indexing
 
     images = make_plain_folder(tmp_path / "imgs", 6)
     report = measure_indexing(images, load_encoder(tiny_clip, device="cpu"), batch_size=4, shard_size=4)

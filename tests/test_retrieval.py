@@ -308,9 +308,9 @@ def test_cli_missing_default_index_says_run_demo(tmp_path: Path, monkeypatch: py
 def test_cli_errors(clip_index: Path, corpus: Path, tiny_siglip: Path, tmp_path: Path) -> None:
     mismatch = CliRunner().invoke(cli, ["search", "x", "--index", str(clip_index), "--student", str(tiny_siglip)])
     assert mismatch.exit_code == 1 and "fingerprint" in mismatch.output and "Traceback" not in mismatch.output
-    both = CliRunner().invoke(cli, ["search", "x", "--image", str(corpus / "img-00.png"),
-                                    "--index", str(clip_index)])
-    assert both.exit_code == 2 and "one of them" in both.output
+    # text and --image together are one combined query now (issue 16); neither is an error
+    neither = CliRunner().invoke(cli, ["search", "--index", str(clip_index)])
+    assert neither.exit_code == 2 and "give a text query or --image" in neither.output
     few = CliRunner().invoke(cli, ["search", "x", "-k", "10", "--candidates", "5", "--index", str(clip_index)])
     assert few.exit_code == 2 and "--candidates 5" in few.output
     missing = CliRunner().invoke(cli, ["search", "x", "--index", str(tmp_path / "nowhere")])

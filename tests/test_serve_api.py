@@ -208,7 +208,7 @@ BAD_POSTS = [
     (dict(content=b"{not json", headers={"content-type": "application/json"}), 400, "not valid JSON"),
     (dict(content=b"q=dog", headers={"content-type": "text/plain"}), 415, "not accepted"),
     (dict(data={"k": "3"}, files={"other": ("x.png", b"x")}), 400, "unknown form field(s) other"),
-    (dict(data={"k": "3", "q": "dog"}, files={"image": ("x.png", b"x")}), 400, "unknown form field(s) q"),
+    (dict(data={"k": "3", "query": "dog"}, files={"image": ("x.png", b"x")}), 400, "unknown form field(s) query"),
     (dict(files={"image": ("x.png", b"")}), 400, "empty (0 bytes)"),
     (dict(files={"image": ("x.png", b"this is not an image at all")}), 400, "not an image"),
     (dict(files={"image": ("x.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 40)}), 400, "the uploaded image"),
@@ -478,7 +478,9 @@ def test_openapi_describes_every_route_and_its_errors(client) -> None:
     assert {"400", "503"} <= set(paths["/search"]["get"]["responses"])
     assert {"403", "404"} <= set(paths["/images/{image_id}"]["get"]["responses"])
     assert "503" in paths["/health"]["get"]["responses"]
-    assert {"k", "candidates", "rerank", "q"} == {p["name"] for p in paths["/search"]["get"]["parameters"]}
+    from vkd.serve.app import QUERY_FIELDS  # combined queries and filters (issue 16)
+
+    assert {"k", "candidates", "rerank", "q", *QUERY_FIELDS} == {p["name"] for p in paths["/search"]["get"]["parameters"]}
 
 
 def test_the_page_and_its_files_are_served_without_a_key(shared) -> None:

@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "eval": "vkd.evaluate:eval_command",
     "distill": "vkd.distill.commands:distill",
     "index": "vkd.indexer.commands:index",
+    "dupes": "vkd.indexer.commands:dupes_command",
     "search": "vkd.retrieval.commands:search",
     "export": "vkd.export.commands:export",
     "demo": "vkd.demo:demo",
@@ -28,11 +29,12 @@ COMMANDS: dict[str, str] = {
 }
 
 SHORT_HELP: dict[str, str] = {
-    "model": "Make tiny random models of each supported family.",
+    "model": "Random models (tiny, or at real sizes) and what a model directory is.",
     "data": "Prepare pair files: Flickr30k (Karpathy split) and synthetic scenes.",
     "eval": "Recall@1/5/10 of a model on a pair file, both directions.",
     "distill": "Teach a student from a teacher (CE + KD, LoRA) and write a merged model.",
     "index": "Encode an image folder into Arrow shards + FAISS indexes.",
+    "dupes": "Find exact and near-duplicate images in an index.",
     "search": "Two-stage search: student ANN candidates, teacher rerank.",
     "export": "Export a student to ONNX (fp32 + INT8) with a parity check.",
     "demo": "The whole pipeline on synthetic data, on a CPU, in minutes.",

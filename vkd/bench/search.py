@@ -11,7 +11,9 @@ query vectors:
   (flat / HNSW / IVF-PQ, searched with ``vkd.indexer``'s searcher, exact re-scoring included);
 * ``two-stage k1=100`` / ``k1=1000`` — student ANN top-k1, then the candidates' stored
   float16 teacher vectors re-score them against the teacher query and the best 10 are kept
-  (``vkd.retrieval.stages.merge_candidates`` and ``rerank``: the Retriever's own code).
+  (``vkd.retrieval.stages.merge_candidates`` and ``rerank``: the Retriever's own code);
+* ``filtered`` — the two-stage search restricted by a filter keeping 1% of the rows
+  (``vkd.retrieval.query.search_allowed``, as a filtered ``vkd search``), per size.
 
 Quality: Recall@10 against the ground truth, overlap@10 with the teacher-only top-10.
 Speed: per-query latency (p50/p95/p99) per stage and end to end at batch 1, QPS at batch 1
@@ -358,11 +360,128 @@ def encode_real(student: Encoder, teacher: Encoder, pairs: str | os.PathLike[str
 def measure_real_index(index_dir: str | os.PathLike[str], queries: Sequence[str], *, batch: int,
                        repeats: int, candidates: int = 1000, threads: int | None = None) -> dict[str, Any]:
     """The full search (encode, ANN, teacher encode, rerank) on a real index, per student
-    backend: ``vkd.retrieval.benchmark.measure_latency``, the Retriever's own timings."""
-    from vkd.retrieval.benchmark import measure_latency
-
+    backend: ``measure_latency``, the Retriever's own timings."""
     return measure_latency(index_dir, list(queries), batch_sizes=(1, batch), candidates=candidates,
                            repeats=repeats, device="cpu", threads=threads)
+
+
+# ---------------------------------------------------------------- the full search on a real index
+# ``measure_latency(index_dir, queries)`` runs the full two-stage search with the index's student
+# as torch fp32, ONNX fp32 and ONNX INT8 (one shared teacher), at batch sizes 1 and 32, and
+# returns p50/p95 (and the rest of ``vkd.bench.timing.latency_summary``) of each stage and of
+# the whole search, measured the same way for every backend.
+
+LATENCY_VARIANTS = ("torch-fp32", "onnx-fp32", "onnx-int8")
+
+
+def _student_variant(variant: str, name: str, *, device: Any, threads: int | None) -> Any:
+    """The student as ``variant``, or a string saying why it cannot be had."""
+    if variant == "torch-fp32":
+        from vkd.models import load_encoder
+
+        return load_encoder(name, prefer="torch", device=device, dtype="float32")
+    from vkd.export.onnx_encoder import EXPORT_MANIFEST, OnnxEncoder
+
+    export_dir = Path(name) if (Path(name) / EXPORT_MANIFEST).is_file() else Path(name) / "onnx"
+    if not (export_dir / EXPORT_MANIFEST).is_file():
+        return f"no ONNX export at {export_dir}; run `vkd export {name}`"
+    precision = variant.split("-", 1)[1]
+    try:
+        return OnnxEncoder(export_dir, precision=precision, threads=threads)
+    except ValueError as error:  # e.g. exported with --int8 none
+        return str(error)
+
+
+def _query_batches(queries: Sequence[Any], size: int, count: int) -> list[list[Any]]:
+    """``count`` batches of ``size`` queries, cycling through ``queries``."""
+    flat = [queries[i % len(queries)] for i in range(size * count)]
+    return [flat[i : i + size] for i in range(0, len(flat), size)]
+
+
+def measure_latency(
+    index_dir: str | os.PathLike[str],
+    queries: Sequence[Any],
+    *,
+    variants: Sequence[str] = LATENCY_VARIANTS,
+    batch_sizes: Sequence[int] = (1, 32),
+    k: int = 10,
+    candidates: int = 1000,
+    rerank: bool = True,
+    repeats: int | None = None,
+    warmup: int = 2,
+    student: str | None = None,
+    teacher: Any = None,
+    device: Any = "cpu",
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Per-stage and end-to-end latency of ``Retriever.search_batch`` for each student variant.
+
+    ``queries``: texts (``str``) and/or images (PIL or ``Path``), cycled to fill batches.
+    ``repeats``: timed calls per batch size (default: one pass over the queries, at
+    least 5 calls). ``student``: the model the variants are made from (default: the
+    index's); ``teacher``: an ``Encoder`` or name shared by all variants (default: the
+    index's, torch). Stage times are per call, i.e. per batch; ``per_query_ms`` divides
+    the end-to-end p50 by the batch size. A variant that cannot run (no export) is
+    reported with ``skipped`` and the reason.
+    """
+    from vkd.indexer import Index
+    from vkd.retrieval.results import STAGES
+    from vkd.retrieval.retriever import Retriever, open_encoder
+
+    timed = (*STAGES, "total_ms")
+    if not queries:
+        raise ValueError("measure_latency needs at least one query")
+    unknown = [variant for variant in variants if variant not in LATENCY_VARIANTS]
+    if unknown:
+        raise ValueError(f"variants {unknown}: choose from {', '.join(LATENCY_VARIANTS)}")
+    index = Index.open(index_dir)
+    student_name = str(student or index.student["name"])
+    shared_teacher = None
+    if rerank and index.teacher is not None:
+        shared_teacher = teacher if teacher is not None and not isinstance(teacher, str | os.PathLike) else (
+            open_encoder(str(teacher or index.teacher["name"]), prefer="torch", device=device))
+
+    report: dict[str, Any] = {
+        "index": str(index.path),
+        "images": len(index),
+        "shards": len(index.shards),
+        "k": k,
+        "candidates": candidates,
+        "queries": len(queries),
+        "student": student_name,
+        "teacher": shared_teacher.describe() if shared_teacher is not None else None,
+        "threads": threads,
+        "variants": {},
+    }
+    for variant in variants:
+        encoder = _student_variant(variant, student_name, device=device, threads=threads)
+        if isinstance(encoder, str):
+            report["variants"][variant] = {"skipped": encoder}
+            continue
+        retriever = Retriever(index.path, student=encoder, teacher=shared_teacher, candidates=candidates,
+                              rerank=rerank, prefer="torch")
+        by_batch: dict[str, Any] = {}
+        for size in batch_sizes:
+            count = repeats or max(5, -(-len(queries) // size))
+            for batch in _query_batches(queries, size, warmup):
+                retriever.search_batch(batch, k)
+            samples: dict[str, list[float]] = {stage: [] for stage in timed}
+            reranked = None
+            for batch in _query_batches(queries, size, count):
+                result = retriever.search_batch(batch, k)[0]
+                reranked = result.reranked
+                for stage in timed:
+                    samples[stage].append(getattr(result.timings, stage) / 1000.0)
+            stats = {stage: latency_summary(values) for stage, values in samples.items()}
+            by_batch[str(size)] = {
+                "batch_size": size,
+                "calls": count,
+                "reranked": reranked,
+                **stats,
+                "per_query_ms": stats["total_ms"]["p50_ms"] / size,
+            }
+        report["variants"][variant] = {"encoder": encoder.describe(), "batches": by_batch}
+    return report
 
 
 def _text_calls(encoder: Encoder, texts: list[str], batch: int) -> tuple[Callable[[], Any], Callable[[], Any]]:
@@ -419,6 +538,8 @@ def measure_size(n: int, settings: SearchSettings, real: RealVectors | None, wor
         latency = settings.latency_queries if method.headline else settings.curve_latency_queries
         records.append(measure_method(method, corpus, reference, settings, latency_queries=latency,
                                       with_batch=method.headline))
+    progress(f"{n:,}: measuring a {FILTER_SELECTIVITY:.0%}-selective filter")
+    filtered = measure_filtered(corpus, built["student_ann"], settings)
     for b in built.values():
         b.index = None
     return {
@@ -428,6 +549,88 @@ def measure_size(n: int, settings: SearchSettings, real: RealVectors | None, wor
         "student_vectors_bytes": int(corpus.student.nbytes),
         "teacher_vectors_bytes": int(corpus.teacher.nbytes),
         "methods": records,
+        "filtered": filtered,
+    }
+
+
+FILTER_SELECTIVITY = 0.01
+
+
+class _VectorShard:
+    """The part of ``vkd.indexer.Shard`` that ``vkd.retrieval.query.search_allowed`` reads,
+    over the benchmark's in-memory corpus: the filtered search measured is the Retriever's."""
+
+    def __init__(self, built: BuiltIndex, vectors: np.ndarray) -> None:
+        from vkd.indexer.faiss_index import FaissSearcher, IndexSpec
+
+        self.spec = IndexSpec(built.kind, built.factory, dict(built.params))
+        self.rows = len(vectors)
+        self._vectors = vectors
+        self.searcher = FaissSearcher(built.index, self.spec, vectors, np.zeros(0, dtype=np.int64))
+
+    def student_vectors(self, rows: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(self._vectors[rows], dtype=np.float32)
+
+
+def measure_filtered(corpus: VectorCorpus, ann: BuiltIndex, settings: SearchSettings,
+                     k1: int = max(TWO_STAGE_K1)) -> dict[str, Any]:
+    """Two-stage search restricted by a filter that keeps ``FILTER_SELECTIVITY`` of the rows.
+
+    The filter is a range over a synthetic int64 column (a permutation, as an mtime range
+    would be) evaluated with pyarrow.compute, as ``Filters.allowed_rows`` does on a shard;
+    stage 1 is ``search_allowed`` (at 1% it scans the allowed rows exactly), then the
+    teacher rerank. Quality: overlap@10 with the teacher's exact top-10 among the allowed rows.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from vkd.retrieval import stages
+    from vkd.retrieval.query import FLAT_FRACTION, search_allowed
+
+    n = len(corpus.student)
+    column = pa.array(np.random.default_rng(settings.seed + 1).permutation(n).astype(np.int64))
+    bound = max(1, int(n * FILTER_SELECTIVITY))
+    shard = _VectorShard(ann, corpus.student)
+
+    def fetch_teacher(_shard: int, rows: np.ndarray) -> np.ndarray:
+        return corpus.teacher[rows].astype(np.float32)
+
+    def search(qs: np.ndarray, qt: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
+        allowed, filter_s = _timed(lambda: np.asarray(pc.indices_nonzero(pc.less(column, bound)).to_numpy(),
+                                                      dtype=np.int64))
+        width = min(k1, len(allowed))
+        candidates, ann_s = _timed(lambda: stages.merge_candidates([search_allowed(shard, qs, width, allowed)],
+                                                                   width, len(qs)))
+        (top, _), rerank_s = _timed(lambda: stages.rerank(candidates, qt, fetch_teacher, TOP_K))
+        return top.row, {"filter": filter_s, "ann": ann_s, "rerank": rerank_s}
+
+    qs, qt = corpus.query_student, corpus.query_teacher
+    allowed = np.flatnonzero(column.to_numpy() < bound)
+    n_quality = min(settings.quality_queries, len(qs), 200)
+    found = np.concatenate([search(qs[i:min(i + 32, n_quality)], qt[i:min(i + 32, n_quality)])[0]
+                            for i in range(0, n_quality, 32)])
+    teacher_allowed = corpus.teacher[allowed].astype(np.float32)
+    reference = allowed[np.argsort(-(qt[:n_quality] @ teacher_allowed.T), axis=1, kind="stable")[:, :TOP_K]]
+    n_lat = min(settings.latency_queries, len(qs))
+    for i in range(min(settings.warmup, n_lat)):
+        search(qs[i:i + 1], qt[i:i + 1])
+    e2e, stage_times = [], {}
+    for i in range(n_lat):
+        start = time.perf_counter()
+        _, stage = search(qs[i:i + 1], qt[i:i + 1])
+        e2e.append(time.perf_counter() - start)
+        for name, seconds in stage.items():
+            stage_times.setdefault(name, []).append(seconds)
+    return {
+        "selectivity": FILTER_SELECTIVITY,
+        "allowed_rows": int(len(allowed)),
+        "k1": k1,
+        "stage1": "flat scan of the allowed rows" if (ann.kind == "flat" or len(allowed) <= FLAT_FRACTION * n)
+                  else "FAISS + IDSelectorBatch",
+        "overlap@10": overlap_at_k(found, reference),
+        "queries": int(n_quality),
+        "batch1": {"end_to_end": latency_summary(e2e),
+                   "stages": {name: latency_summary(values) for name, values in stage_times.items()}},
     }
 
 
@@ -474,6 +677,16 @@ def markdown(results: dict[str, Any]) -> str:
     if real_rows:
         parts += ["", "Real encoded demo captions only (a subset of the queries above):", "",
                   markdown_table(["corpus", "method", "R@10 %", "overlap@10 %", "queries"], real_rows)]
+    filtered_rows = [[f"{size['corpus_size']:,}", f"{f['selectivity']:.0%} ({f['allowed_rows']:,} rows)",
+                      f["stage1"], f["overlap@10"], f["batch1"]["end_to_end"]["p50_ms"],
+                      f["batch1"]["end_to_end"]["p95_ms"], f["batch1"]["stages"]["filter"]["p50_ms"],
+                      f["batch1"]["stages"]["ann"]["p50_ms"], f["batch1"]["stages"]["rerank"]["p50_ms"]]
+                     for size in results["sizes"] if (f := size.get("filtered"))]
+    if filtered_rows:
+        parts += ["", "Filtered two-stage search (a range filter on an int64 column keeping the share of rows "
+                      "shown; overlap@10 with the teacher's exact top-10 among those rows), batch 1:", "",
+                  markdown_table(["corpus", "kept", "stage 1", "overlap@10 %", "p50 ms", "p95 ms",
+                                  "filter p50 ms", "stage 1 p50 ms", "rerank p50 ms"], filtered_rows)]
     if results.get("real_index"):
         parts += ["", real_index_markdown(results["real_index"])]
     if results.get("encode"):

@@ -3,6 +3,15 @@
 Every figure a benchmark reports comes out of these functions, so warm-up, repetition
 counts and units are the same everywhere: times are taken with ``time.perf_counter``,
 reported in milliseconds, and every summary carries the number of timed repetitions.
+
+Figures a reader can trust: a benchmark repeats its measurement in rounds (repetitions)
+and reports the median over rounds with the spread (``spread``: median, min, max,
+quartiles, n). Two set-ups are compared by the ratio *within* each round — both measured
+in the same round, back to back, so a slow minute of the machine hits both — and the
+ratios' median and spread are reported (``ratio_spread``), never a ratio of two medians
+taken minutes apart. ``repeat_rounds`` runs calls in such interleaved rounds;
+``within_spread`` / ``ratio_within_spread`` say when a difference is no larger than the
+run-to-run variation, so no one reads a conclusion into noise.
 """
 
 from __future__ import annotations
@@ -12,7 +21,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,6 +108,139 @@ def time_calls(fn: Callable[[], Any], *, repeats: int, warmup: int = 1,
         seconds.append(elapsed)
         spent += elapsed
     return Timing(seconds=seconds, warmup=warmup, result=result)
+
+
+# ---------------------------------------------------------------- repetitions and spread
+
+SPREAD_KEYS = ("median", "min", "max", "q1", "q3", "n")
+
+
+def spread(values: Sequence[float]) -> dict[str, float | int]:
+    """A figure measured in ``n`` repetitions: its median, min, max and quartiles, and ``n``.
+
+    Reported in the unit of ``values`` (callers convert first). With one repetition the
+    spread is a single point, which the ``n`` says; nothing pretends to more.
+    """
+    array = np.asarray(list(values), dtype=np.float64)
+    if array.size == 0:
+        raise ValueError("spread needs at least one repetition, got none")
+    if not np.isfinite(array).all():
+        raise ValueError(f"repetitions must be finite numbers, got {array.tolist()!r}")
+    q1, median, q3 = (float(v) for v in np.percentile(array, (25, 50, 75)))
+    return {"median": median, "min": float(array.min()), "max": float(array.max()), "q1": q1, "q3": q3,
+            "n": int(array.size)}
+
+
+def paired_ratios(numerators: Sequence[float], denominators: Sequence[float]) -> list[float]:
+    """``numerators[i] / denominators[i]`` for each repetition ``i`` (both measured in it)."""
+    top, bottom = list(numerators), list(denominators)
+    if len(top) != len(bottom):
+        raise ValueError(f"paired ratios need one denominator per numerator: {len(top)} vs {len(bottom)} "
+                         "repetitions")
+    if not top:
+        raise ValueError("paired ratios need at least one repetition")
+    for value in bottom:
+        if not value > 0 or not math.isfinite(value):
+            raise ValueError(f"denominator {value!r}: a ratio needs positive, finite measurements")
+    return [float(a) / float(b) for a, b in zip(top, bottom, strict=True)]
+
+
+def ratio_spread(numerators: Sequence[float], denominators: Sequence[float]) -> dict[str, float | int]:
+    """The ratio within each repetition, then its ``spread`` over repetitions.
+
+    E.g. the speed-up of B over A: ``ratio_spread(a_seconds, b_seconds)`` where round ``i``
+    measured both. A ratio of medians would mix rounds and hide how much it varies.
+    """
+    return spread(paired_ratios(numerators, denominators))
+
+
+def within_spread(a: Mapping[str, float], b: Mapping[str, float]) -> bool:
+    """True when two ``spread`` figures' [min, max] ranges overlap: the difference between
+    them is no larger than their run-to-run variation."""
+    return bool(a["min"] <= b["max"] and b["min"] <= a["max"])
+
+
+def ratio_within_spread(ratio: Mapping[str, float], value: float = 1.0) -> bool:
+    """True when ``value`` (default 1: no difference) lies within a ratio's [min, max]."""
+    return bool(ratio["min"] <= value <= ratio["max"])
+
+
+def scale_spread(figure: Mapping[str, float | int], factor: float) -> dict[str, float | int]:
+    """A ``spread`` in another unit (e.g. seconds → milliseconds, per batch → per item)."""
+    if not factor > 0:
+        raise ValueError(f"factor={factor!r}: scaling a spread needs a positive factor")
+    return {key: (value * factor if key != "n" else value) for key, value in figure.items()}
+
+
+def format_spread(figure: Mapping[str, float] | None, digits: int = 3, suffix: str = "") -> str | None:
+    """``median (min–max)`` for a table cell, e.g. ``2.51 (2.40–2.63)``; None stays None."""
+    if figure is None:
+        return None
+    from vkd.bench.report import format_cell
+
+    def cell(value: float) -> str:
+        return format_cell(float(value), digits)
+
+    if figure.get("n", 1) == 1 or figure["min"] == figure["max"]:
+        return cell(figure["median"]) + suffix
+    return f"{cell(figure['median'])}{suffix} ({cell(figure['min'])}–{cell(figure['max'])})"
+
+
+def format_ratio(figure: Mapping[str, float] | None, digits: int = 3) -> str | None:
+    """A ratio's cell, ``6.52× (5.90–7.10)``; ``, within spread`` is added when 1 (no
+    difference) lies within its min–max."""
+    if figure is None:
+        return None
+    text = format_spread(figure, digits, suffix="×")
+    return f"{text}, within spread" if ratio_within_spread(figure) else text
+
+
+def repeat_rounds(calls: Mapping[str, Callable[[], Any]], *, rounds: int, per_round: int = 1,
+                  warmup: int = 1) -> dict[str, list[list[float]]]:
+    """Time every call of ``calls`` in ``rounds`` interleaved rounds; seconds per call.
+
+    Each call is first run ``warmup`` times untimed. Then, in every round, each call runs
+    ``per_round`` timed times, one call after the other, in an order that rotates from
+    round to round, so a drift of the machine (a neighbour's job, clock changes) falls on
+    every call alike and paired ratios within a round stay fair. Returns, per name, one
+    list of per-call seconds per round.
+    """
+    if rounds < 1 or per_round < 1:
+        raise ValueError(f"rounds={rounds}, per_round={per_round}: both must be at least 1")
+    if warmup < 0:
+        raise ValueError(f"warmup={warmup}: cannot be negative")
+    names = list(calls)
+    for name in names:
+        for _ in range(warmup):
+            calls[name]()
+    seconds: dict[str, list[list[float]]] = {name: [] for name in names}
+    for round_index in range(rounds):
+        shift = round_index % max(len(names), 1)
+        for name in names[shift:] + names[:shift]:
+            times = []
+            for _ in range(per_round):
+                start = time.perf_counter()
+                calls[name]()
+                times.append(time.perf_counter() - start)
+            seconds[name].append(times)
+    return seconds
+
+
+def round_medians(per_round: Sequence[Sequence[float]]) -> list[float]:
+    """Each round's median (the round's value of a figure timed several times per round)."""
+    if not per_round or any(len(values) == 0 for values in per_round):
+        raise ValueError("every round needs at least one timed call")
+    return [float(np.median(np.asarray(values, dtype=np.float64))) for values in per_round]
+
+
+def split_rounds(values: Sequence[float], rounds: int) -> list[list[float]]:
+    """``values`` (timed in order) cut into ``rounds`` consecutive blocks of near-equal size."""
+    items = list(values)
+    if rounds < 1:
+        raise ValueError(f"rounds={rounds}: at least one")
+    rounds = min(rounds, len(items)) or 1
+    bounds = np.linspace(0, len(items), rounds + 1).round().astype(int)
+    return [items[bounds[i]:bounds[i + 1]] for i in range(rounds)]
 
 
 class _MallInfo2(ctypes.Structure):

@@ -20,7 +20,6 @@ _EXPORTS: dict[str, str] = {
     "TeacherOutput": "vkd.distill.losses",
     "TeacherCache": "vkd.distill.teacher",
     "EmaTeacher": "vkd.distill.teacher",
-    "bench_distill_step": "vkd.distill.benchmark",
 }
 
 __all__ = [
@@ -30,13 +29,11 @@ __all__ = [
     "TeacherCache",
     "TeacherOutput",
     "Trainer",
-    "bench_distill_step",
     "distill",
     "latest_checkpoint",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from vkd.distill.benchmark import bench_distill_step
     from vkd.distill.losses import DistillationLoss, TeacherOutput
     from vkd.distill.teacher import EmaTeacher, TeacherCache
     from vkd.distill.trainer import DistillResult, Trainer, distill, latest_checkpoint

@@ -2,7 +2,10 @@
 
 An export directory (``vkd export``) holds ``text.onnx`` / ``image.onnx`` (fp32), their
 ``*.int8.onnx`` twins, the ``tokenizer.json`` and ``preprocessor_config.json`` the torch
-model used, and ``export.json`` (the manifest read here). The encoder reports the torch
+model used, and ``export.json`` (the manifest read here). A Qwen3-VL export's image side is
+instead one graph per image bucket (``image-448x448.onnx`` ...; ``"kind": "buckets"`` in the
+manifest): each image is resized to the bucket nearest its aspect ratio and a batch runs
+as one call per bucket it touches. The encoder reports the torch
 model's fingerprint (which names the checkpoint's files, so torch in fp32 or bf16 reports
 the same one): the export's parity check is what makes vectors from either backend
 interchangeable, so an index built with torch is searchable with ONNX and back.
@@ -21,8 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from vkd.export.preprocess import ImagePreprocessor, TextTokenizer
+from vkd.export.preprocess import BucketImagePreprocessor, ImagePreprocessor, TextTokenizer
 from vkd.models.base import Encoder
+from vkd.models.image_buckets import Bucket, format_bucket
 
 EXPORT_MANIFEST = "export.json"
 EXPORT_FORMAT = 1
@@ -79,8 +83,7 @@ class OnnxEncoder(Encoder):
         self.batch_size = batch_size
         self.threads = threads
         self.providers = list(providers) if providers else ["CPUExecutionProvider"]
-        towers = [self.manifest[tower] for tower in ("text", "image") if self.manifest.get(tower)]
-        has_int8 = all(tower.get("int8") for tower in towers)
+        has_int8 = all(spec.get("int8") for spec in self._graph_specs().values())
         if precision is None:
             precision = "int8" if has_int8 else "fp32"
         if precision not in PRECISIONS:
@@ -94,7 +97,7 @@ class OnnxEncoder(Encoder):
         self._sessions: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._tokenizer: TextTokenizer | None = None
-        self._image_preprocessor: ImagePreprocessor | None = None
+        self._image_preprocessor: ImagePreprocessor | BucketImagePreprocessor | None = None
 
     @property
     def fingerprint(self) -> str:
@@ -116,7 +119,31 @@ class OnnxEncoder(Encoder):
     def has_image_tower(self) -> bool:
         return bool(self.manifest.get("image"))
 
-    def model_path(self, tower: str) -> Path:
+    @property
+    def image_buckets(self) -> tuple[Bucket, ...] | None:
+        """The image buckets of a bucketed (Qwen3-VL) export, None for a single image graph."""
+        spec = self.manifest.get("image") or {}
+        if spec.get("kind") != "buckets":
+            return None
+        return tuple((int(entry["width"]), int(entry["height"])) for entry in spec["buckets"])
+
+    def _graph_specs(self) -> dict[str, dict[str, Any]]:
+        """{graph key: its manifest entry (with "fp32"/"int8" file names)}: "text", "image" or,
+        for a bucketed image side, "image:WxH" per bucket."""
+        graphs: dict[str, dict[str, Any]] = {}
+        for tower in ("text", "image"):
+            spec = self.manifest.get(tower)
+            if not spec:
+                continue
+            if spec.get("kind") == "buckets":
+                graphs.update({f"image:{entry['size']}": entry for entry in spec["buckets"]})
+            else:
+                graphs[tower] = spec
+        return graphs
+
+    def model_path(self, tower: str, bucket: Bucket | None = None) -> Path:
+        """The ONNX file of ``tower`` at this encoder's precision; a bucketed image side needs
+        ``bucket`` (default: the first)."""
         spec = self.manifest.get(tower)
         if not spec:
             reason = self.manifest.get("image_unsupported") or "it was not exported"
@@ -124,13 +151,26 @@ class OnnxEncoder(Encoder):
                 f"{self.dir}: this ONNX export has no {tower} tower ({reason}); encode {tower}s with the torch "
                 f"model instead (load_encoder({self.name!r}, prefer='torch'); CLI: --prefer torch)"
             )
-        return self.dir / spec[self.precision]
+        key = tower
+        if spec.get("kind") == "buckets":
+            buckets = self.image_buckets or ()
+            chosen = bucket or buckets[0]
+            if chosen not in buckets:
+                raise ValueError(f"{self.dir}: no image bucket {format_bucket(chosen)}; the export has "
+                                 f"{', '.join(format_bucket(b) for b in buckets)}")
+            key = f"image:{format_bucket(chosen)}"
+        return self.dir / self._graph_specs()[key][self.precision]
 
-    def _session(self, tower: str) -> Any:
-        session = self._sessions.get(tower)
+    def model_files(self) -> list[Path]:
+        """Every ONNX file this encoder runs at its precision (bucketed exports: one per bucket)."""
+        return [self.dir / spec[self.precision] for spec in self._graph_specs().values()]
+
+    def _session(self, tower: str, bucket: Bucket | None = None) -> Any:
+        key = tower if bucket is None else f"{tower}:{format_bucket(bucket)}"
+        session = self._sessions.get(key)
         if session is None:
             with self._lock:
-                session = self._sessions.get(tower)
+                session = self._sessions.get(key)
                 if session is None:
                     import onnxruntime as ort
 
@@ -139,9 +179,9 @@ class OnnxEncoder(Encoder):
                     if self.threads:
                         options.intra_op_num_threads = int(self.threads)
                     session = ort.InferenceSession(
-                        str(self.model_path(tower)), sess_options=options, providers=self.providers
+                        str(self.model_path(tower, bucket)), sess_options=options, providers=self.providers
                     )
-                    self._sessions[tower] = session
+                    self._sessions[key] = session
         return session
 
     @property
@@ -154,30 +194,47 @@ class OnnxEncoder(Encoder):
         return self._tokenizer
 
     @property
-    def image_preprocessor(self) -> ImagePreprocessor:
+    def image_preprocessor(self) -> ImagePreprocessor | BucketImagePreprocessor:
         if self._image_preprocessor is None:
             self.model_path("image")  # the clear error when there is no image tower
+            spec = self.manifest["image"]
             with self._lock:
                 if self._image_preprocessor is None:
-                    self._image_preprocessor = ImagePreprocessor.from_file(
-                        self.dir / self.manifest["image"]["preprocessor"]
-                    )
+                    if spec.get("kind") == "buckets":
+                        self._image_preprocessor = BucketImagePreprocessor(
+                            {**spec["preprocess"], "buckets": [entry["size"] for entry in spec["buckets"]]},
+                            source=str(self.dir / EXPORT_MANIFEST),
+                        )
+                    else:
+                        self._image_preprocessor = ImagePreprocessor.from_file(self.dir / spec["preprocessor"])
         return self._image_preprocessor
 
     def text_inputs(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """The text tower's feeds for ``texts`` (also what static calibration uses)."""
         return self.tokenizer(list(texts))
 
-    def image_inputs(self, images: Sequence[Any]) -> dict[str, np.ndarray]:
-        return {"pixel_values": self.image_preprocessor(list(images))}
+    def image_inputs(self, images: Sequence[Any], bucket: Bucket | None = None) -> dict[str, np.ndarray]:
+        """The image graph's feeds; for a bucketed export every image is resized to ``bucket``
+        (static calibration feeds each bucket's graph all calibration images this way)."""
+        preprocessor = self.image_preprocessor
+        if isinstance(preprocessor, BucketImagePreprocessor):
+            if bucket is None:
+                raise ValueError(f"{self.dir}: a bucketed image side takes one bucket per call; pass bucket=")
+            return {"pixel_values": np.stack([preprocessor.one(image, bucket) for image in images])}
+        return {"pixel_values": preprocessor(list(images))}
 
     def _encode_text_batch(self, texts: Sequence[str]) -> np.ndarray:
         session = self._session("text")
         return session.run(None, self.text_inputs(texts))[0]
 
     def _encode_image_batch(self, images: Sequence[Any]) -> np.ndarray:
-        feeds = self.image_inputs(images)
-        return self._session("image").run(None, feeds)[0]
+        preprocessor = self.image_preprocessor
+        if not isinstance(preprocessor, BucketImagePreprocessor):
+            return self._session("image").run(None, self.image_inputs(images))[0]
+        out = np.empty((len(images), self.dim), dtype=np.float32)
+        for bucket, (rows, pixels) in preprocessor.group(images).items():
+            out[rows] = self._session("image", bucket).run(None, {"pixel_values": pixels})[0]
+        return out
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "backend": "onnx", "precision": self.precision, "dir": str(self.dir)}

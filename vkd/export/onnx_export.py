@@ -5,6 +5,14 @@
     text.onnx  text.int8.onnx  image.onnx  image.int8.onnx
     tokenizer.json  preprocessor_config.json  export.json
 
+Qwen3-VL-Embedding's image side has no fixed shape (see ``vkd.export.qwen_image``); with
+``image_buckets`` it is exported as one graph per image size, ``image-448x448.onnx`` (+
+``.int8.onnx``) and so on, and ``export.json`` records the buckets and the policy that
+resizes every image into the one nearest its aspect ratio. The torch model is loaded with the
+same ``image_buckets`` (an encoder option, part of its fingerprint), so vectors from either
+backend match; an index built with the torch model *without* buckets holds other image
+vectors and another fingerprint (build it with ``image_buckets`` to search it with the export).
+
 Each tower is a small ``nn.Module`` around the encoder's own differentiable forward
 (``embed_text`` / ``embed_images``, normalisation included), so the graph computes exactly
 what the torch backend computes. The legacy TorchScript exporter (``dynamo=False``) is
@@ -36,7 +44,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vkd.export.onnx_encoder import EXPORT_FORMAT, EXPORT_MANIFEST, OnnxEncoder
-from vkd.export.preprocess import TEXT_INPUTS, ImagePreprocessor
+from vkd.export.preprocess import TEXT_INPUTS, BucketImagePreprocessor, ImagePreprocessor
+from vkd.models.image_buckets import (
+    BUCKET_POLICY,
+    DEFAULT_BUCKET_PIXELS,
+    DEFAULT_BUCKET_RATIOS,
+    Bucket,
+    bucket_names,
+    buckets_for_ratios,
+    format_bucket,
+    parse_buckets,
+)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -180,15 +198,24 @@ def _chat_template_parts(encoder: Any) -> dict[str, str]:
     return parts
 
 
-def _image_spec(encoder: TorchEncoder) -> tuple[dict[str, Any] | None, str | None]:
-    """(preprocessor config, None) when the image tower can be exported, else (None, why)."""
+def _image_spec(encoder: TorchEncoder, buckets: bool) -> tuple[dict[str, Any] | None, str | None]:
+    """(preprocessor config, None) when the image tower can be exported, else (None, why).
+
+    A bucketed (Qwen3-VL) export's config is ``{"kind": "buckets", ...}``."""
     from vkd.models.hf_dual import HFDualEncoder
 
     if not isinstance(encoder, HFDualEncoder):
+        image_buckets = getattr(getattr(encoder, "processor", None), "image_buckets", None)
+        if buckets and image_buckets:
+            processor = encoder.processor.image_processor.to_dict()
+            keep = ("do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")
+            return {"kind": "buckets", "buckets": list(image_buckets),
+                    "preprocess": {"resample": 3, **{key: processor.get(key) for key in keep}}}, None
         return None, (
             f"{type(encoder).__name__}'s image input is a variable-size patch grid with per-image rotary "
-            "positions and image-token expansion, which a fixed ONNX graph cannot carry; only the text "
-            "tower is exported"
+            "positions and image-token expansion, which one ONNX graph cannot carry; only the text tower was "
+            "exported. Export one graph per fixed image size with image_buckets='default' (CLI: "
+            "--image-buckets default), which resizes every image to the nearest of a few sizes"
         )
     config = encoder.image_processor.to_dict()
     try:
@@ -332,6 +359,7 @@ def export_onnx(
     calibration: str | os.PathLike[str] | None = None,
     calibration_size: int = 64,
     opset: int = DEFAULT_OPSET,
+    image_buckets: str | Sequence[Any] | None = None,
     **load_options: Any,
 ) -> ExportResult:
     """Export ``model_dir``'s towers to ONNX with an INT8 copy and a parity check.
@@ -342,6 +370,10 @@ def export_onnx(
     images also join the parity samples. ``load_options`` go to ``load_encoder`` (e.g.
     Qwen3-VL's ``instruction``). Raises ``ExportError`` with the numbers when a copy is not
     within the parity bounds; ``out_dir`` (default ``model_dir/onnx``) is then untouched.
+
+    ``image_buckets`` (Qwen3-VL only): None exports the image side for the buckets the model
+    was saved with, if any (else the text tower alone); "default" for ``DEFAULT_BUCKETS``;
+    "WxH,WxH" or a list for those sizes; "none" for the text tower alone.
     """
     from vkd.models import load_encoder
 
@@ -355,6 +387,7 @@ def export_onnx(
     if out.exists() and not (out / EXPORT_MANIFEST).is_file() and any(out.iterdir()):
         raise ExportError(f"{out}: exists and is not an ONNX export (no {EXPORT_MANIFEST}); choose another out_dir")
     calib_texts, calib_images = _load_calibration(calibration, calibration_size) if calibration else ([], [])
+    export_buckets = _resolve_buckets(model_dir, image_buckets, load_options)
 
     started = time.perf_counter()
     try:
@@ -362,7 +395,7 @@ def export_onnx(
     except (OSError, ValueError) as error:
         raise ExportError(f"{model_dir}: cannot load the model to export ({error})") from error
     tokenizer, text_spec = _text_spec(encoder)
-    image_config, image_unsupported = _image_spec(encoder)
+    image_config, image_unsupported = _image_spec(encoder, export_buckets)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
@@ -382,6 +415,41 @@ def export_onnx(
     return ExportResult(out, manifest)
 
 
+#: The default image buckets of a Qwen3-VL export (width x height): 1:1, 4:3, 3:4, 16:9 and
+#: 9:16 at about 448 x 448 pixels, each side rounded to a multiple of 32 as Qwen's resize does.
+DEFAULT_BUCKETS: tuple[Bucket, ...] = buckets_for_ratios(DEFAULT_BUCKET_PIXELS, DEFAULT_BUCKET_RATIOS)
+
+
+def _resolve_buckets(model_dir: Path, image_buckets: str | Sequence[Any] | None,
+                     load_options: dict[str, Any]) -> bool:
+    """Put the requested buckets into ``load_options``; whether the image side is to be exported
+    for buckets (None: for the ones the model was saved with, if any)."""
+    if image_buckets is None:
+        return True
+    if isinstance(image_buckets, str) and image_buckets.strip().lower() == "none":
+        return False
+    from vkd.models.registry import detect_family
+
+    try:
+        family = detect_family(model_dir)
+    except (OSError, ValueError) as error:
+        raise ExportError(f"{model_dir}: cannot load the model to export ({error})") from error
+    if family != "qwen3-vl":
+        raise ExportError(f"{model_dir}: image buckets are for Qwen3-VL models, whose image size varies; this "
+                          "model's image tower already has one fixed input size")
+    if isinstance(image_buckets, str) and image_buckets.strip().lower() == "default":
+        buckets = DEFAULT_BUCKETS
+    else:
+        try:
+            buckets = parse_buckets(image_buckets) or ()
+        except ValueError as error:
+            raise ExportError(str(error)) from error
+        if not buckets:
+            raise ExportError(f"image_buckets={image_buckets!r}: no buckets given; use 'default', 'none' or WxH,WxH")
+    load_options["image_buckets"] = bucket_names(buckets)
+    return True
+
+
 def _write_export(
     encoder: TorchEncoder,
     staging: Path,
@@ -398,7 +466,7 @@ def _write_export(
     import vkd
 
     (staging / "tokenizer.json").write_text(tokenizer.backend_tokenizer.to_str())
-    if image_config is not None:
+    if image_config is not None and image_config.get("kind") != "buckets":
         (staging / "preprocessor_config.json").write_text(json.dumps(image_config, indent=2, default=str) + "\n")
 
     text_inputs = list(text_spec["inputs"])
@@ -408,8 +476,10 @@ def _write_export(
     traced = encoder.tokenize(["a photo of a dog running on the beach", "a cat"])
     _torch_export(text_module, tuple(traced[name] for name in text_inputs), staging / "text.onnx", text_inputs,
                   {name: {0: "batch", 1: "sequence"} for name in text_inputs}, opset)
-    towers = {"text": {"fp32": "text.onnx", "int8": None, **text_spec}, "image": None}
-    if image_config is not None:
+    towers: dict[str, Any] = {"text": {"fp32": "text.onnx", "int8": None, **text_spec}, "image": None}
+    if image_config is not None and image_config.get("kind") == "buckets":
+        towers["image"] = _export_buckets(encoder, staging, image_config, opset)
+    elif image_config is not None:
         pixels = encoder.preprocess(sample_images(2))["pixel_values"]
         _torch_export(image_module, (pixels,), staging / "image.onnx", ["pixel_values"],
                       {"pixel_values": {0: "batch"}}, opset)
@@ -441,27 +511,25 @@ def _write_export(
 
     if int8 != "none":
         feeds_encoder = OnnxEncoder(staging, precision="fp32")
-        for tower in ("text", "image"):
-            if manifest[tower] is None:
-                continue
+        for tower, bucket, entry in _graphs(manifest):
             feeds = None
             if int8 == "static":
-                feeds = _calibration_feeds(feeds_encoder, tower, calib_texts, calib_images)
-            _quantize(staging / f"{tower}.onnx", staging / f"{tower}.int8.onnx", int8, feeds)
-            manifest[tower]["int8"] = f"{tower}.int8.onnx"
+                feeds = _calibration_feeds(feeds_encoder, tower, calib_texts, calib_images, bucket=bucket)
+            int8_name = entry["fp32"].replace(".onnx", ".int8.onnx")
+            _quantize(staging / entry["fp32"], staging / int8_name, int8, feeds)
+            entry["int8"] = int8_name
         (staging / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
     manifest["parity"] = parity = _parity(encoder, staging, manifest, calib_texts, calib_images)
-    for tower in ("text", "image"):
-        if manifest[tower] is not None:
-            manifest[tower]["bytes"] = {
-                precision: (staging / manifest[tower][precision]).stat().st_size
-                for precision in ("fp32", "int8") if manifest[tower][precision]
-            }
+    for _tower, _bucket, entry in _graphs(manifest):
+        entry["bytes"] = {precision: (staging / entry[precision]).stat().st_size
+                          for precision in ("fp32", "int8") if entry[precision]}
+    checked = [(tower, numbers) for tower, numbers in parity["towers"].items()]
+    checked += [(f"image {size}", numbers) for size, numbers in parity.get("image_buckets", {}).items()]
     failures = [
         f"{tower} {precision}: min cosine {numbers['min']:.6f} < {PARITY_MIN_COSINE[precision]} "
         f"(mean {numbers['mean']:.6f}, {numbers['n']} samples)"
-        for tower, by_precision in parity["towers"].items()
+        for tower, by_precision in checked
         for precision, numbers in by_precision.items()
         if numbers["min"] < PARITY_MIN_COSINE[precision]
     ]
@@ -474,24 +542,76 @@ def _write_export(
     return manifest
 
 
+def _graphs(manifest: dict[str, Any]) -> list[tuple[str, Bucket | None, dict[str, Any]]]:
+    """(tower, bucket or None, manifest entry with the "fp32"/"int8" file names) per ONNX graph."""
+    graphs: list[tuple[str, Bucket | None, dict[str, Any]]] = []
+    for tower in ("text", "image"):
+        spec = manifest.get(tower)
+        if not spec:
+            continue
+        if spec.get("kind") == "buckets":
+            graphs += [(tower, (int(entry["width"]), int(entry["height"])), entry) for entry in spec["buckets"]]
+        else:
+            graphs.append((tower, None, spec))
+    return graphs
+
+
+def _export_buckets(encoder: TorchEncoder, staging: Path, config: dict[str, Any], opset: int) -> dict[str, Any]:
+    """One image graph per bucket; the manifest's image entry."""
+    import torch
+
+    from vkd.export.qwen_image import QwenBucketImageTower
+
+    preprocessor = BucketImagePreprocessor({**config["preprocess"], "buckets": bucket_names(config["buckets"])})
+    entries = []
+    for bucket in config["buckets"]:
+        size = format_bucket(bucket)
+        try:
+            module = QwenBucketImageTower(encoder, bucket).eval()
+        except (ValueError, ImportError, AttributeError) as error:
+            raise ExportError(f"image bucket {size}: cannot build its fixed-size graph: {error}") from error
+        # two images: the graph is traced with a batch, and the batch axis is marked dynamic
+        pixels = torch.from_numpy(np.stack([preprocessor.one(image, bucket) for image in sample_images(2)]))
+        name = f"image-{size}.onnx"
+        _torch_export(module, (pixels,), staging / name, ["pixel_values"], {"pixel_values": {0: "batch"}}, opset)
+        entries.append({"size": size, "width": bucket[0], "height": bucket[1], "image_tokens": module.tokens,
+                        "sequence_length": module.length, "fp32": name, "int8": None})
+    return {"kind": "buckets", "policy": BUCKET_POLICY, "preprocess": config["preprocess"], "buckets": entries}
+
+
 def _calibration_feeds(encoder: OnnxEncoder, tower: str, texts: list[str], images: list[Path],
-                       batch: int = 8) -> list[dict[str, np.ndarray]]:
+                       batch: int = 8, bucket: Bucket | None = None) -> list[dict[str, np.ndarray]]:
     items: Sequence[Any] = texts if tower == "text" else images
     if not items:
         raise ExportError(f"static INT8 of the {tower} tower needs calibration {tower}s; the calibration file has none")
-    feed = encoder.text_inputs if tower == "text" else encoder.image_inputs
-    return [feed(items[start : start + batch]) for start in range(0, len(items), batch)]
+    if tower == "text":
+        return [encoder.text_inputs(items[start : start + batch]) for start in range(0, len(items), batch)]
+    # a bucket's graph is calibrated on every calibration image, resized to that bucket
+    return [encoder.image_inputs(items[start : start + batch], bucket=bucket) for start in range(0, len(items), batch)]
+
+
+def _bucket_samples(buckets: Sequence[Bucket]) -> list[Any]:
+    """One noise image per bucket at 3/4 of its size, so every bucket's graph is checked."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    sizes = [(max(1, width * 3 // 4), max(1, height * 3 // 4)) for width, height in buckets]
+    return [Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)) for width, height in sizes]
 
 
 def _parity(encoder: TorchEncoder, staging: Path, manifest: dict[str, Any],
             calib_texts: list[str], calib_images: list[Path]) -> dict[str, Any]:
     texts = SAMPLE_TEXTS + calib_texts
     images: list[Any] = sample_images() + list(calib_images)
+    image_spec = manifest["image"] or {}
+    buckets = [(int(entry["width"]), int(entry["height"])) for entry in image_spec.get("buckets", ())]
+    images += _bucket_samples(buckets)
     # Batches of 4 so padding within a batch is exercised as in real use.
     reference = {"text": encoder.encode_text(texts, batch_size=4)}
     if manifest["image"] is not None:
         reference["image"] = encoder.encode_images(images, batch_size=4)
     towers: dict[str, dict[str, Any]] = {}
+    per_bucket: dict[str, dict[str, Any]] = {}
     for precision in ("fp32", "int8"):
         if manifest["quantization"] == "none" and precision == "int8":
             continue
@@ -499,4 +619,12 @@ def _parity(encoder: TorchEncoder, staging: Path, manifest: dict[str, Any],
         for tower, ref in reference.items():
             got = onnx_encoder.encode_text(texts) if tower == "text" else onnx_encoder.encode_images(images)
             towers.setdefault(tower, {})[precision] = _cosines(ref, got)
-    return {"min_cosine": dict(PARITY_MIN_COSINE), "towers": towers}
+            if tower == "image" and buckets:
+                preprocessor = onnx_encoder.image_preprocessor
+                assert isinstance(preprocessor, BucketImagePreprocessor)
+                for bucket, (rows, _) in preprocessor.group(images).items():
+                    per_bucket.setdefault(format_bucket(bucket), {})[precision] = _cosines(ref[rows], got[rows])
+    parity: dict[str, Any] = {"min_cosine": dict(PARITY_MIN_COSINE), "towers": towers}
+    if buckets:
+        parity["image_buckets"] = per_bucket
+    return parity

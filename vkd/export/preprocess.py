@@ -8,6 +8,9 @@ Both classes reproduce what the torch path feeds the model, number for number:
 * ``ImagePreprocessor`` reads a ``preprocessor_config.json`` of the CLIP / SigLIP kind and
   applies resize (PIL, same filter and the same size arithmetic as transformers), center
   crop, rescale and normalise, with transformers' dtypes (float64 rescale, float32 out).
+* ``BucketImagePreprocessor`` does Qwen3-VL's part for a bucketed export: the image resized
+  (bicubic) to the bucket nearest its aspect ratio, as the torch encoder does under the same
+  ``image_buckets``, then rescaled and normalised; the patchifying happens in the graph.
 
 The export's parity check runs these against the torch encoder, so any drift shows up as
 a failed export rather than as quietly worse search results.
@@ -25,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from vkd.models.base import load_rgb
+from vkd.models.image_buckets import Bucket, nearest_bucket, parse_buckets
 
 # Image processors whose steps ImagePreprocessor reproduces (transformers names, without
 # the "Fast"/"Pil" backend suffix).
@@ -135,6 +139,58 @@ class ImagePreprocessor:
             raise ValueError(f"{self.source}: images came out in different sizes {sorted(shapes)}; "
                              "the config must resize or crop to one size")
         return np.stack(arrays)
+
+
+def _rescale_normalize(pixels: np.ndarray, config: dict[str, Any]) -> np.ndarray:
+    """uint8 HWC -> float32 CHW with transformers' numerics (float64 rescale, float32 out)."""
+    out = pixels.astype(np.float64) * float(config.get("rescale_factor", 1 / 255)) \
+        if config.get("do_rescale", True) else pixels
+    out = np.asarray(out, dtype=np.float32)
+    if config.get("do_normalize", True):
+        mean = np.asarray(config.get("image_mean", [0.5, 0.5, 0.5]), dtype=np.float32)
+        std = np.asarray(config.get("image_std", [0.5, 0.5, 0.5]), dtype=np.float32)
+        out = (out - mean) / std
+    return np.ascontiguousarray(out.transpose(2, 0, 1))
+
+
+class BucketImagePreprocessor:
+    """Images to float32 [3, H, W] at the bucket nearest each one's aspect ratio.
+
+    ``config``: ``buckets`` (["WxH", ...]), ``resample`` (PIL filter id, 3 = bicubic, what
+    Qwen3-VL's resize uses), ``do_rescale``, ``rescale_factor``, ``do_normalize``,
+    ``image_mean``, ``image_std``.
+    """
+
+    def __init__(self, config: dict[str, Any], *, source: str = "export.json") -> None:
+        buckets = parse_buckets(config.get("buckets"))
+        if not buckets:
+            raise ValueError(f"{source}: a bucketed image tower lists no buckets")
+        self.buckets: tuple[Bucket, ...] = buckets
+        self.config = dict(config)
+        self.resample = int(config.get("resample", 3))
+        self.source = source
+
+    def bucket_of(self, image: Any) -> Bucket:
+        return nearest_bucket(image.width, image.height, self.buckets)
+
+    def one(self, image: Any, bucket: Bucket | None = None) -> np.ndarray:
+        """float32 [3, H, W] for one PIL image or path, resized to ``bucket`` (default: its nearest)."""
+        image = load_rgb(image)
+        width, height = bucket or self.bucket_of(image)
+        if image.size != (width, height):
+            image = image.resize((width, height), resample=self.resample)
+        return _rescale_normalize(np.asarray(image), self.config)
+
+    def group(self, images: Sequence[Any]) -> dict[Bucket, tuple[list[int], np.ndarray]]:
+        """{bucket: (positions in ``images``, float32 [n, 3, H, W])}, in bucket order."""
+        loaded = [load_rgb(image) for image in images]
+        positions: dict[Bucket, list[int]] = {}
+        for position, image in enumerate(loaded):
+            positions.setdefault(self.bucket_of(image), []).append(position)
+        return {
+            bucket: (rows, np.stack([self.one(loaded[row], bucket) for row in rows]))
+            for bucket in self.buckets if (rows := positions.get(bucket))
+        }
 
 
 class TextTokenizer:

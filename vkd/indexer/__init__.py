@@ -23,7 +23,6 @@ _EXPORTS: dict[str, str] = {
     "Shard": "vkd.indexer.index",
     "ManifestError": "vkd.indexer.manifest",
     "verify_index": "vkd.indexer.verify",
-    "measure_indexing": "vkd.indexer.benchmark",
 }
 
 __all__ = [
@@ -37,12 +36,10 @@ __all__ = [
     "build_index",
     "choose_index",
     "compact_index",
-    "measure_indexing",
     "verify_index",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from vkd.indexer.benchmark import measure_indexing
     from vkd.indexer.build import BuildResult, CompactResult, IndexMismatchError, build_index, compact_index
     from vkd.indexer.faiss_index import IndexSpec, choose_index
     from vkd.indexer.index import Index, Shard

@@ -15,6 +15,16 @@ shard. Locally, ``build_index`` runs them as a pipeline:
 
 A shard is committed as soon as it is written, so a run killed at any moment loses at most
 the shards in flight; the next run skips every file already in a committed shard.
+
+Moved, renamed and copied files keep their vectors: a vector depends only on the file's bytes
+and the models, and every row of the committed shards (live, retired, or being retired by this
+run because its file moved away) records the sha256 of its file. A file to index whose size
+equals some stored row's is hashed first (streamed, in the decode threads); when the hash is
+stored, its student and teacher vectors, width, height and capture time are copied from that
+Arrow row into the new shard, and the file is neither decoded nor encoded (with an 8B teacher
+that is seconds instead of hours for a reorganised library). The copy goes through the same
+shard write and manifest commit as an encoded row, so a crash loses nothing more than before.
+A ``--rebuild`` re-encodes everything: that is what it is for.
 """
 
 from __future__ import annotations
@@ -34,8 +44,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from vkd.data.images import ImageError, file_sha256, read_image_file
 from vkd.indexer.decode import DEFAULT_MAX_PIXELS, Decoded, decode_file, pixel_guard
-from vkd.indexer.encode import EncodeStage
+from vkd.indexer.encode import EncodeStage, backend_label
 from vkd.indexer.faiss_index import INDEX_TYPES, BudgetTooSmallError, choose_index
 from vkd.indexer.fsutil import TMP_MARKER, writer_lock
 from vkd.indexer.manifest import (
@@ -53,12 +64,16 @@ from vkd.indexer.manifest import (
 )
 from vkd.indexer.scan import FileEntry, SkipRecord, scan_images
 from vkd.indexer.shards import (
+    CAPTURED_COLUMN,
     STUDENT_COLUMN,
+    TEACHER_COLUMN,
+    captured_values,
     make_record_batch,
     now_iso,
     open_arrow,
     relative_paths,
     shard_name,
+    vector_view,
     write_shard,
 )
 from vkd.indexer.verify import repair_shards
@@ -105,10 +120,16 @@ class BuildResult:
     skipped: int = 0
     new_skips: int = 0
     shards_written: int = 0
+    #: of ``added``, rows whose vectors were copied from a stored row with the same file hash
+    #: (moved, renamed or copied files) instead of being encoded
+    reused: int = 0
     seconds: float = 0.0
     encode_seconds: float = 0.0
     #: time the encoder waited for decoded images (0 when decoding keeps up)
     starved_seconds: float = 0.0
+    #: how each model ran (``backend_label``: "onnx int8", "torch float32 cpu"; None: no teacher)
+    student_backend: str | None = None
+    teacher_backend: str | None = None
     removed_leftovers: list[str] = field(default_factory=list)
     #: shards whose FAISS file was rebuilt from the Arrow shard, or that were dropped for re-encoding
     repaired: list[str] = field(default_factory=list)
@@ -117,10 +138,16 @@ class BuildResult:
     def images_per_s(self) -> float:
         return self.to_encode / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def encoded(self) -> int:
+        """Rows the models encoded in this run (``added`` less ``reused``)."""
+        return self.added - self.reused
+
     def to_dict(self) -> dict[str, Any]:
         data = {k: v for k, v in self.__dict__.items() if k != "index_dir"}
         data["index_dir"] = str(self.index_dir)
         data["images_per_s"] = self.images_per_s
+        data["encoded"] = self.encoded
         return data
 
 
@@ -188,22 +215,87 @@ def plan_run(index_dir: Path, manifest: dict[str, Any], entries: Sequence[FileEn
     return _Plan(todo, unchanged, old_rows, deleted, kept)
 
 
-def decode_stream(entries: Sequence[FileEntry], *, workers: int, prefetch: int,
-                  max_pixels: int) -> Iterator[Decoded | SkipRecord]:
-    """Decode ``entries`` in a thread pool, in order, at most ``prefetch`` files ahead."""
+@dataclass(frozen=True)
+class _Source:
+    """A stored row whose vectors a file with the same bytes can take."""
+
+    shard: str
+    row: int
+    size: int
+
+
+@dataclass
+class Reused:
+    """A file whose bytes match a stored row: its vectors are copied, not encoded."""
+
+    entry: FileEntry
+    sha256: str
+    source: _Source
+
+
+def reuse_sources(index_dir: Path, manifest: dict[str, Any], todo: Sequence[FileEntry]) -> dict[str, _Source]:
+    """sha256 → a stored row, for the rows of the committed shards whose file size equals that of
+    a file in ``todo`` (bytes that match must have the same size: the filter keeps this map,
+    and the files hashed ahead of decoding, to the few that can match).
+
+    Every row counts, retired ones too: a renamed file's old row is retired by the same run
+    (or was by an earlier one), yet its vectors are still in its Arrow shard until compaction.
+    """
+    sizes = pa.array(sorted({entry.size for entry in todo}), type=pa.int64())
+    sources: dict[str, _Source] = {}
+    if not len(sizes):
+        return sources
+    for entry in manifest["shards"]:
+        table = open_arrow(index_dir / entry["arrow"])
+        rows = pc.indices_nonzero(pc.is_in(table.column("size"), value_set=sizes)).to_numpy()
+        if not len(rows):
+            continue
+        picked = table.select(["sha256", "size"]).take(pa.array(rows))
+        for row, digest, size in zip(rows.tolist(), picked.column("sha256").to_pylist(),
+                                     picked.column("size").to_pylist(), strict=True):
+            sources.setdefault(digest, _Source(entry["name"], row, size))
+    return sources
+
+
+def _decode_or_reuse(entry: FileEntry, *, max_pixels: int, sources: dict[str, _Source],
+                     sizes: frozenset[int]) -> Decoded | Reused | SkipRecord:
+    """``Reused`` when the file's bytes are stored already, else the decode stage's answer.
+
+    Only a file of a stored size is hashed first, so a file is read at most once more than
+    before, and only when it may be a copy; a file that cannot be hashed goes on to the decode
+    stage, which names what is wrong with it.
+    """
+    if entry.size in sizes:
+        try:
+            digest = file_sha256(entry.abspath)
+        except (OSError, ImageError):
+            digest = None
+        if digest is not None and digest in sources:
+            return Reused(entry, digest, sources[digest])
+    return decode_file(entry, max_pixels=max_pixels)
+
+
+def decode_stream(entries: Sequence[FileEntry], *, workers: int, prefetch: int, max_pixels: int,
+                  sources: dict[str, _Source] | None = None,
+                  sizes: frozenset[int] = frozenset()) -> Iterator[Decoded | Reused | SkipRecord]:
+    """Decode ``entries`` in a thread pool, in order, at most ``prefetch`` files ahead.
+
+    With ``sources`` (``reuse_sources``), a file whose size is in ``sizes`` and whose hash is
+    a key of ``sources`` comes back as ``Reused`` without being decoded."""
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vkd-decode")
     pending: deque[Future] = deque()
     upcoming = iter(entries)
+    options = {"max_pixels": max_pixels, "sources": sources or {}, "sizes": sizes if sources else frozenset()}
     try:
         for entry in upcoming:
-            pending.append(pool.submit(decode_file, entry, max_pixels=max_pixels))
+            pending.append(pool.submit(_decode_or_reuse, entry, **options))
             if len(pending) >= prefetch:
                 break
         while pending:
             done = pending.popleft()
             following = next(upcoming, None)
             if following is not None:
-                pending.append(pool.submit(decode_file, following, max_pixels=max_pixels))
+                pending.append(pool.submit(_decode_or_reuse, following, **options))
             yield done.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -254,20 +346,32 @@ class _ShardBuffer:
 
     def __init__(self) -> None:
         self.columns: dict[str, list[Any]] = {k: [] for k in ("id", "path", "size", "mtime", "sha256",
-                                                                "width", "height")}
+                                                                "width", "height", CAPTURED_COLUMN)}
         self.student: list[np.ndarray] = []
         self.teacher: list[np.ndarray] = []
 
+    def _row(self, entry: FileEntry, sha256: str, width: int, height: int, captured: int | None) -> None:
+        for key, value in (("id", entry.id), ("path", entry.path), ("size", entry.size),
+                           ("mtime", entry.mtime), ("sha256", sha256), ("width", width),
+                           ("height", height), (CAPTURED_COLUMN, captured)):
+            self.columns[key].append(value)
+
     def add(self, decoded: Sequence[Decoded], student: np.ndarray, teacher: np.ndarray | None) -> None:
         for item in decoded:
-            entry = item.entry
-            for key, value in (("id", entry.id), ("path", entry.path), ("size", entry.size),
-                               ("mtime", entry.mtime), ("sha256", item.sha256), ("width", item.width),
-                               ("height", item.height)):
-                self.columns[key].append(value)
+            self._row(item.entry, item.sha256, item.width, item.height, item.captured)
         self.student.append(student)
         if teacher is not None:
             self.teacher.append(teacher)
+
+    def add_copy(self, item: Reused, table: pa.Table, captured: int | None) -> None:
+        """One row whose vectors (and picture facts) are copied from ``table``'s row ``item.source.row``."""
+        row = item.source.row
+        self._row(item.entry, item.sha256, table.column("width")[row].as_py(),
+                  table.column("height")[row].as_py(), captured)
+        # copies: the new shard must not keep a view into a file a compaction may delete
+        self.student.append(np.array(vector_view(table, STUDENT_COLUMN)[row:row + 1], dtype=np.float32))
+        if TEACHER_COLUMN in table.column_names:
+            self.teacher.append(np.array(vector_view(table, TEACHER_COLUMN)[row:row + 1], dtype=np.float16))
 
     def __len__(self) -> int:
         return len(self.columns["id"])
@@ -326,6 +430,7 @@ def build_index(
     follow_links: bool = False,
     student_options: dict[str, Any] | None = None,
     teacher_options: dict[str, Any] | None = None,
+    prefer: str | None = None,
 ) -> BuildResult:
     """Index the images under ``images_dir`` into ``out_dir`` (default: ``<images_dir>.vkd``).
 
@@ -341,6 +446,9 @@ def build_index(
     (e.g. ``{"query_instruction": ..., "document_instruction": ...}``); the manifest records
     each model's options either way, search reopens the models with them, and a later run of
     the same model takes the recorded ones for those it is not given.
+    ``prefer`` ("onnx", "torch", or None) picks the backend of each model given by name:
+    None takes the model's ONNX export (``<model>/onnx``, with an image tower) on a CPU and
+    torch on CUDA; the run's ``student_backend``/``teacher_backend`` say what ran.
     Raises ``IndexMismatchError`` when ``out_dir`` holds an index of other models or folder.
     """
     root = Path(images_dir).expanduser().resolve()
@@ -365,7 +473,7 @@ def build_index(
         student_options = _recorded_options(index_dir, "student", student, student_options)
         teacher_options = _recorded_options(index_dir, "teacher", teacher, teacher_options)
     stage = EncodeStage(student, teacher, batch_size=batch_size, device=device, student_options=student_options,
-                        teacher_options=teacher_options)
+                        teacher_options=teacher_options, prefer=prefer)
     started = time.perf_counter()  # after loading the models: the run's own cost
     student_info = model_record(stage.student.describe())
     teacher_info = model_record(stage.teacher.describe()) if stage.teacher is not None else None
@@ -373,7 +481,8 @@ def build_index(
                     "max_pixels": max_pixels, "follow_links": bool(follow_links)}
 
     index_dir.mkdir(parents=True, exist_ok=True)
-    result = BuildResult(index_dir)
+    result = BuildResult(index_dir, student_backend=backend_label(stage.student),
+                         teacher_backend=backend_label(stage.teacher) if stage.teacher is not None else None)
     with writer_lock(index_dir):
         committed = None  # the manifest readers see: its files are never touched by this run
         if (index_dir / MANIFEST_NAME).exists():
@@ -418,6 +527,23 @@ def build_index(
                     f"--memory-budget {budget} bytes over {expected_rows} rows leaves {share} bytes for a "
                     f"shard of {first} rows; {error}: use --memory-budget {total} or more", total) from None
         pending_retire: dict[str, list[str]] = {k: list(v) for k, v in plan.deleted.items()}
+        sources = reuse_sources(index_dir, manifest, plan.todo) if plan.todo else {}
+        source_tables: dict[str, pa.Table] = {}  # memory-mapped, opened on the first copy from each shard
+
+        def copy_into(buffer: _ShardBuffer, item: Reused) -> None:
+            name = item.source.shard
+            if name not in source_tables:
+                source_tables[name] = open_arrow(index_dir / f"{name}.arrow")
+            table = source_tables[name]
+            if CAPTURED_COLUMN in table.column_names:
+                captured = captured_values(table)[item.source.row].as_py()
+            else:  # a shard from before the column: read the date (a decode, still no encode)
+                try:
+                    captured = read_image_file(item.entry.abspath, max_pixels=max_pixels, captured=True).captured
+                except (OSError, ImageError):
+                    captured = None
+            buffer.add_copy(item, table, captured)
+            result.reused += 1
         unfinished = None
         if plan.todo or committed is None:
             # recorded before any work, dropped by the final commit: a killed run leaves it behind
@@ -469,7 +595,8 @@ def build_index(
 
         writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vkd-write",
                                     initializer=_limit_faiss_threads, initargs=(faiss_threads,))
-        stream = decode_stream(plan.todo, workers=workers, prefetch=prefetch, max_pixels=max_pixels)
+        stream = decode_stream(plan.todo, workers=workers, prefetch=prefetch, max_pixels=max_pixels,
+                               sources=sources, sizes=frozenset(source.size for source in sources.values()))
         in_flight: Future | None = None
         finished = False
         try:
@@ -485,6 +612,8 @@ def build_index(
                         if isinstance(item, SkipRecord):
                             skips.append(item)
                             result.new_skips += 1
+                        elif isinstance(item, Reused):
+                            copy_into(buffer, item)
                         else:
                             batch.append(item)
                             if len(batch) == batch_size:

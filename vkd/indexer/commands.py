@@ -78,8 +78,10 @@ def index() -> None:
     """Encode an image folder into Arrow shards + FAISS indexes, incrementally.
 
     Running it again adds new images, re-encodes changed ones and retires deleted ones;
-    a killed run resumes where it stopped. Images that cannot be decoded are skipped and
-    listed in INDEX_DIR/skipped.jsonl.
+    a killed run resumes where it stopped. Moved, renamed and copied files keep their
+    stored vectors (matched by content hash: no re-encoding). Images that cannot be decoded
+    are skipped and listed in INDEX_DIR/skipped.jsonl. Formats: JPEG, PNG, WebP, GIF, TIFF,
+    BMP, AVIF, camera RAW (the embedded JPEG preview) and, with vkd[formats], HEIC/HEIF.
 
     \b
     Examples:
@@ -115,6 +117,10 @@ def index() -> None:
               help="Also index what symlinks leading outside IMAGES_DIR point to; without it they are "
                    "skipped and listed. Links inside IMAGES_DIR are always followed.")
 @click.option("--device", default=None, help="torch device for the encoders.  [default: cuda if available]")
+@click.option("--prefer", type=click.Choice(["onnx", "torch"]), default=None,
+              help="Run each model from its ONNX export (MODEL/onnx, made by `vkd export`, with an image tower) or "
+                   "as torch; either stores the same model's vectors (same fingerprint).  [default: onnx on a CPU "
+                   "when the model has an export, torch on CUDA]")
 @click.option("--query-instruction", default=None, metavar="TEXT",
               help="Qwen3-VL: instruction of the text queries `vkd search` will encode (recorded in the "
                    "index).  [default: the model's own]")
@@ -127,7 +133,7 @@ def build_command(images_dir: Path, student: str, teacher: str | None, out_dir: 
                   workers: int | None, shard_size: int, index_type: str, memory_budget: int | None,
                   max_pixels: int, follow_links: bool, device: str | None, rebuild: bool, progress: bool,
                   as_json: bool, query_instruction: str | None = None,
-                  document_instruction: str | None = None) -> None:
+                  document_instruction: str | None = None, prefer: str | None = None) -> None:
     """Index IMAGES_DIR (recursively) with the student, and the teacher if given.
 
     Images are documents: a Qwen3-VL model encodes them with its document instruction; the
@@ -135,9 +141,15 @@ def build_command(images_dir: Path, student: str, teacher: str | None, out_dir: 
     one. The instruction options apply to the student and the teacher (CLIP and SigLIP
     take none and ignore them).
 
+    Incremental: a second run encodes only new and changed files. A moved, renamed or copied
+    file is recognised by its content hash and keeps its stored vectors (reported as
+    "reused"). Reads JPEG, PNG, WebP, GIF, TIFF, BMP, AVIF, camera RAW (CR2, NEF, ARW, DNG,
+    RAF ...: the embedded JPEG preview) and, with `pip install "vkd[formats]"`, HEIC/HEIF.
+
     \b
-    Example:
+    Examples:
       vkd index ./photos --model out/student --teacher out/teacher --out photos.vkd
+      vkd index ./photos --model out/student --out photos.vkd --json   # after moving folders: "reused"
     """
     from vkd.indexer.build import build_index
     from vkd.indexer.index import Index
@@ -150,7 +162,7 @@ def build_command(images_dir: Path, student: str, teacher: str | None, out_dir: 
                              workers=workers, shard_size=shard_size, index_type=index_type,
                              memory_budget=memory_budget, rebuild=rebuild, show_progress=progress,
                              max_pixels=max_pixels, device=device, follow_links=follow_links,
-                             student_options=instructions, teacher_options=instructions)
+                             student_options=instructions, teacher_options=instructions, prefer=prefer)
         opened = Index.open(result.index_dir)
     except _library_errors() as error:
         raise _failure(error) from None
@@ -159,6 +171,7 @@ def build_command(images_dir: Path, student: str, teacher: str | None, out_dir: 
                               indent=2))
         return
     click.echo(f"indexed {result.added} images in {result.seconds:.1f} s ({result.images_per_s:.1f} img/s); "
+               f"{result.reused} reused (moved, renamed or copied files: vectors copied, not encoded), "
                f"{result.unchanged} unchanged, {result.retired} retired, {result.skipped} skipped"
                + (f" (listed in {result.index_dir / 'skipped.jsonl'})" if result.skipped else ""))
     if result.repaired:
@@ -166,6 +179,9 @@ def build_command(images_dir: Path, student: str, teacher: str | None, out_dir: 
                    "rebuilt from their Arrow shards, or shards with a damaged Arrow file re-encoded")
     click.echo(f"index {result.index_dir}: {len(opened)} images in {len(opened.shards)} shards; "
                f"{_models(opened.student, opened.teacher)}")
+    if result.added - result.reused > 0:
+        click.echo(f"encoded with: student {result.student_backend}"
+                   + (f", teacher {result.teacher_backend}" if result.teacher_backend else ""))
 
 
 def _model_dir(name: str, role: str) -> str:
@@ -319,3 +335,60 @@ def compact_command(index_dir: Path, reindex: bool, index_type: str | None, memo
         raise _failure(error) from None
     click.echo(f"{result.index_dir}: dropped {result.rows_dropped} retired rows; rewrote "
                f"{len(result.rewritten)} shards; {result.shards_before} -> {result.shards_after} shards")
+
+
+@click.command("dupes")
+@click.option("--index", "index_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Index directory.  [default: $VKD_INDEX, else the demo's index under $VKD_HOME]")
+@click.option("--threshold", type=click.FloatRange(-1.0, 1.0), default=0.95, show_default=True,
+              help="Cosine similarity (teacher vectors when the index stores them, else student) from which "
+                   "two images are near copies. Lower finds more (and looser) copies.")
+@click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Nearest neighbours (student ANN) checked for each image.")
+@click.option("--json", "as_json", is_flag=True, help="Print the groups as JSON.")
+@click.option("--html", "html_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write a self-contained web page (thumbnails embedded) to this file.")
+def dupes_command(index_dir: Path | None, threshold: float, k: int, as_json: bool, html_file: Path | None) -> None:
+    """Find duplicate images in an index: exact copies (same bytes) and near copies
+    (resized, re-compressed) whose vectors are closer than --threshold.
+
+    Prints one group per paragraph: the paths of its images, groups separated by a blank
+    line (a summary goes to stderr). No image is re-encoded: the index's vectors are used.
+
+    \b
+    Examples:
+      vkd dupes --index photos.vkd
+      vkd dupes --index photos.vkd --threshold 0.9 --html dupes.html
+      vkd dupes --index photos.vkd --json | jq '.groups[] | select(.kind == "exact") | .members[1:][].path'
+    """
+    from vkd.indexer.dupes import find_duplicates, write_duplicates_html
+    from vkd.indexer.index import Index
+    from vkd.paths import default_index_dir
+
+    if as_json and html_file is not None:
+        raise click.UsageError("choose one of --json and --html")
+    path = index_dir if index_dir is not None else default_index_dir()
+    if not (path / "manifest.json").is_file():
+        raise click.ClickException(f"no index at {path}: pass --index DIR (an index made by `vkd index IMAGES "
+                                   "--model STUDENT --out DIR`), or set $VKD_INDEX")
+    try:
+        index = Index.open(path)
+        groups = find_duplicates(index, threshold=threshold, k=k)
+    except _library_errors() as error:
+        raise _failure(error) from None
+    exact = sum(group.kind == "exact" for group in groups)
+    summary = (f"{len(groups)} group(s) of duplicates among {len(index)} images: {exact} of exact copies, "
+               f"{len(groups) - exact} of near copies (threshold {threshold:g})")
+    if as_json:
+        click.echo(json.dumps({"index": str(index.path), "threshold": threshold, "k": k,
+                               "groups": [group.to_json() for group in groups]}, indent=2))
+        return
+    if html_file is not None:
+        try:
+            written = write_duplicates_html(groups, html_file)
+        except OSError as error:
+            raise _failure(error) from None
+        click.echo(f"{summary}; wrote {written}")
+        return
+    click.echo(summary, err=True)
+    click.echo("\n\n".join("\n".join(group.paths) for group in groups))

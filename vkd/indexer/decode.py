@@ -10,7 +10,8 @@ The conversion itself is ``vkd.data.images`` — the same one queries, training 
 evaluation use, so an indexed image and the same image as a query get the same vector.
 A file is checked (regular file, size, header, declared pixels) before its bulk is read,
 then decoded from the open handle and hashed by streaming it: the sha256 column is the
-hash of the whole file, and no file is ever held in memory whole.
+hash of the whole file, and no file is ever held in memory whole. The EXIF capture date (the
+shard's ``captured`` column) is read from the image already open, not from a second read.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ class Decoded:
     width: int
     height: int
     sha256: str
+    #: EXIF capture time, ns since the epoch (``vkd.data.images.capture_time``); None without one
+    captured: int | None = None
 
 
 @contextlib.contextmanager
@@ -93,7 +96,7 @@ def decode_file(entry: FileEntry, *, max_pixels: int = DEFAULT_MAX_PIXELS,
     """
     try:
         read = read_image_file(entry.abspath, max_pixels=max_pixels, max_aspect=max_aspect,
-                               max_file_bytes=max_file_bytes, sha256=True)
+                               max_file_bytes=max_file_bytes, sha256=True, captured=True)
     except FileNotFoundError:
         return SkipRecord(entry.path, "file disappeared during the run", entry.size, entry.mtime)
     except ImageTooLarge as error:
@@ -111,7 +114,7 @@ def decode_file(entry: FileEntry, *, max_pixels: int = DEFAULT_MAX_PIXELS,
                           entry.mtime)
     image = read.image
     assert read.sha256 is not None  # asked for above
-    return Decoded(entry, image, image.width, image.height, read.sha256)
+    return Decoded(entry, image, image.width, image.height, read.sha256, read.captured)
 
 
 def decode_batch(batch: Mapping[str, Sequence[Any]], *, max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -119,10 +122,10 @@ def decode_batch(batch: Mapping[str, Sequence[Any]], *, max_pixels: int = DEFAUL
     """The decode stage over a column batch (``path``, ``abspath``, ``size``, ``mtime``).
 
     Returns the input columns plus ``image`` (RGB PIL image or None), ``width``, ``height``,
-    ``sha256`` and ``error`` (None when decoded). Shaped for Ray Data's ``map_batches``.
+    ``sha256``, ``captured`` and ``error`` (None when decoded). Shaped for Ray Data's ``map_batches``.
     """
     out: dict[str, list[Any]] = {key: [] for key in ("path", "abspath", "size", "mtime", "image",
-                                                     "width", "height", "sha256", "error")}
+                                                     "width", "height", "sha256", "captured", "error")}
     with pixel_guard(max_pixels):
         for path, abspath, size, mtime in zip(batch["path"], batch["abspath"], batch["size"],
                                               batch["mtime"], strict=True):
@@ -134,9 +137,10 @@ def decode_batch(batch: Mapping[str, Sequence[Any]], *, max_pixels: int = DEFAUL
             out["size"].append(entry.size)
             out["mtime"].append(entry.mtime)
             if isinstance(result, Decoded):
-                values = (result.image, result.width, result.height, result.sha256, None)
+                values = (result.image, result.width, result.height, result.sha256, result.captured, None)
             else:
-                values = (None, None, None, None, result.reason)
-            for key, value in zip(("image", "width", "height", "sha256", "error"), values, strict=True):
+                values = (None, None, None, None, None, result.reason)
+            for key, value in zip(("image", "width", "height", "sha256", "captured", "error"), values,
+                                  strict=True):
                 out[key].append(value)
     return out

@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 from vkd.indexer.faiss_index import FaissSearcher, IndexSpec, deserialize_faiss
 from vkd.indexer.manifest import MANIFEST_NAME, SKIPPED_NAME, ManifestError, read_manifest
 from vkd.indexer.shards import (
+    CAPTURED_COLUMN,
     META_COLUMNS,
     PATH_BYTES_COLUMN,
     STUDENT_COLUMN,
@@ -150,17 +151,20 @@ class Shard:
         return self._teacher[self._rows(rows)].astype(np.float32)
 
     def records(self, rows: np.ndarray | Sequence[int]) -> list[dict[str, Any]]:
-        """Row metadata: id, path (absolute), relpath, size, mtime (ns), sha256, width, height.
+        """Row metadata: id, path (absolute), relpath, size, mtime (ns), sha256, width, height,
+        captured (EXIF capture time in ns since the epoch, or None; None for every row of a shard
+        written before the column existed).
 
         ``path`` and ``relpath`` are the exact names (os.fsdecode form: ``open(path)`` works even
         for a name that is not UTF-8), not the readable text of the Arrow ``path`` column.
         """
         rows = self._rows(rows)
-        columns = [c for c in (*META_COLUMNS, PATH_BYTES_COLUMN) if c in self.table.column_names]
+        columns = [c for c in (*META_COLUMNS, PATH_BYTES_COLUMN, CAPTURED_COLUMN) if c in self.table.column_names]
         picked = self.table.select(columns).take(pa.array(rows, type=pa.int64()))
         taken = picked.to_pylist()
         for row, record, relpath in zip(rows.tolist(), taken, relative_paths(picked), strict=True):
             record.pop(PATH_BYTES_COLUMN, None)
+            record.setdefault(CAPTURED_COLUMN, None)
             record["relpath"] = relpath
             record["path"] = str(self.images_root.joinpath(*relpath.split("/")))
             record["shard"] = self.name

@@ -32,8 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# HEIC/HEIF and AVIF need the vkd[formats] extra (without it they are listed in skipped.jsonl
+# with that fix); RAW files are read through their embedded JPEG preview. The RAW names are
+# vkd.data.images.RAW_EXTENSIONS, repeated here so that listing files does not import PIL.
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".dib", ".gif",
-                              ".tif", ".tiff"})
+                              ".tif", ".tiff", ".heic", ".heif", ".hif", ".avif",
+                              ".cr2", ".nef", ".nrw", ".arw", ".srf", ".sr2", ".dng", ".raf", ".pef",
+                              ".orf", ".rw2", ".erf", ".3fr", ".kdc", ".mef", ".mos", ".iiq", ".srw"})
 OUTSIDE_REASON = "symbolic link leads outside IMAGES_DIR (pass --follow-links to index it)"
 BROKEN_LINK_REASON = "broken or looping symlink"
 # the str of a UTF-8 name is the name itself only when Python decodes file names as UTF-8

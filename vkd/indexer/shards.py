@@ -17,6 +17,12 @@ size                  int64                                   bytes
 mtime                 int64                                   st_mtime_ns (nanoseconds since epoch)
 sha256                string                                  of the file's bytes
 width, height         int32                                   after EXIF orientation
+captured              int64, nullable                         EXIF capture time, ns since the epoch
+                                                              (DateTimeOriginal, else Digitized,
+                                                              else DateTime; the wall clock read as
+                                                              UTC, or the real UTC instant when an
+                                                              EXIF offset tag is present); null when
+                                                              the file has no readable date
 student_vec           fixed_size_list<float32>[d]             L2-normalised
 teacher_vec           fixed_size_list<float16>[d_t]           only when indexed with a teacher
 ====================  ======================================  =======================================
@@ -26,6 +32,9 @@ Polars) shows, and two names can share it (``caf\\xe9.png`` in Latin-1 and a fil
 called ``caf\\xe9.png``); ``path_bytes`` and the id tell them apart. vkd reads a row's path
 as ``os.fsdecode(path_bytes)`` when set, else ``path`` (``relative_paths``). Shards written
 before ``path_bytes`` existed lack the column; they hold UTF-8 names only and read the same.
+Shards written before ``captured`` existed lack that column too: readers take every row's
+capture time as null (``captured_values``), and the shard stays whole (``verify`` does not ask
+for it).
 
 ``shard-NNNNN.faiss`` indexes ``student_vec`` (inner product; FAISS ids = row numbers) and
 can always be rebuilt from the Arrow file, which is the source of truth.
@@ -52,6 +61,7 @@ SHARD_FORMAT = "vkd-index-shard/1"
 META_COLUMNS = ("id", "path", "size", "mtime", "sha256", "width", "height")
 # not in META_COLUMNS: shards written before it existed lack it, and are still whole
 PATH_BYTES_COLUMN = "path_bytes"
+CAPTURED_COLUMN = "captured"
 STUDENT_COLUMN = "student_vec"
 TEACHER_COLUMN = "teacher_vec"
 
@@ -71,6 +81,7 @@ def shard_schema(student_dim: int, teacher_dim: int | None = None,
         pa.field("sha256", pa.string(), nullable=False),
         pa.field("width", pa.int32(), nullable=False),
         pa.field("height", pa.int32(), nullable=False),
+        pa.field(CAPTURED_COLUMN, pa.int64(), nullable=True),
         pa.field(STUDENT_COLUMN, pa.list_(pa.float32(), student_dim), nullable=False),
     ]
     if teacher_dim is not None:
@@ -93,14 +104,16 @@ def make_record_batch(columns: Mapping[str, Sequence[Any]], student_vecs: np.nda
 
     ``columns["path"]`` holds relative paths as the scan gives them (os.fsdecode form, or
     bytes); they are stored as ``path`` text plus ``path_bytes`` (see the module docstring).
+    ``columns["captured"]`` may be left out (all null).
     """
     student_dim = int(student_vecs.shape[1])
     teacher_dim = int(teacher_vecs.shape[1]) if teacher_vecs is not None else None
     schema = shard_schema(student_dim, teacher_dim, metadata)
     stored = [stored_path(os.fsdecode(p)) for p in columns["path"]]
-    values = {**columns, "path": [text for text, _ in stored], PATH_BYTES_COLUMN: [raw for _, raw in stored]}
+    values = {CAPTURED_COLUMN: [None] * len(stored), **columns, "path": [text for text, _ in stored],
+              PATH_BYTES_COLUMN: [raw for _, raw in stored]}
     arrays = [pa.array(list(values[field.name]), type=field.type) for field in schema
-              if field.name in META_COLUMNS or field.name == PATH_BYTES_COLUMN]
+              if field.name in META_COLUMNS or field.name in (PATH_BYTES_COLUMN, CAPTURED_COLUMN)]
     arrays.append(_vector_array(student_vecs, np.float32, student_dim))
     if teacher_vecs is not None:
         arrays.append(_vector_array(teacher_vecs, np.float16, teacher_dim))
@@ -117,6 +130,13 @@ def relative_paths(table: pa.Table | pa.RecordBatch) -> list[str]:
         return [path_from_stored(text) for text in texts]
     raws = table.column(PATH_BYTES_COLUMN).to_pylist()
     return [path_from_stored(text, raw) for text, raw in zip(texts, raws, strict=True)]
+
+
+def captured_values(table: pa.Table | pa.RecordBatch) -> pa.Array | pa.ChunkedArray:
+    """The ``captured`` column, or all nulls for a shard written before it existed."""
+    if CAPTURED_COLUMN in table.column_names:
+        return table.column(CAPTURED_COLUMN)
+    return pa.nulls(table.num_rows, type=pa.int64())
 
 
 def arrow_bytes(batch: pa.RecordBatch) -> pa.Buffer:

@@ -2,8 +2,9 @@
 
 Checks, per shard: the files exist with the recorded sizes and sha256 checksums; the Arrow
 file has one record batch, the manifest's row count and the expected columns and vector
-dimensions; the FAISS index has ``ntotal`` equal to the Arrow rows, the student dimension
-and the inner-product metric; the vectors are finite and unit length; retired ids exist.
+dimensions (``captured``, when present, is int64: shards written before it lack it and are
+whole); the FAISS index has ``ntotal`` equal to the Arrow rows, the student dimension and the
+inner-product metric; the vectors are finite and unit length; retired ids exist.
 Across shards: every id is live at most once, and the manifest's totals add up.
 
 ``repair_shards`` is what ``vkd index`` runs before every update (cheap checks: the files
@@ -28,6 +29,7 @@ from vkd.indexer.faiss_index import IndexSpec
 from vkd.indexer.fsutil import sha256_file
 from vkd.indexer.manifest import MANIFEST_NAME, ManifestError, read_manifest
 from vkd.indexer.shards import (
+    CAPTURED_COLUMN,
     META_COLUMNS,
     STUDENT_COLUMN,
     TEACHER_COLUMN,
@@ -108,6 +110,9 @@ def verify_index(index_dir: str | os.PathLike[str]) -> list[str]:
         if missing:
             problems.append(f"{label}: missing columns {', '.join(missing)}")
             continue
+        if CAPTURED_COLUMN in table.column_names and table.schema.field(CAPTURED_COLUMN).type != pa.int64():
+            problems.append(f"{label}: {CAPTURED_COLUMN} is {table.schema.field(CAPTURED_COLUMN).type}, "
+                            "expected int64 (ns since the epoch)")
         _check_vectors(problems, label, table, STUDENT_COLUMN, student_dim, NORM_TOLERANCE)
         if teacher is not None:
             # float16 storage: ~1e-3 relative error per component

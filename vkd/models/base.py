@@ -131,8 +131,25 @@ class Encoder(ABC):
         return {}
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "family": self.family, "dim": self.dim, "fingerprint": self.fingerprint,
+        info = {"name": self.name, "family": self.family, "dim": self.dim, "fingerprint": self.fingerprint,
                 "options": self.load_options()}
+        # A directory of random weights (vkd model tiny / random) says so wherever it is described.
+        return {**info, **self.provenance()}
+
+    def provenance(self) -> dict[str, Any]:
+        """``weights`` ("random weights: arch X, not a trained model") and ``random`` (the
+        record) when the model directory's ``vkd.json`` marks its weights random; else empty."""
+        return self._provenance_of(self.name)
+
+    def _provenance_of(self, directory: str | os.PathLike[str]) -> dict[str, Any]:
+        # read once per directory: describe() runs per index build and per served search
+        cache: dict[str, dict[str, Any]] = self.__dict__.setdefault("_provenance_cache", {})
+        key = str(directory)
+        if key not in cache:
+            from vkd.models.provenance import provenance_summary
+
+            cache[key] = provenance_summary(key)
+        return cache[key]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, family={self.family!r}, dim={self.dim})"
@@ -166,6 +183,23 @@ class TorchEncoder(Encoder):
     @abstractmethod
     def save(self, out_dir: str | os.PathLike[str]) -> Path:
         """Write a plain model directory that ``load_encoder`` and ``from_pretrained`` open."""
+
+    def provenance(self) -> dict[str, Any]:
+        # The weights' own directory decides: weights changed in memory (training) have none,
+        # and a saved copy of random weights carries the record along (keep_provenance).
+        return self._provenance_of(self.weights_dir) if self.weights_dir is not None else {}
+
+    def keep_provenance(self, out_dir: str | os.PathLike[str]) -> None:
+        """Copy the weights' directory's ``vkd.json`` into ``out_dir`` while the weights are still
+        exactly its files (a copy of random weights is as random); trained weights lose it.
+        ``save`` calls this before linking the weights to their new files."""
+        from vkd.models.provenance import PROVENANCE_FILE
+
+        if self.weights_dir is None:
+            return
+        marker = self.weights_dir / PROVENANCE_FILE
+        if marker.is_file() and Path(out_dir).resolve() != self.weights_dir:
+            (Path(out_dir) / PROVENANCE_FILE).write_bytes(marker.read_bytes())
 
     def logit_scale_tensor(self) -> torch.Tensor:
         """The logit scale as a tensor for the training loss; models that learn one override

@@ -194,6 +194,7 @@ class HFDualEncoder(TorchEncoder):
         self.model.save_pretrained(out, safe_serialization=True)
         self.tokenizer.save_pretrained(out)
         self.image_processor.save_pretrained(out)
+        self.keep_provenance(out)
         self.link_weights(out)
         return out
 

@@ -19,7 +19,9 @@ The recipe (DESIGN.md, "Encoders") as the reference embedder applies it:
   8192) bounds the whole sequence, and an image that alone exceeds it is an error;
 * images are resized here to multiples of 32 (patch 16 x merge 2) within
   ``min_pixels``..``max_pixels`` keeping the aspect ratio, and the image processor is
-  called without resizing again;
+  called without resizing again; with ``image_buckets`` (``vkd.models.image_buckets``)
+  each image is instead resized to the listed size nearest its aspect ratio, the policy
+  of the ONNX export's fixed-size image graphs, so both backends give the same vectors;
 * the embedding is the final (normed) hidden state of the last real token, found from
   the attention mask so either padding side works, L2-normalised; ``matryoshka_dim``
   keeps a prefix, normalised again.
@@ -37,7 +39,7 @@ import json
 import math
 import os
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,7 @@ import numpy as np
 import torch
 
 from vkd.models.base import TorchEncoder, load_rgb
+from vkd.models.image_buckets import Bucket, bucket_names, format_bucket, nearest_bucket, parse_buckets
 
 DEFAULT_INSTRUCTION = "Represent the user's input."
 #: The text-query instruction of the MTEB/MIEB image-text retrieval tasks (Flickr30k, COCO
@@ -75,43 +78,6 @@ LORA_TARGET_MODULES: list[str] = [
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
     "attn.qkv", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2",
 ]
-
-# The structure of the real Qwen3-VL chat template (system turn, content parts rendered
-# in order, image/video placeholders wrapped in vision start/end, generation prompt)
-# without its tool-calling and reasoning branches, which embeddings never use.
-CHAT_TEMPLATE = (
-    "{%- macro render_content(content) -%}"
-    "{%- if content is string -%}{{- content -}}"
-    "{%- else -%}{%- for item in content -%}"
-    "{%- if item.type == 'image' or 'image' in item or 'image_url' in item -%}"
-    "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
-    "{%- elif item.type == 'video' or 'video' in item -%}"
-    "{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
-    "{%- elif 'text' in item -%}{{- item.text -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{%- endmacro -%}"
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message.role + '\\n' -}}{{- render_content(message.content) -}}{{- '<|im_end|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
-)
-
-# Dimensions per size of the tiny random model (real 2B: text 2048, vision 1024 x 24).
-TINY_SIZES: dict[str, dict[str, Any]] = {
-    "tiny": {
-        "hidden": 32, "layers": 2, "heads": 2, "kv_heads": 1, "head_dim": 16, "mrope_section": [4, 2, 2],
-        "vision_hidden": 32, "vision_depth": 2, "vision_heads": 2, "deepstack": [0, 1],
-    },
-    "small": {
-        "hidden": 64, "layers": 4, "heads": 4, "kv_heads": 2, "head_dim": 16, "mrope_section": [4, 2, 2],
-        "vision_hidden": 64, "vision_depth": 4, "vision_heads": 4, "deepstack": [1, 2, 3],
-    },
-}
-QWEN_SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", VISION_START_TOKEN, VISION_END_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN,
-]
-
 
 def normalize_instruction(instruction: str | None, default: str = DEFAULT_INSTRUCTION) -> str:
     """The system-turn text: stripped, "." appended unless it ends in punctuation.
@@ -202,6 +168,7 @@ class Qwen3VLEmbeddingProcessor:
         max_length: int = MAX_LENGTH,
         max_text_length: int | None = None,
         padding_side: str = "right",
+        image_buckets: Sequence[Bucket] | str | None = None,
     ) -> None:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("the tokenizer has no chat template; Qwen3-VL-Embedding prompts come from it")
@@ -223,6 +190,14 @@ class Qwen3VLEmbeddingProcessor:
             raise ValueError(
                 f"min_pixels={self.min_pixels}, max_pixels={self.max_pixels}: need 0 < min_pixels <= max_pixels"
             )
+        self.image_buckets = parse_buckets(image_buckets)
+        for width, height in self.image_buckets or ():
+            if width % self.factor or height % self.factor:
+                raise ValueError(f"image bucket {width}x{height}: both sides must be multiples of {self.factor} "
+                                 f"(patch {self.patch_size} x merge {self.merge_size})")
+            if not self.min_pixels <= width * height <= self.max_pixels:
+                raise ValueError(f"image bucket {width}x{height}: {width * height} pixels is outside "
+                                 f"min_pixels..max_pixels = {self.min_pixels}..{self.max_pixels}")
         self.image_token_id = self._token_id(IMAGE_TOKEN)
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; batches of different lengths need one")
@@ -238,13 +213,17 @@ class Qwen3VLEmbeddingProcessor:
         return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
 
     def resize(self, image: Any) -> Any:
-        """The RGB image resized (bicubic) to ``smart_resize`` of its size."""
+        """The RGB image resized (bicubic) to ``smart_resize`` of its size, or with
+        ``image_buckets`` to the bucket nearest its aspect ratio."""
         from PIL import Image
 
         image = load_rgb(image)
-        height, width = smart_resize(
-            image.height, image.width, factor=self.factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels
-        )
+        if self.image_buckets:
+            width, height = nearest_bucket(image.width, image.height, self.image_buckets)
+        else:
+            height, width = smart_resize(
+                image.height, image.width, factor=self.factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels
+            )
         if (height, width) == (image.height, image.width):
             return image
         return image.resize((width, height), resample=Image.Resampling.BICUBIC)
@@ -334,7 +313,7 @@ class Qwen3VLEmbeddingProcessor:
         processor = self.image_processor.to_dict() if hasattr(self.image_processor, "to_dict") else {}
         keep = ("image_mean", "image_std", "rescale_factor", "patch_size", "merge_size", "temporal_patch_size")
         template = self.tokenizer.chat_template
-        return {
+        config: dict[str, Any] = {
             "min_pixels": self.min_pixels,
             "max_pixels": self.max_pixels,
             "factor": self.factor,
@@ -344,6 +323,10 @@ class Qwen3VLEmbeddingProcessor:
             "chat_template_sha256": hashlib.sha256(str(template).encode()).hexdigest(),
             "vocab_size": len(self.tokenizer),
         }
+        if self.image_buckets:
+            # only when set: fingerprints of encoders without buckets stay what they were
+            config["image_buckets"] = [format_bucket(bucket) for bucket in self.image_buckets]
+        return config
 
 
 Item = tuple[Any, "str | None"]
@@ -415,6 +398,7 @@ class Qwen3VLEncoder(TorchEncoder):
         max_length: int | None = None,
         max_text_length: int | None = None,
         padding_side: str | None = None,
+        image_buckets: Sequence[Any] | str | None = None,
     ) -> Qwen3VLEncoder:
         """Open a Qwen3-VL directory or hub id; options not given fall back to what
         ``save`` recorded there, then to the reference defaults. ``instruction`` sets the
@@ -440,6 +424,7 @@ class Qwen3VLEncoder(TorchEncoder):
             "max_length": max_length if max_length is not None else saved.get("max_length", MAX_LENGTH),
             "max_text_length": max_text_length if max_text_length is not None else saved.get("max_text_length"),
             "padding_side": padding_side if padding_side is not None else saved.get("padding_side", "right"),
+            "image_buckets": image_buckets if image_buckets is not None else saved.get("image_buckets"),
         }
         # The embedding needs the base model only: a ForConditionalGeneration checkpoint
         # loads into it with its lm_head left out.
@@ -459,7 +444,7 @@ class Qwen3VLEncoder(TorchEncoder):
         processor = Qwen3VLEmbeddingProcessor(
             tokenizer, image_processor, min_pixels=options["min_pixels"], max_pixels=options["max_pixels"],
             max_length=options["max_length"], max_text_length=options["max_text_length"],
-            padding_side=options["padding_side"],
+            padding_side=options["padding_side"], image_buckets=options["image_buckets"],
         )
         device = torch.device(device)
         model.to(device).eval()
@@ -589,6 +574,8 @@ class Qwen3VLEncoder(TorchEncoder):
             "max_pixels": self.processor.max_pixels,
             "max_length": self.processor.max_length,
             "max_text_length": self.processor.max_text_length,
+            # "WxH" strings: what an index manifest or export.json records and compares
+            "image_buckets": bucket_names(self.processor.image_buckets),
         }
 
     def options(self) -> dict[str, Any]:
@@ -609,6 +596,7 @@ class Qwen3VLEncoder(TorchEncoder):
         self.processor.tokenizer.save_pretrained(out)
         self.processor.image_processor.save_pretrained(out)
         (out / OPTIONS_FILE).write_text(json.dumps(self.options(), indent=2) + "\n")
+        self.keep_provenance(out)
         self.link_weights(out)
         return out
 
@@ -645,92 +633,3 @@ def _find_chat_template(name: str) -> str:
         f"{name}: no chat template (looked in tokenizer_config.json, chat_template.jinja and "
         "chat_template.json); Qwen3-VL-Embedding prompts come from the model's own template"
     )
-
-
-# -- tiny random model ------------------------------------------------------------------
-
-
-def train_qwen_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 1000) -> Any:
-    """A byte-level BPE tokenizer with Qwen's special tokens and the Qwen3-VL-structured
-    chat template: no BOS, eos "<|im_end|>", pad "<|endoftext|>", like the real one."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from vkd.models.tiny import BASE_CORPUS
-
-    sentences = list(corpus) if corpus is not None else []
-    sentences += [" ".join(BASE_CORPUS), DEFAULT_INSTRUCTION, NULL_TEXT, "system user assistant"] + BASE_CORPUS
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=QWEN_SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    tokenizer.train_from_iterator(sentences, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        model_max_length=MAX_LENGTH, chat_template=CHAT_TEMPLATE,
-    )
-
-
-def build_tiny_qwen3vl(
-    out_dir: str | os.PathLike[str],
-    *,
-    size: str = "tiny",
-    seed: int = 0,
-    corpus: Iterable[str] | None = None,
-    overrides: dict[str, Any] | None = None,
-) -> Path:
-    """A random Qwen3-VL model directory laid out like a real checkpoint.
-
-    Saved as ``Qwen3VLForConditionalGeneration`` (as the hub checkpoints are) with the
-    real patch (16), merge (2) and temporal patch (2) sizes, the PIL image processor and
-    a tokenizer carrying the chat template.
-    """
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
-
-    if size not in TINY_SIZES:
-        raise ValueError(f"size={size!r}: choose one of {', '.join(TINY_SIZES)}")
-    dims = {**TINY_SIZES[size], **(overrides or {})}
-    if sum(dims["mrope_section"]) * 2 != dims["head_dim"]:
-        raise ValueError(f"mrope_section {dims['mrope_section']} must sum to head_dim/2 = {dims['head_dim'] // 2}")
-    torch.manual_seed(seed)
-    tokenizer = train_qwen_tokenizer(corpus)
-    token = tokenizer.convert_tokens_to_ids
-    config = Qwen3VLConfig(
-        text_config={
-            "vocab_size": len(tokenizer), "hidden_size": dims["hidden"], "intermediate_size": dims["hidden"] * 2,
-            "num_hidden_layers": dims["layers"], "num_attention_heads": dims["heads"],
-            "num_key_value_heads": dims["kv_heads"], "head_dim": dims["head_dim"],
-            "max_position_embeddings": MAX_LENGTH,
-            "rope_parameters": {
-                "rope_type": "default", "rope_theta": 5_000_000.0,
-                "mrope_section": list(dims["mrope_section"]), "mrope_interleaved": True,
-            },
-            # As in the real config: bos is <|endoftext|> although the tokenizer adds none.
-            "pad_token_id": tokenizer.pad_token_id, "bos_token_id": token("<|endoftext|>"),
-            "eos_token_id": tokenizer.eos_token_id,
-        },
-        vision_config={
-            "depth": dims["vision_depth"], "hidden_size": dims["vision_hidden"],
-            "intermediate_size": dims["vision_hidden"] * 2, "num_heads": dims["vision_heads"],
-            "patch_size": PATCH_SIZE, "spatial_merge_size": MERGE_SIZE, "temporal_patch_size": TEMPORAL_PATCH_SIZE,
-            "out_hidden_size": dims["hidden"], "num_position_embeddings": 64,
-            "deepstack_visual_indexes": list(dims["deepstack"]),
-        },
-        image_token_id=token(IMAGE_TOKEN), video_token_id=token(VIDEO_TOKEN),
-        vision_start_token_id=token(VISION_START_TOKEN), vision_end_token_id=token(VISION_END_TOKEN),
-        tie_word_embeddings=True,
-    )
-    model = Qwen3VLForConditionalGeneration(config).eval()
-    image_processor = _pil_image_processor_class()(
-        patch_size=PATCH_SIZE, merge_size=MERGE_SIZE, temporal_patch_size=TEMPORAL_PATCH_SIZE,
-        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS,
-    )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    image_processor.save_pretrained(out)
-    return out

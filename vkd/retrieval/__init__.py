@@ -21,17 +21,22 @@ _EXPORTS: dict[str, str] = {
     "Hit": "vkd.retrieval.results",
     "SearchResult": "vkd.retrieval.results",
     "StageTimings": "vkd.retrieval.results",
-    "QueryError": "vkd.retrieval.retriever",
+    "QueryError": "vkd.retrieval.query",
+    "Query": "vkd.retrieval.query",
+    "Term": "vkd.retrieval.query",
+    "Filters": "vkd.retrieval.query",
+    "parse_compact": "vkd.retrieval.query",
     "Retriever": "vkd.retrieval.retriever",
     "check_student": "vkd.retrieval.retriever",
     "check_teacher": "vkd.retrieval.retriever",
     "open_encoder": "vkd.retrieval.retriever",
 }
 
-__all__ = ["Hit", "QueryError", "Retriever", "SearchResult", "StageTimings", "check_student", "check_teacher", "open_encoder"]
+__all__ = ["Filters", "Hit", "Query", "QueryError", "Term", "parse_compact", "Retriever", "SearchResult", "StageTimings", "check_student", "check_teacher", "open_encoder"]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from vkd.retrieval.query import Filters, Query, QueryError, Term, parse_compact
     from vkd.retrieval.results import Hit, SearchResult, StageTimings
-    from vkd.retrieval.retriever import QueryError, Retriever, check_student, check_teacher, open_encoder
+    from vkd.retrieval.retriever import Retriever, check_student, check_teacher, open_encoder
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

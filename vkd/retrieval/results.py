@@ -79,6 +79,8 @@ def describe_query(query: Any) -> str:
     """A printable name for a query: the text, the image's path, or its size."""
     if isinstance(query, str):
         return query
+    if hasattr(query, "terms") and hasattr(query, "describe"):  # a combined Query
+        return str(query.describe())
     if isinstance(query, os.PathLike):
         return os.fspath(query)
     filename = getattr(query, "filename", "")

@@ -36,6 +36,7 @@ import numpy as np
 
 from vkd.indexer import Index, IndexMismatchError
 from vkd.retrieval import stages
+from vkd.retrieval.query import Filters, Query, QueryError, as_query, encode_terms, search_allowed
 from vkd.retrieval.results import Hit, SearchResult, StageTimings
 from vkd.retrieval.stages import Candidates, merge_candidates
 
@@ -48,10 +49,6 @@ PREFER = ("onnx", "torch")
 #: tokens, about 300 characters); within this bound, text past the model's token limit is cut
 #: by the tokenizer, as in training.
 MAX_QUERY_CHARS = 2000
-
-
-class QueryError(ValueError):
-    """A query that cannot be searched; the message says why and what would be accepted."""
 
 
 def check_text_query(query: str) -> str:
@@ -239,15 +236,21 @@ class Retriever:
 
     # -- search ---------------------------------------------------------------------
 
-    def search(self, query: Any, k: int = 10, *, rerank: bool | None = None,
-               candidates: int | None = None) -> SearchResult:
-        """The top ``k`` images for a text (``str``) or an image (PIL image or ``Path``)."""
-        return self.search_batch([query], k, rerank=rerank, candidates=candidates)[0]
+    def search(self, query: Any, k: int = 10, *, rerank: bool | None = None, candidates: int | None = None,
+               filters: Filters | None = None, min_score: float | None = None) -> SearchResult:
+        """The top ``k`` images for a query: a text (``str``, taken literally), an image (PIL
+        image or ``Path``), a list of ``(query, weight)`` pairs (negative weight: "not
+        this"), or a ``Query``. ``filters`` restrict the rows before ranking; ``min_score``
+        drops hits whose final score (teacher's, or student's without rerank) is lower."""
+        return self.search_batch([query], k, rerank=rerank, candidates=candidates, filters=filters,
+                                 min_score=min_score)[0]
 
     def search_batch(self, queries: Sequence[Any], k: int = 10, *, rerank: bool | None = None,
-                     candidates: int | None = None) -> list[SearchResult]:
-        """``search`` for many queries at once: one encoder batch per model and query type,
-        one ANN call per shard. Each result's ``timings`` are the whole batch's."""
+                     candidates: int | None = None, filters: Filters | None = None,
+                     min_score: float | None = None) -> list[SearchResult]:
+        """``search`` for many queries at once: one encoder batch per model and term kind,
+        one ANN call per shard for the unfiltered ones. Each result's ``timings`` are the
+        whole batch's. ``filters`` apply to every query without filters of its own."""
         if isinstance(queries, str) or not isinstance(queries, Sequence):
             raise TypeError("search_batch takes a list of queries; use search() for one")
         k = int(k)
@@ -259,19 +262,22 @@ class Retriever:
         do_rerank = self.rerank if rerank is None else bool(rerank)
         if not queries:
             return []
-        for query in queries:
-            if isinstance(query, str):
-                check_text_query(query)
+        models = [as_query(query, filters) for query in queries]
+        for model in models:
+            for term in model.terms:
+                if isinstance(term.query, str):
+                    check_text_query(term.query)
         state = self._ensure_teacher(self._state) if do_rerank else self._state
         started = time.perf_counter()
         timings = StageTimings(batch_size=len(queries))
 
         tick = time.perf_counter()
-        student_queries = self._encode(state.student, queries)
+        student_queries = encode_terms(lambda items: self._encode(state.student, items), models)
         timings.student_encode_ms = _ms(tick)
 
         tick = time.perf_counter()
-        found = self._ann(state.index, student_queries, n_candidates if do_rerank else k)
+        found = self._ann(state.index, student_queries, n_candidates if do_rerank else k,
+                          [model.filters for model in models])
         timings.ann_ms = _ms(tick)
 
         reranked: str | None = None
@@ -282,7 +288,8 @@ class Retriever:
             reranked = "student"
             if state.teacher is not None:
                 tick = time.perf_counter()
-                rerank_queries = self._encode(state.teacher, queries)
+                # the same weights over the teacher's own term vectors
+                rerank_queries = encode_terms(lambda items: self._encode(state.teacher, items), models)
                 timings.teacher_encode_ms = _ms(tick)
                 reranked = "teacher"
             tick = time.perf_counter()
@@ -296,9 +303,15 @@ class Retriever:
 
         hits = self._hits(state.index, top, student_scores, teacher=reranked == "teacher")
         timings.total_ms = _ms(started)
-        return [SearchResult(query_hits, query=query, timings=timings, reranked=reranked,
-                             candidates=int(found.valid[i].sum()))
-                for i, (query, query_hits) in enumerate(zip(queries, hits, strict=True))]
+        results = []
+        for i, (query, model, query_hits) in enumerate(zip(queries, models, hits, strict=True)):
+            # a plain text or image keeps itself as the result's query (as before); else the Query
+            shown = query if len(model.terms) == 1 and not model.filters.active and not isinstance(
+                query, list | tuple | Query) else model
+            result = SearchResult(query_hits, query=shown, timings=timings, reranked=reranked,
+                                  candidates=int(found.valid[i].sum()))
+            results.append(cut_min_score(result, min_score))
+        return results
 
     def _encode(self, encoder: Encoder, queries: Sequence[Any]) -> np.ndarray:
         """float32 [len(queries), dim]: texts and images each in one batch."""
@@ -325,13 +338,30 @@ class Retriever:
             return self._encoder_locks.setdefault(id(encoder), threading.Lock())
 
     @staticmethod
-    def _ann(index: Index, queries: np.ndarray, k: int) -> Candidates:
+    def _ann(index: Index, queries: np.ndarray, k: int, filters: Sequence[Filters] | None = None) -> Candidates:
+        filters = filters or [Filters()] * len(queries)
+        plain = [i for i, f in enumerate(filters) if not f.active]
         per_shard = []
-        for shard in index.shards:
-            if shard.live_rows == 0:
-                per_shard.append((np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)))
-                continue
-            per_shard.append(shard.search(queries, min(k, shard.live_rows)))
+        # the allowed rows of each distinct filter, computed once per shard and batch
+        allowed_cache: dict[tuple[Filters, int], np.ndarray] = {}
+        for position, shard in enumerate(index.shards):
+            scores = np.full((len(queries), 0), -np.inf, np.float32)
+            rows = np.full((len(queries), 0), -1, np.int64)
+            width = min(k, shard.live_rows)
+            if shard.live_rows and width:
+                scores = np.full((len(queries), width), -np.inf, np.float32)
+                rows = np.full((len(queries), width), -1, np.int64)
+                if plain:
+                    scores[plain], rows[plain] = shard.search(queries[plain], width)
+                for i, query_filter in enumerate(filters):
+                    if not query_filter.active:
+                        continue
+                    key = (query_filter, position)
+                    if key not in allowed_cache:
+                        allowed_cache[key] = query_filter.allowed_rows(shard)
+                    scores[i:i + 1], rows[i:i + 1] = search_allowed(shard, queries[i:i + 1], width,
+                                                                    allowed_cache[key])
+            per_shard.append((scores, rows))
         return merge_candidates(per_shard, k, len(queries))
 
     @staticmethod
@@ -383,6 +413,17 @@ class _NoLock:
 
 
 _NO_LOCK = _NoLock()
+
+
+def cut_min_score(result: SearchResult, min_score: float | None) -> SearchResult:
+    """``result`` without the hits scoring below ``min_score`` (None: all kept)."""
+    if min_score is None:
+        return result
+    kept = [hit for hit in result if hit.score >= float(min_score)]
+    if len(kept) == len(result):
+        return result
+    return SearchResult(kept, query=result.query, timings=result.timings, reranked=result.reranked,
+                        candidates=result.candidates)
 
 
 def _ms(since: float) -> float:

@@ -3,7 +3,13 @@
 Routes (``/openapi.json`` describes each, with its errors):
 
 * ``GET /search?q=TEXT&k=10&candidates=1000&rerank=true`` and ``POST /search`` (JSON
-  ``{"q": ...}``, or ``multipart/form-data`` with an ``image`` file for image -> image);
+  ``{"q": ...}``, or ``multipart/form-data`` with an ``image`` file for image -> image).
+  Combined queries (``vkd.retrieval.query``): ``q`` in the compact syntax
+  (``2:cat + dog - grass``; ``raw=true`` takes it literally), JSON ``"terms": [{"text":
+  ..., "weight": ...}]``, several ``image`` files with ``image_weight`` fields; filters
+  (``path_glob``, ``path_prefix``, ``modified_after``/``_before``, ``taken_after``/``_before``,
+  ``min_width``/``max_width``/``min_height``/``max_height``, ``orientation``) and
+  ``min_score``, as query parameters, JSON fields or form fields;
 * ``GET /images/{id}`` (the original file) and ``GET /thumbs/{id}`` (a JPEG thumbnail),
   for ids of live rows only, the file path taken from the row, never from the request;
 * ``GET /health`` (200 once the models are loaded, 503 before), ``GET /stats``;
@@ -24,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import json
 import logging
 import math
 import os
@@ -61,8 +68,14 @@ COOKIE = "vkd_api_key"
 COOKIE_MAX_AGE = 30 * 24 * 3600
 # multipart boundaries and headers around the image part; the part itself gets the exact bound
 MULTIPART_SLACK = 64 * 1024
-SEARCH_FIELDS = ("q", "k", "candidates", "rerank")
-FORM_FIELDS = ("image", "k", "candidates", "rerank")
+FILTER_FIELDS = ("path_glob", "path_prefix", "modified_after", "modified_before", "taken_after", "taken_before",
+                 "min_width", "max_width", "min_height", "max_height", "orientation")
+QUERY_FIELDS = ("raw", "min_score", *FILTER_FIELDS)
+SEARCH_FIELDS = ("q", "terms", "k", "candidates", "rerank", *QUERY_FIELDS)
+FORM_FIELDS = ("image", "image_weight", "q", "terms", "k", "candidates", "rerank", *QUERY_FIELDS)
+#: image terms one multipart request may carry (their bytes together stay under --max-upload-bytes)
+MAX_IMAGE_TERMS = 8
+MAX_TERMS = 32
 TIMING_KEYS = ("student_encode_ms", "ann_ms", "teacher_encode_ms", "rerank_ms", "total_ms")
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 # The page loads its script and styles from /static and shows thumbnails from /thumbs; nothing
@@ -118,7 +131,8 @@ class TimingsModel(BaseModel):
 
 
 class SearchResponse(BaseModel):
-    query: str | None = Field(description="The text searched for; null for an image query.")
+    query: str | None = Field(description="The text searched for; null for an image query; a combined query or "
+                                          "one with filters in the compact syntax (\"2:cat + dog - grass\").")
     k: int
     reranked: Literal["teacher", "student"] | None = Field(
         description="teacher: reranked with stored teacher vectors; student: exact student scores (the index "
@@ -128,8 +142,29 @@ class SearchResponse(BaseModel):
     timings: TimingsModel
 
 
+class TermModel(BaseModel):
+    text: str = Field(description="A text term (1 to 2000 characters), taken literally.")
+    weight: float = Field(1.0, description="Its weight; negative pushes its matches down.")
+
+
 class SearchBody(BaseModel):
-    q: str = Field(description="The text to search for (1 to 2000 characters).", examples=["a dog on a beach"])
+    q: str | None = Field(None, description="The text to search for (1 to 2000 characters), in the compact syntax: "
+                                            "terms joined by ' + ' / ' - ', each with an optional 'W:' weight "
+                                            "(raw=true: literally).", examples=["a dog on a beach", "2:cat + dog - grass"])
+    terms: list[TermModel] | None = Field(None, description="Weighted text terms (with or instead of q).")
+    raw: bool | None = Field(None, description="true: q is one literal term (no ' + ', ' - ', 'W:' parsing).")
+    min_score: float | None = Field(None, description="Drop hits whose score is below this.")
+    path_glob: str | None = Field(None, description="Only paths (relative to the images folder) matching this glob.")
+    path_prefix: str | None = Field(None, description="Only paths (relative to the images folder) with this prefix.")
+    modified_after: str | None = Field(None, description="ISO date: only files modified at or after it (UTC).")
+    modified_before: str | None = Field(None, description="ISO date: only files modified at or before it.")
+    taken_after: str | None = Field(None, description="ISO date: only photos whose EXIF capture date is at or after it.")
+    taken_before: str | None = Field(None, description="ISO date: only photos taken at or before it.")
+    min_width: int | None = None
+    max_width: int | None = None
+    min_height: int | None = None
+    max_height: int | None = None
+    orientation: Literal["landscape", "portrait", "square"] | None = None
     k: int | None = Field(None, description="Results to return.")
     candidates: int | None = Field(None, description="Stage-1 candidates passed to the rerank (>= k).")
     rerank: bool | None = Field(None, description="false: stage 1 only (the student's ANN ranking).")
@@ -304,6 +339,78 @@ def check_query(text: Any) -> str:
         raise _bad(str(error)) from None
 
 
+def parse_float(name: str, value: Any) -> float:
+    try:
+        number = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        raise _bad(f"{name}={value!r:.40} is not a number; give e.g. 0.25") from None
+    if isinstance(value, bool) or not math.isfinite(number):
+        raise _bad(f"{name}={value!r:.40} is not a finite number; give e.g. 0.25")
+    return number
+
+
+def parse_filters(given: Any) -> Any:
+    """``Filters`` from the request's filter fields (query parameters, JSON or form fields)."""
+    from vkd.retrieval.query import Filters, QueryError, check_path_glob
+
+    values: dict[str, Any] = {}
+    for name in FILTER_FIELDS:
+        value = given.get(name)
+        if value is None or value == "":
+            continue
+        if name.startswith(("min_", "max_")):
+            values[name] = parse_int(name, value, 0, 2**31 - 1)
+        elif not isinstance(value, str):
+            raise _bad(f"{name}={value!r:.40} must be text")
+        else:
+            values[name] = value
+    try:
+        if "path_glob" in values:
+            check_path_glob(values["path_glob"])
+        return Filters(**values)
+    except QueryError as error:
+        raise _bad(str(error)) from None
+
+
+def build_query(q: Any, terms: Any, images: list[tuple[Any, float]], given: Any) -> tuple[Any, str | None, float | None]:
+    """(what the engine searches, the response's "query" text, min_score) from a request.
+
+    A plain text or image query without filters stays a ``str`` / image, as before this
+    API took combined queries, so old clients get exactly the old answers.
+    """
+    from vkd.retrieval.query import Query, QueryError, Term, parse_compact
+
+    raw = parse_bool("raw", given.get("raw")) if given.get("raw") not in (None, "") else False
+    min_score = parse_float("min_score", given.get("min_score")) if given.get("min_score") not in (None, "") else None
+    filters = parse_filters(given)
+    collected: list[Term] = []
+    try:
+        if q is not None:
+            collected += parse_compact(check_query(q), raw=raw)
+        if terms is not None:
+            if not isinstance(terms, list):
+                raise _bad('terms must be a list: [{"text": "a dog", "weight": 1}, {"text": "a cat", "weight": -1}]')
+            for i, term in enumerate(terms):
+                if not isinstance(term, dict) or set(term) - {"text", "weight"} or "text" not in term:
+                    raise _bad(f'terms[{i}] must be {{"text": TEXT, "weight": NUMBER}} (weight optional, default 1); '
+                               "image terms are sent as multipart files")
+                weight = parse_float(f"terms[{i}].weight", term.get("weight", 1.0))
+                collected.append(Term(check_query(term["text"]), weight))
+        collected += [Term(image, weight) for image, weight in images]
+        if not collected:
+            raise _bad('no query: give q=TEXT, "terms": [{"text": ..., "weight": ...}], or an image as '
+                       'multipart/form-data with an "image" field')
+        if len(collected) > MAX_TERMS:
+            raise _bad(f"{len(collected)} query terms; at most {MAX_TERMS}")
+        query = Query(tuple(collected), filters)
+    except QueryError as error:
+        raise _bad(str(error)) from None
+    if len(collected) == 1 and not filters.active and collected[0].weight == 1.0:
+        only = collected[0].query
+        return only, only if isinstance(only, str) else None, min_score
+    return query, query.describe(), min_score
+
+
 def decode_upload(data: bytes, max_pixels: int) -> Any:
     """The uploaded bytes as an upright RGB image, through the indexer's guards."""
     from vkd.data.images import ImageError, ImageTooLarge, decode_image_bytes
@@ -425,11 +532,13 @@ def create_app(config: ServeConfig, *, engine: SearchEngine | None = None) -> Fa
 
     # -- search ---------------------------------------------------------------
 
-    async def run_search(query: Any, text: str | None, params: SearchParams) -> JSONResponse:
+    async def run_search(query: Any, text: str | None, params: SearchParams,
+                         min_score: float | None = None) -> JSONResponse:
         from vkd.indexer import IndexMismatchError, ManifestError
 
         try:
-            served = await engine.search(query, k=params.k, candidates=params.candidates, rerank=params.rerank)
+            served = await engine.search(query, k=params.k, candidates=params.candidates, rerank=params.rerank,
+                                         min_score=min_score)
         except NotReady as error:
             raise HTTPException(503, detail=str(error), headers={"Retry-After": "5"}) from None
         except Busy as error:
@@ -437,7 +546,7 @@ def create_app(config: ServeConfig, *, engine: SearchEngine | None = None) -> Fa
         except (IndexMismatchError, ManifestError) as error:
             raise HTTPException(503, detail=f"the index cannot be searched: {error}") from None
         except ValueError as error:
-            if text is None:  # e.g. an export without an image tower
+            if text is None or getattr(query, "has_images", False):  # e.g. an export without an image tower
                 raise _bad(f"this server cannot search with images: {error}", 422) from None
             raise _bad(str(error)) from None
         except Exception as error:
@@ -454,12 +563,30 @@ def create_app(config: ServeConfig, *, engine: SearchEngine | None = None) -> Fa
         candidates: int | None = Query(None, ge=1, le=config.max_candidates,
                                        description=f"Stage-1 candidates (>= k; default {config.candidates})."),
         rerank: bool | None = Query(None, description="false: stage 1 only (default true)."),
+        raw: bool | None = Query(None, description="true: q is one literal term (no ' + ', ' - ', 'W:' parsing)."),
+        min_score: float | None = Query(None, description="Drop hits whose score is below this."),
+        path_glob: str | None = Query(None, description="Only paths (relative to the images folder) matching it."),
+        path_prefix: str | None = Query(None, description="Only paths (relative to the images folder) with it."),
+        modified_after: str | None = Query(None, description="ISO date: modified at or after it (UTC)."),
+        modified_before: str | None = Query(None, description="ISO date: modified at or before it (UTC)."),
+        taken_after: str | None = Query(None, description="ISO date: EXIF capture date at or after it."),
+        taken_before: str | None = Query(None, description="ISO date: EXIF capture date at or before it."),
+        min_width: int | None = Query(None, ge=0),
+        max_width: int | None = Query(None, ge=0),
+        min_height: int | None = Query(None, ge=0),
+        max_height: int | None = Query(None, ge=0),
+        orientation: Literal["landscape", "portrait", "square"] | None = Query(None),
     ) -> JSONResponse:
         if q is None:
             raise _bad('no query: give q=TEXT (GET /search?q=a+dog+on+a+beach), or POST an image as '
                        'multipart/form-data with an "image" field')
         params = SearchParams(config, k, candidates, rerank)
-        return await run_search(check_query(q), q, params)
+        given = dict(raw=raw, min_score=min_score, path_glob=path_glob, path_prefix=path_prefix,
+                     modified_after=modified_after, modified_before=modified_before, taken_after=taken_after,
+                     taken_before=taken_before, min_width=min_width, max_width=max_width, min_height=min_height,
+                     max_height=max_height, orientation=orientation)
+        query, text, cut = build_query(q, None, [], given)
+        return await run_search(query, text, params, cut)
 
     @app.post(
         "/search", response_model=SearchResponse, dependencies=guarded,
@@ -468,29 +595,55 @@ def create_app(config: ServeConfig, *, engine: SearchEngine | None = None) -> Fa
             "application/json": {"schema": SearchBody.model_json_schema()},
             "multipart/form-data": {"schema": {
                 "type": "object", "required": ["image"],
-                "properties": {"image": {"type": "string", "format": "binary",
-                                         "description": "The query image (image -> image search)."},
+                "properties": {"image": {"type": "array", "items": {"type": "string", "format": "binary"},
+                                         "description": f"The query image(s), at most {MAX_IMAGE_TERMS}."},
+                               "image_weight": {"type": "array", "items": {"type": "number"},
+                                                "description": "Each image's weight, in the order of the "
+                                                               "images (default 1; negative: push down)."},
+                               "q": {"type": "string", "description": "Text terms, compact syntax."},
+                               "terms": {"type": "string", "description": "Text terms as JSON, as in the "
+                                                                         "JSON body."},
                                "k": {"type": "integer"}, "candidates": {"type": "integer"},
-                               "rerank": {"type": "boolean"}}}},
+                               "rerank": {"type": "boolean"}, "min_score": {"type": "number"},
+                               **{name: {"type": "string"} for name in FILTER_FIELDS}}}},
         }}},
     )
     async def search_post(request: Request) -> JSONResponse:
         media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if media == "multipart/form-data":
-            async with request.form(max_files=1, max_fields=len(FORM_FIELDS)) as form:
+            async with request.form(max_files=MAX_IMAGE_TERMS,
+                                    max_fields=len(FORM_FIELDS) + MAX_IMAGE_TERMS) as form:
                 unknown = sorted(set(form.keys()) - set(FORM_FIELDS))
                 if unknown:
                     raise _bad(f"unknown form field(s) {', '.join(unknown)}; accepted: {', '.join(FORM_FIELDS)}")
-                upload = form.get("image")
-                if upload is None or isinstance(upload, str):
+                uploads = form.getlist("image")
+                if any(isinstance(upload, str) for upload in uploads):
+                    raise _bad('"image" must be a file upload, not a text field')
+                if not uploads and form.get("q") is None and form.get("terms") is None:
                     raise _bad('no image: send the query image as a file in the form field "image"')
+                weights = [parse_float("image_weight", value) for value in form.getlist("image_weight")]
+                if weights and len(weights) != len(uploads):
+                    raise _bad(f"{len(weights)} image_weight field(s) for {len(uploads)} image(s): give one weight "
+                               "per image, in the same order, or none (all 1)")
                 params = SearchParams(config, form.get("k"), form.get("candidates"), form.get("rerank"))
-                data = await upload.read(config.max_upload_bytes + 1)
-            if len(data) > config.max_upload_bytes:
-                raise _bad(f"the uploaded image is over {config.max_upload_bytes} bytes, the most this server accepts "
-                           "(vkd serve --max-upload-bytes)", 413)
-            image = await run_in_threadpool(decode_upload, data, config.max_image_pixels)
-            return await run_search(image, None, params)
+                given = {name: form.get(name) for name in QUERY_FIELDS}
+                q, terms_text = form.get("q"), form.get("terms")
+                datas, total = [], 0
+                for upload in uploads:
+                    data = await upload.read(config.max_upload_bytes + 1)
+                    total += len(data)
+                    if total > config.max_upload_bytes:
+                        raise _bad(f"the uploaded image(s) are over {config.max_upload_bytes} bytes, the most this "
+                                   "server accepts (vkd serve --max-upload-bytes)", 413)
+                    datas.append(data)
+            try:
+                terms = json.loads(terms_text) if isinstance(terms_text, str) else None
+            except ValueError:
+                raise _bad('the "terms" field is not valid JSON: [{"text": "a dog", "weight": 1}]') from None
+            images = [await run_in_threadpool(decode_upload, data, config.max_image_pixels) for data in datas]
+            query, text, cut = build_query(q, terms, list(zip(images, weights or [1.0] * len(images), strict=True)),
+                                           given)
+            return await run_search(query, text, params, cut)
         if media not in ("application/json", ""):
             raise _bad(f"content type {media!r} is not accepted: send application/json {{\"q\": TEXT}} or "
                        'multipart/form-data with an "image" file', 415)
@@ -504,11 +657,12 @@ def create_app(config: ServeConfig, *, engine: SearchEngine | None = None) -> Fa
         if unknown:
             raise _bad(f"unknown field(s) {', '.join(unknown)}; accepted: {', '.join(SEARCH_FIELDS)} (an image is "
                        "sent as multipart/form-data)")
-        if "q" not in body:
-            raise _bad('no query: send {"q": TEXT}, or an image as multipart/form-data with an "image" field')
-        text = check_query(body["q"])
+        if "q" not in body and "terms" not in body:
+            raise _bad('no query: send {"q": TEXT} or {"terms": [{"text": TEXT, "weight": 1}, ...]}, or an image '
+                       'as multipart/form-data with an "image" field')
         params = SearchParams(config, body.get("k"), body.get("candidates"), body.get("rerank"))
-        return await run_search(text, text, params)
+        query, text, cut = build_query(body.get("q"), body.get("terms"), [], body)
+        return await run_search(query, text, params, cut)
 
     # -- files --------------------------------------------------------------------
 

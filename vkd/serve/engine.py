@@ -66,10 +66,11 @@ class Served:
 
 @dataclass
 class _Job:
-    query: Any  # str, or an RGB PIL image
+    query: Any  # str, an RGB PIL image, or a vkd.retrieval.query.Query (combined terms, filters)
     k: int
     candidates: int
     rerank: bool
+    min_score: float | None = None
     future: Future[Served] = field(default_factory=Future)
     enqueued: float = field(default_factory=time.perf_counter)
 
@@ -80,7 +81,8 @@ class _Job:
         # is the prefix of the group's largest k; without it the ANN itself is asked for k
         # (an HNSW search for more neighbours can differ), so k must match. Text and images
         # are kept apart so that a model without an image tower fails image requests only.
-        kind = "text" if isinstance(self.query, str) else "image"
+        has_images = self.query.has_images if hasattr(self.query, "terms") else not isinstance(self.query, str)
+        kind = "image" if has_images else "text"
         return (kind, self.rerank, self.candidates if self.rerank else self.k)
 
 
@@ -293,6 +295,7 @@ class SearchEngine:
 
     def _run(self, jobs: list[_Job]) -> None:
         from vkd.retrieval.results import SearchResult
+        from vkd.retrieval.retriever import cut_min_score
 
         retriever = self._retriever
         assert retriever is not None
@@ -315,8 +318,9 @@ class SearchEngine:
             self.batches += 1
             self.batched_requests += len(group)
             for job, result in zip(group, results, strict=True):
-                own = SearchResult(list(result)[: job.k], query=result.query, timings=result.timings,
-                                   reranked=result.reranked, candidates=result.candidates)
+                own = cut_min_score(SearchResult(list(result)[: job.k], query=result.query, timings=result.timings,
+                                                 reranked=result.reranked, candidates=result.candidates),
+                                    job.min_score)
                 job.future.set_result(Served(own, index, (started - job.enqueued) * 1000.0, len(group)))
 
     def _maybe_reload(self) -> None:
@@ -345,19 +349,22 @@ class SearchEngine:
 
     # -- what the routes call ---------------------------------------------------------
 
-    def submit(self, query: Any, *, k: int, candidates: int, rerank: bool) -> Future[Served]:
+    def submit(self, query: Any, *, k: int, candidates: int, rerank: bool,
+               min_score: float | None = None) -> Future[Served]:
         """Queue one search; the future holds its ``Served`` answer or the error."""
         if self.state != "ready":
             raise NotReady(self.not_ready_detail())
-        job = _Job(query, k, candidates, rerank)
+        job = _Job(query, k, candidates, rerank, min_score)
         try:
             self._queue.put_nowait(job)
         except queue.Full:
             raise Busy(f"{self.config.max_queue} searches are already waiting; retry shortly") from None
         return job.future
 
-    async def search(self, query: Any, *, k: int, candidates: int, rerank: bool) -> Served:
-        return await asyncio.wrap_future(self.submit(query, k=k, candidates=candidates, rerank=rerank))
+    async def search(self, query: Any, *, k: int, candidates: int, rerank: bool,
+                     min_score: float | None = None) -> Served:
+        return await asyncio.wrap_future(self.submit(query, k=k, candidates=candidates, rerank=rerank,
+                                                     min_score=min_score))
 
     def not_ready_detail(self) -> str:
         if self.state == "failed":

@@ -1,10 +1,10 @@
-"""The step benchmark the benchmark suite calls: three modes, same batches, warm cache."""
+"""The step benchmark's measurement (vkd.bench.step): three modes, same batches, warm cache."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from vkd.distill.benchmark import MODES, bench_distill_step
+from vkd.bench.step import MODES, bench_distill_step
 
 
 def test_bench_distill_step_times_three_modes(tmp_path: Path, tiny_clip: Path, tiny_clip_teacher: Path) -> None:
