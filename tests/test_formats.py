@@ -118,11 +118,21 @@ def test_a_raw_file_is_read_from_its_largest_decodable_preview(tmp_path: Path) -
     assert read_image_file(fuji).image.size == (96, 80)
 
 
-def _heic(image: Image.Image, path: Path) -> Path:
+def _heic(image: Image.Image, path: Path, date: str | None = None) -> Path:
     pillow_heif = pytest.importorskip("pillow_heif")
     pillow_heif.register_heif_opener()
-    image.save(path, format="HEIF", quality=90)
+    exif = Image.Exif()
+    if date:
+        exif.get_ifd(0x8769)[ORIGINAL] = date
+    image.save(path, format="HEIF", quality=90, exif=exif)
     return path
+
+
+def test_a_heic_photo_is_read_with_its_capture_date(tmp_path: Path) -> None:
+    path = _heic(_picture(5), tmp_path / "IMG_0001.HEIC", "2024:08:09 10:11:12")
+    read = read_image_file(path, captured=True)
+    assert read.image.mode == "RGB" and read.image.size == (64, 48)
+    assert read.captured == 1723198272 * 10**9
 
 
 def test_heic_avif_and_raw_files_are_indexed_and_searchable(tmp_path: Path, tiny_clip: Path) -> None:

@@ -311,3 +311,51 @@ def _png() -> bytes:
     buffer = io.BytesIO()
     make_images(1)[0].save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def server_url(retriever: Retriever, index_dir: Path):
+    """A real HTTP server (uvicorn on loopback, in a thread) for ``vkd search --server``."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from vkd.serve import SearchEngine, ServeConfig, create_app
+
+    config = ServeConfig(index=str(index_dir))
+    app = create_app(config, engine=SearchEngine(config, retriever=retriever))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not (server.started and app.state.engine.wait_ready(0.1)):
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(30)
+
+
+def test_cli_server_sends_combined_queries_and_filters(server_url: str, retriever: Retriever, index_dir: Path,
+                                                       corpus: Path) -> None:
+    n = len(retriever.index)
+    image = corpus / "img-04.png"
+    filters = Filters(path_glob="img-2*")
+    result = _run(["search", "2:a dog on a beach - snow", "--image-not", str(image), "-k", "5", "--candidates",
+                   str(n), "--path-glob", "img-2*", "--server", server_url, "--json"])
+    hits = json.loads(result.stdout)["hits"]
+    # --image-not is weight -1 on the command line
+    expected = retriever.search([("a dog on a beach", 2.0), ("snow", -1.0), (image, -1.0)], k=5, candidates=n,
+                                filters=filters)
+    assert [hit["id"] for hit in hits] == [hit.id for hit in expected]
+    raw = _run(["search", "snow + rain", "--raw", "-k", "3", "--server", server_url, "--json"])
+    assert [hit["id"] for hit in json.loads(raw.stdout)["hits"]] == [hit.id for hit in
+                                                                     retriever.search("snow + rain", k=3)]
+    cut = _run(["search", "snow", "--min-score", "10", "--server", server_url, "--json"])
+    assert json.loads(cut.stdout)["hits"] == []
+    plain = _run(["search", "snow", "-k", "3", "--server", server_url, "--json"])
+    assert [hit["id"] for hit in json.loads(plain.stdout)["hits"]] == [hit.id for hit in retriever.search("snow", k=3)]
+    refused = CliRunner().invoke(cli, ["search", "snow", "--paths", "--server", server_url])
+    assert refused.exit_code == 2 and "--server" in refused.output

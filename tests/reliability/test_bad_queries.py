@@ -50,7 +50,7 @@ def test_a_long_query_within_the_limit_is_searched(index_dir: Path) -> None:
     (["search", "a dog", "-k", "20", "--candidates", "5"], "--candidates"),
     (["search", "a dog", "--image", "x.jpg"], "x.jpg"),
     (["search"], "give a text query"),
-    (["search", "a dog", "--image", "IMG"], "one of them"),
+    (["search", "a dog + "], "--raw"),  # an empty term of a combined query (text + --image combine, issue 16)
     (["search", "a dog", "--index", "NOWHERE"], "manifest"),
     (["search", "a dog", "--prefer", "gpu"], "--prefer"),
     (["index", "IMAGES", "--model", "MODEL", "--memory-budget", "lots"], "memory budget"),

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from vkd.bench.synthetic import VectorCorpus, default_clusters, normalize_rows, power_law_shares
+from vkd.bench.synthetic import VectorCorpus, default_clusters, power_law_shares
 
 CHUNK_ROWS = 32_768
 GENERATOR_NAME = "vkd.bench.realcorpus.make_factor_corpus"
@@ -43,14 +43,14 @@ GENERATOR_NAME = "vkd.bench.realcorpus.make_factor_corpus"
 class FactorModel:
     """The corpus model's parameters (see the module docstring)."""
 
-    rank: int = 384
-    student_rank: int = 320
-    decay: float = 1.0
+    rank: int = 512
+    student_rank: int = 448
+    decay: float = 0.5
     size_exponent: float = 1.0
-    cluster_spread: float = 0.9
-    query_noise: float = 0.7
-    teacher_noise: float = 0.3
-    student_noise: float = 0.8
+    cluster_spread: float = 0.3
+    query_noise: float = 1.1
+    teacher_noise: float = 0.25
+    student_noise: float = 0.4
     matryoshka: bool = True
     n_clusters: int | None = None
 
@@ -82,10 +82,12 @@ def describe(model: FactorModel, student_dim: int, teacher_dim: int) -> str:
     )
 
 
-def _orthonormal_rows(rows: int, dim: int, rng: np.random.Generator) -> np.ndarray:
-    """[rows, dim] with orthonormal rows (QR of a Gaussian [dim, rows])."""
-    q = np.linalg.qr(rng.standard_normal((dim, rows)).astype(np.float32))[0]
-    return np.ascontiguousarray(q.T, dtype=np.float32)
+def _orthonormal_rows(rows: int, dim: int, generator: Any) -> Any:
+    """torch [rows, dim] with orthonormal rows (QR of a Gaussian [dim, rows])."""
+    import torch
+
+    q = torch.linalg.qr(torch.randn((dim, rows), generator=generator))[0]
+    return q.T.contiguous()
 
 
 def make_factor_corpus(
@@ -103,7 +105,11 @@ def make_factor_corpus(
 
     ``teacher_out``: a float16 [n_corpus, teacher_dim] array to write the teacher vectors
     into (else one is allocated). ``progress(rows_done)`` is called after every chunk.
+    The arithmetic runs in torch (its random numbers and matrix products are several times
+    faster than numpy's here), seeded per chunk, so the arrays depend on the seed only.
     """
+    import torch
+
     model = model or FactorModel()
     model.check(student_dim, teacher_dim)
     if n_corpus < 1 or n_queries < 1:
@@ -111,54 +117,59 @@ def make_factor_corpus(
     if teacher_out is not None and (teacher_out.shape != (n_corpus, teacher_dim) or teacher_out.dtype != np.float16):
         raise ValueError(f"teacher_out must be float16 [{n_corpus}, {teacher_dim}], got {teacher_out.dtype} "
                          f"{teacher_out.shape}")
-    rng = np.random.default_rng([seed, 11])
+
+    def generator(*key: int) -> Any:
+        # one independent stream per purpose and chunk: the same key gives the same numbers
+        return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, *key]).generate_state(1)[0]))
+
+    setup = generator(11)
     r, rs = model.rank, model.student_rank
-    std = ((np.arange(r, dtype=np.float64) + 1.0) ** (-model.decay / 2.0))
-    std = (std / np.sqrt(np.sum(std**2))).astype(np.float32)  # factor variances sum to 1: |f| ~ 1
-    teacher_map = _orthonormal_rows(r, teacher_dim, rng)
-    student_map = None if model.matryoshka else _orthonormal_rows(rs, student_dim, rng)
+    std = (torch.arange(r, dtype=torch.float64) + 1.0) ** (-model.decay / 2.0)
+    std = (std / torch.sqrt(torch.sum(std**2))).float()  # factor variances sum to 1: |f| ~ 1
+    teacher_map = _orthonormal_rows(r, teacher_dim, setup)
+    student_map = None if model.matryoshka else _orthonormal_rows(rs, student_dim, setup)
     clusters = model.n_clusters or default_clusters(n_corpus)
-    centres = (rng.standard_normal((clusters, r), dtype=np.float32) * std)
-    shares = power_law_shares(clusters, model.size_exponent, rng)
-    t_noise = np.float32(model.teacher_noise / np.sqrt(teacher_dim))
-    s_noise = np.float32(model.student_noise / np.sqrt(student_dim))
+    centres = torch.randn((clusters, r), generator=setup) * std
+    shares = power_law_shares(clusters, model.size_exponent, np.random.default_rng([seed, 11]))
+    t_noise = model.teacher_noise / float(np.sqrt(teacher_dim))
+    s_noise = model.student_noise / float(np.sqrt(student_dim))
 
-    def teacher_of(f: np.ndarray, noise_rng: np.random.Generator) -> np.ndarray:
-        out = f @ teacher_map
-        out += t_noise * noise_rng.standard_normal(out.shape, dtype=np.float32)
-        return normalize_rows(out)
+    def teacher_of(f: Any, gen: Any, half: bool = False) -> np.ndarray:
+        out = torch.randn((len(f), teacher_dim), generator=gen).mul_(t_noise)
+        out.addmm_(f, teacher_map)
+        out = torch.nn.functional.normalize(out, dim=1)
+        return (out.half() if half else out).numpy()  # torch narrows to float16 faster than numpy
 
-    def student_of(f: np.ndarray, noise_rng: np.random.Generator) -> np.ndarray:
-        noise = s_noise * noise_rng.standard_normal((len(f), student_dim), dtype=np.float32)
+    def student_of(f: Any, gen: Any) -> np.ndarray:
+        out = torch.randn((len(f), student_dim), generator=gen).mul_(s_noise)
         if student_map is None:
-            noise[:, :rs] += f[:, :rs]
+            out[:, :rs] += f[:, :rs]
         else:
-            noise += f[:, :rs] @ student_map
-        return normalize_rows(noise)
+            out.addmm_(f[:, :rs], student_map)
+        return torch.nn.functional.normalize(out, dim=1).numpy()
 
     query_rng = np.random.default_rng([seed, 12])
     targets = np.sort(query_rng.choice(n_corpus, size=n_queries, replace=n_queries > n_corpus))
-    target_factors = np.empty((n_queries, r), dtype=np.float32)
+    target_factors = torch.empty((n_queries, r))
     teacher = teacher_out if teacher_out is not None else np.empty((n_corpus, teacher_dim), dtype=np.float16)
     student = np.empty((n_corpus, student_dim), dtype=np.float32)
     sizes = np.zeros(clusters, dtype=np.int64)
     for chunk, start in enumerate(range(0, n_corpus, CHUNK_ROWS)):
         stop = min(start + CHUNK_ROWS, n_corpus)
-        chunk_rng = np.random.default_rng([seed, 13, chunk])
-        ids = chunk_rng.choice(clusters, size=stop - start, p=shares)
+        gen = generator(13, chunk)
+        ids = np.random.default_rng([seed, 13, chunk]).choice(clusters, size=stop - start, p=shares)
         sizes += np.bincount(ids, minlength=clusters)
-        f = centres[ids] + np.float32(model.cluster_spread) * (
-            chunk_rng.standard_normal((stop - start, r), dtype=np.float32) * std)
-        teacher[start:stop] = teacher_of(f, chunk_rng)
-        student[start:stop] = student_of(f, chunk_rng)
+        f = centres[torch.from_numpy(ids)] + model.cluster_spread * (torch.randn((stop - start, r), generator=gen) * std)
+        teacher[start:stop] = teacher_of(f, gen, half=True)
+        student[start:stop] = student_of(f, gen)
         lo, hi = np.searchsorted(targets, [start, stop])
-        target_factors[lo:hi] = f[targets[lo:hi] - start]
+        target_factors[lo:hi] = f[torch.from_numpy(targets[lo:hi] - start)]
         if progress is not None:
             progress(stop)
-    noisy = target_factors + np.float32(model.query_noise) * (
-        query_rng.standard_normal((n_queries, r), dtype=np.float32) * std)
-    query_teacher = teacher_of(noisy, query_rng)
-    query_student = student_of(noisy, query_rng)
+    query_gen = generator(12)
+    noisy = target_factors + model.query_noise * (torch.randn((n_queries, r), generator=query_gen) * std)
+    query_teacher = teacher_of(noisy, query_gen)
+    query_student = student_of(noisy, query_gen)
     order = query_rng.permutation(n_queries)  # targets were sorted to fill them chunk by chunk
     description = {
         "generator": GENERATOR_NAME,

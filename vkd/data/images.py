@@ -446,11 +446,11 @@ def _identify(handle: IO[bytes]) -> ImageFile.ImageFile:
             return factory(handle, "")
         except Exception as error:  # from an untrusted file, any failure means this reader cannot open it
             failures.append(f"{fmt} header, but {type(error).__name__}: {error}")
+    missing = missing_plugin_reason(prefix)
+    if missing is not None:  # first: a HEIC with the generic "mif1" brand also fails Pillow's AVIF reader
+        raise ImageError(missing + (f" ({'; '.join(failures)})" if failures else ""))
     if failures:
         raise ImageError(f"not a readable image: {'; '.join(failures)}")
-    missing = missing_plugin_reason(prefix)
-    if missing is not None:
-        raise ImageError(missing)
     raise ImageError(f"not an image: no supported format ({', '.join(FORMATS)}) matches its first bytes")
 
 

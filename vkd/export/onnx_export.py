@@ -28,23 +28,30 @@ replace ``out_dir``; otherwise ``ExportError`` carries the numbers and nothing i
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import json
-import logging
 import os
 import shutil
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from vkd.export.int8 import (
+    DEFAULT_CANDIDATES,
+    INT8_TARGET_COSINE,
+    attention_shape,
+    get_recipe,
+    quantize_int8,
+    quiet_quantizer,
+)
 from vkd.export.onnx_encoder import EXPORT_FORMAT, EXPORT_MANIFEST, OnnxEncoder
 from vkd.export.preprocess import TEXT_INPUTS, BucketImagePreprocessor, ImagePreprocessor
+from vkd.models.base import load_rgb
 from vkd.models.image_buckets import (
     BUCKET_POLICY,
     DEFAULT_BUCKET_PIXELS,
@@ -275,50 +282,21 @@ def _torch_export(module: Any, args: tuple[Any, ...], path: Path, input_names: l
                           "the 2 GB protobuf limit); vkd exports single-file models only")
 
 
-class _SilenceQuantizerAdvice(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "pre-processing before quantization" not in record.getMessage()
+def _quantize_static(fp32: Path, int8: Path, feeds: list[dict[str, np.ndarray]]) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
+    class FeedReader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._feeds = iter(feeds)
 
-@contextlib.contextmanager
-def _quiet_quantizer() -> Iterator[None]:
-    # quant_pre_process's symbolic shape inference fails on these graphs, so its advice
-    # (logged on every call) is noise here.
-    root = logging.getLogger()
-    advice = _SilenceQuantizerAdvice()
-    root.addFilter(advice)
-    try:
-        yield
-    finally:
-        root.removeFilter(advice)
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._feeds, None)
 
-
-def _quantize(fp32: Path, int8: Path, mode: str, feeds: list[dict[str, np.ndarray]] | None) -> None:
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_dynamic,
-        quantize_static,
-    )
-
-    with _quiet_quantizer():
-        if mode == "dynamic":
-            quantize_dynamic(fp32, int8, weight_type=QuantType.QInt8, per_channel=True)
-            return
-
-        class FeedReader(CalibrationDataReader):
-            def __init__(self) -> None:
-                self._feeds = iter(feeds or [])
-
-            def get_next(self) -> dict[str, np.ndarray] | None:
-                return next(self._feeds, None)
-
-        reader = FeedReader()
+    with quiet_quantizer():
         # Matrix products only: QDQ around the attention mask's Add (whose constants are
         # near float32's minimum) leaves a text tower at cosine ~0.05; the products are
         # where the time goes anyway.
-        quantize_static(fp32, int8, reader, quant_format=QuantFormat.QDQ, per_channel=True,
+        quantize_static(fp32, int8, FeedReader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         op_types_to_quantize=["MatMul", "Gemm"])
 
@@ -360,13 +338,16 @@ def export_onnx(
     calibration_size: int = 64,
     opset: int = DEFAULT_OPSET,
     image_buckets: str | Sequence[Any] | None = None,
+    int8_recipe: str | None = None,
     **load_options: Any,
 ) -> ExportResult:
     """Export ``model_dir``'s towers to ONNX with an INT8 copy and a parity check.
 
     ``int8``: "dynamic" (weights INT8, activations quantised on the fly; the fast CPU
     choice), "static" (QDQ, activations calibrated on ``calibration``'s texts and images)
-    or "none". ``calibration`` is a pairs.jsonl; its first ``calibration_size`` texts and
+    or "none". Dynamic INT8 tries ``vkd.export.int8.DEFAULT_CANDIDATES`` per graph, fastest
+    first, and keeps the first within ``INT8_TARGET_COSINE`` (0.999) of torch;
+    ``int8_recipe`` names one recipe of ``vkd.export.int8.RECIPES`` to use instead. ``calibration`` is a pairs.jsonl; its first ``calibration_size`` texts and
     images also join the parity samples. ``load_options`` go to ``load_encoder`` (e.g.
     Qwen3-VL's ``instruction``). Raises ``ExportError`` with the numbers when a copy is not
     within the parity bounds; ``out_dir`` (default ``model_dir/onnx``) is then untouched.
@@ -382,6 +363,13 @@ def export_onnx(
     if int8 == "static" and calibration is None:
         raise ExportError("int8='static' calibrates activations on real inputs: pass calibration=pairs.jsonl "
                           "(CLI: --calibration), or use int8='dynamic'")
+    if int8_recipe is not None:
+        if int8 != "dynamic":
+            raise ExportError(f"int8_recipe={int8_recipe!r} is a dynamic INT8 recipe; it needs int8='dynamic'")
+        try:
+            get_recipe(int8_recipe)
+        except ValueError as error:
+            raise ExportError(str(error)) from error
     model_dir = Path(model_dir)
     out = Path(out_dir) if out_dir is not None else model_dir / "onnx"
     if out.exists() and not (out / EXPORT_MANIFEST).is_file() and any(out.iterdir()):
@@ -404,7 +392,7 @@ def export_onnx(
     try:
         manifest = _write_export(
             encoder, staging, tokenizer, text_spec, image_config, image_unsupported,
-            int8=int8, opset=opset, calib_texts=calib_texts, calib_images=calib_images,
+            int8=int8, int8_recipe=int8_recipe, opset=opset, calib_texts=calib_texts, calib_images=calib_images,
         )
         manifest["export_seconds"] = round(time.perf_counter() - started, 2)
         (staging / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -446,7 +434,15 @@ def _resolve_buckets(model_dir: Path, image_buckets: str | Sequence[Any] | None,
             raise ExportError(str(error)) from error
         if not buckets:
             raise ExportError(f"image_buckets={image_buckets!r}: no buckets given; use 'default', 'none' or WxH,WxH")
-    load_options["image_buckets"] = bucket_names(buckets)
+    ratios: dict[float, Bucket] = {}
+    for bucket in buckets:
+        ratio = round(bucket[0] / bucket[1], 6)
+        if ratio in ratios:
+            # nearest-aspect-ratio routing would never pick the second one
+            raise ExportError(f"image buckets {format_bucket(ratios[ratio])} and {format_bucket(bucket)} have the "
+                              "same aspect ratio; images go to the bucket nearest their aspect ratio, so keep one")
+        ratios[ratio] = bucket
+    load_options["image_buckets"] = ",".join(bucket_names(buckets) or [])
     return True
 
 
@@ -459,6 +455,7 @@ def _write_export(
     image_unsupported: str | None,
     *,
     int8: str,
+    int8_recipe: str | None = None,
     opset: int,
     calib_texts: list[str],
     calib_images: list[Path],
@@ -509,18 +506,29 @@ def _write_export(
     # feeds and for the parity check.
     (staging / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
+    samples = _parity_samples(manifest, calib_texts, calib_images)
+    reference = _torch_reference(encoder, samples)
+    int8_parity: dict[str, dict[str, Any]] = {}
     if int8 != "none":
-        feeds_encoder = OnnxEncoder(staging, precision="fp32")
+        fp32_encoder = OnnxEncoder(staging, precision="fp32", batch_size=4)
         for tower, bucket, entry in _graphs(manifest):
-            feeds = None
-            if int8 == "static":
-                feeds = _calibration_feeds(feeds_encoder, tower, calib_texts, calib_images, bucket=bucket)
             int8_name = entry["fp32"].replace(".onnx", ".int8.onnx")
-            _quantize(staging / entry["fp32"], staging / int8_name, int8, feeds)
+            key = tower if bucket is None else f"image {format_bucket(bucket)}"
+            feeds, rows = _graph_feeds(fp32_encoder, tower, bucket, samples)
+            if int8 == "static":
+                calibration = _calibration_feeds(fp32_encoder, tower, calib_texts, calib_images, bucket=bucket)
+                _quantize_static(staging / entry["fp32"], staging / int8_name, calibration)
+                entry["int8_recipe"] = "static"
+                int8_parity[key] = _graph_cosines(staging / int8_name, feeds, reference[tower][rows])
+            else:
+                entry["int8_recipe"], entry["int8_tried"], int8_parity[key] = _choose_recipe(
+                    encoder, staging, tower, entry["fp32"], int8_name, feeds, reference[tower][rows],
+                    [int8_recipe] if int8_recipe else list(DEFAULT_CANDIDATES),
+                )
             entry["int8"] = int8_name
         (staging / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
-    manifest["parity"] = parity = _parity(encoder, staging, manifest, calib_texts, calib_images)
+    manifest["parity"] = parity = _parity(staging, manifest, samples, reference, int8_parity)
     for _tower, _bucket, entry in _graphs(manifest):
         entry["bytes"] = {precision: (staging / entry[precision]).stat().st_size
                           for precision in ("fp32", "int8") if entry[precision]}
@@ -540,6 +548,53 @@ def _write_export(
             "the graph or the preprocessing differs from the torch path — please report it."
         )
     return manifest
+
+
+def _choose_recipe(encoder: TorchEncoder, staging: Path, tower: str, fp32_name: str, int8_name: str,
+                   feeds: list[dict[str, np.ndarray]], reference: np.ndarray,
+                   candidates: list[str]) -> tuple[str, list[dict[str, Any]], dict[str, Any]]:
+    """Quantise one graph with each candidate recipe in turn (fastest first) and keep the first
+    whose vectors are within INT8_TARGET_COSINE of torch; when none is, the closest.
+    Returns (recipe name, what was tried, the kept copy's cosines)."""
+    heads, hidden = attention_shape(encoder, tower)
+    tried: list[dict[str, Any]] = []
+    best: tuple[float, str, Path, dict[str, Any]] | None = None
+    seen: set[tuple[Any, ...]] = set()
+    for name in candidates:
+        recipe = get_recipe(name)
+        trial = staging / f".trial-{name}-{int8_name}"
+        notes = quantize_int8(staging / fp32_name, trial, recipe, family=str(encoder.family), tower=tower,
+                              heads=heads, hidden=hidden)
+        # a rewrite that found nothing to rewrite makes the same graph as a recipe already tried
+        same_as = (recipe.op_types, recipe.per_channel, recipe.fuse, bool(notes.get("patch_convs_as_matmul")))
+        if same_as in seen:
+            trial.unlink()
+            continue
+        seen.add(same_as)
+        cosines = _graph_cosines(trial, feeds, reference)
+        tried.append({"recipe": name, "min_cosine": cosines["min"], "mean_cosine": cosines["mean"]})
+        if best is None or cosines["min"] > best[0]:
+            if best is not None:
+                best[2].unlink()
+            best = (cosines["min"], name, trial, cosines)
+        else:
+            trial.unlink()
+        if cosines["min"] >= INT8_TARGET_COSINE:
+            break
+    assert best is not None
+    _, name, trial, cosines = best
+    trial.rename(staging / int8_name)
+    return name, tried, cosines
+
+
+def _graph_cosines(path: Path, feeds: list[dict[str, np.ndarray]], reference: np.ndarray) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    got = np.concatenate([session.run(None, feed)[0] for feed in feeds])
+    return _cosines(reference, got)
 
 
 def _graphs(manifest: dict[str, Any]) -> list[tuple[str, Bucket | None, dict[str, Any]]]:
@@ -591,40 +646,80 @@ def _calibration_feeds(encoder: OnnxEncoder, tower: str, texts: list[str], image
 
 
 def _bucket_samples(buckets: Sequence[Bucket]) -> list[Any]:
-    """One noise image per bucket at 3/4 of its size, so every bucket's graph is checked."""
+    """One noise image per bucket at its exact size, so every bucket's graph is checked (the
+    other samples, of other sizes, exercise the resize into a bucket)."""
     from PIL import Image
 
     rng = np.random.default_rng(1)
-    sizes = [(max(1, width * 3 // 4), max(1, height * 3 // 4)) for width, height in buckets]
-    return [Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)) for width, height in sizes]
+    return [Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)) for width, height in buckets]
 
 
-def _parity(encoder: TorchEncoder, staging: Path, manifest: dict[str, Any],
-            calib_texts: list[str], calib_images: list[Path]) -> dict[str, Any]:
-    texts = SAMPLE_TEXTS + calib_texts
-    images: list[Any] = sample_images() + list(calib_images)
-    image_spec = manifest["image"] or {}
-    buckets = [(int(entry["width"]), int(entry["height"])) for entry in image_spec.get("buckets", ())]
-    images += _bucket_samples(buckets)
-    # Batches of 4 so padding within a batch is exercised as in real use.
-    reference = {"text": encoder.encode_text(texts, batch_size=4)}
+def _parity_samples(manifest: dict[str, Any], calib_texts: list[str],
+                    calib_images: list[Path]) -> dict[str, list[Any]]:
+    samples: dict[str, list[Any]] = {"text": SAMPLE_TEXTS + calib_texts}
     if manifest["image"] is not None:
-        reference["image"] = encoder.encode_images(images, batch_size=4)
+        buckets = [(int(entry["width"]), int(entry["height"])) for entry in manifest["image"].get("buckets", ())]
+        samples["image"] = sample_images() + list(calib_images) + _bucket_samples(buckets)
+    return samples
+
+
+def _torch_reference(encoder: TorchEncoder, samples: dict[str, list[Any]]) -> dict[str, np.ndarray]:
+    # Batches of 4 so padding within a batch is exercised as in real use.
+    reference = {"text": encoder.encode_text(samples["text"], batch_size=4)}
+    if "image" in samples:
+        reference["image"] = encoder.encode_images(samples["image"], batch_size=4)
+    return reference
+
+
+def _graph_feeds(encoder: OnnxEncoder, tower: str, bucket: Bucket | None, samples: dict[str, list[Any]],
+                 batch: int = 4) -> tuple[list[dict[str, np.ndarray]], list[int]]:
+    """One graph's feeds for the parity samples it serves, in batches, and their rows in
+    ``samples[tower]`` (a bucket's graph serves the images nearest its aspect ratio)."""
+    items = samples[tower]
+    if tower == "text":
+        rows = list(range(len(items)))
+        return [encoder.text_inputs(items[start : start + batch]) for start in range(0, len(items), batch)], rows
+    if bucket is None:
+        rows = list(range(len(items)))
+        return [encoder.image_inputs(items[start : start + batch]) for start in range(0, len(items), batch)], rows
+    preprocessor = encoder.image_preprocessor
+    assert isinstance(preprocessor, BucketImagePreprocessor)
+    rows = [row for row, item in enumerate(items) if preprocessor.bucket_of(load_rgb(item)) == bucket]
+    mine = [items[row] for row in rows]
+    return [encoder.image_inputs(mine[start : start + batch], bucket=bucket)
+            for start in range(0, len(mine), batch)], rows
+
+
+def _parity(staging: Path, manifest: dict[str, Any], samples: dict[str, list[Any]],
+            reference: dict[str, np.ndarray], int8_parity: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """fp32 through ``OnnxEncoder`` (tokenizer, preprocessing, bucket routing and all) against
+    torch; INT8 as each graph's kept copy measured on the same samples (``int8_parity``)."""
+    onnx_encoder = OnnxEncoder(staging, precision="fp32", batch_size=4)
     towers: dict[str, dict[str, Any]] = {}
     per_bucket: dict[str, dict[str, Any]] = {}
-    for precision in ("fp32", "int8"):
-        if manifest["quantization"] == "none" and precision == "int8":
-            continue
-        onnx_encoder = OnnxEncoder(staging, precision=precision, batch_size=4)
-        for tower, ref in reference.items():
-            got = onnx_encoder.encode_text(texts) if tower == "text" else onnx_encoder.encode_images(images)
-            towers.setdefault(tower, {})[precision] = _cosines(ref, got)
-            if tower == "image" and buckets:
-                preprocessor = onnx_encoder.image_preprocessor
-                assert isinstance(preprocessor, BucketImagePreprocessor)
-                for bucket, (rows, _) in preprocessor.group(images).items():
-                    per_bucket.setdefault(format_bucket(bucket), {})[precision] = _cosines(ref[rows], got[rows])
-    parity: dict[str, Any] = {"min_cosine": dict(PARITY_MIN_COSINE), "towers": towers}
-    if buckets:
+    for tower, ref in reference.items():
+        items = samples[tower]
+        got = onnx_encoder.encode_text(items) if tower == "text" else onnx_encoder.encode_images(items)
+        towers[tower] = {"fp32": _cosines(ref, got)}
+        preprocessor = onnx_encoder.image_preprocessor if tower == "image" else None
+        if isinstance(preprocessor, BucketImagePreprocessor):
+            for bucket, (rows, _) in preprocessor.group(items).items():
+                per_bucket[format_bucket(bucket)] = {"fp32": _cosines(ref[rows], got[rows])}
+    for key, numbers in int8_parity.items():
+        if key.startswith("image "):
+            per_bucket.setdefault(key.removeprefix("image "), {})["int8"] = numbers
+        else:
+            towers[key]["int8"] = numbers
+    if per_bucket and int8_parity:
+        # the image tower's INT8 figure over all buckets: every sample, each in its own bucket
+        weights = [numbers["int8"] for numbers in per_bucket.values() if "int8" in numbers]
+        towers["image"]["int8"] = {
+            "min": min(numbers["min"] for numbers in weights),
+            "mean": float(sum(numbers["mean"] * numbers["n"] for numbers in weights) / sum(n["n"] for n in weights)),
+            "n": int(sum(numbers["n"] for numbers in weights)),
+        }
+    parity: dict[str, Any] = {"min_cosine": dict(PARITY_MIN_COSINE), "int8_target_cosine": INT8_TARGET_COSINE,
+                              "towers": towers}
+    if per_bucket:
         parity["image_buckets"] = per_bucket
     return parity

@@ -23,11 +23,14 @@ _EXPORTS: dict[str, str] = {
     "Shard": "vkd.indexer.index",
     "ManifestError": "vkd.indexer.manifest",
     "verify_index": "vkd.indexer.verify",
+    "DuplicateGroup": "vkd.indexer.dupes",
+    "find_duplicates": "vkd.indexer.dupes",
 }
 
 __all__ = [
     "BuildResult",
     "CompactResult",
+    "DuplicateGroup",
     "Index",
     "IndexMismatchError",
     "IndexSpec",
@@ -36,11 +39,13 @@ __all__ = [
     "build_index",
     "choose_index",
     "compact_index",
+    "find_duplicates",
     "verify_index",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
     from vkd.indexer.build import BuildResult, CompactResult, IndexMismatchError, build_index, compact_index
+    from vkd.indexer.dupes import DuplicateGroup, find_duplicates
     from vkd.indexer.faiss_index import IndexSpec, choose_index
     from vkd.indexer.index import Index, Shard
     from vkd.indexer.manifest import ManifestError

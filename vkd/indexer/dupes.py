@@ -9,7 +9,8 @@ works: each live row's student vector asks the FAISS indexes for its ``k`` neare
 images less similar than ``threshold`` that both resemble a third; a group's ``score`` is the
 lowest similarity among the pairs that joined it.
 
-Nothing here reads an image file; the vectors and hashes stored at index time are enough.
+Finding them reads no image file: the vectors and hashes stored at index time are enough (the
+HTML page reads each member once, for its thumbnail).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from vkd.indexer.index import Index, Shard
 
@@ -111,14 +113,16 @@ def find_duplicates(index: Index | str | os.PathLike[str], *, threshold: float =
         vectors = shard.teacher_vectors(rows) if use_teacher else shard.student_vectors(rows)
         return _normalised(vectors.astype(np.float32))
 
+    # only the hashes of every live row are held; full records are read for group members only
     by_hash: dict[str, int] = {}
-    records: dict[int, dict[str, Any]] = {}
+    sha_of: dict[int, str] = {}
     for number, shard in enumerate(shards):
         live = np.flatnonzero(shard.live_mask())
-        for record in shard.records(live):
-            node = int(offsets[number]) + record["row"]
-            records[node] = record
-            first = by_hash.setdefault(record["sha256"], node)
+        hashes = shard.table.column("sha256").take(pa.array(live, type=pa.int64())).to_pylist()
+        for row, digest in zip(live.tolist(), hashes, strict=True):
+            node = int(offsets[number]) + row
+            sha_of[node] = digest
+            first = by_hash.setdefault(digest, node)
             if first != node:
                 union.join(first, node)
 
@@ -150,17 +154,17 @@ def find_duplicates(index: Index | str | os.PathLike[str], *, threshold: float =
         union.join(a, b)
 
     members: dict[int, list[int]] = {}
-    for node in records:
+    for node in sha_of:
         members.setdefault(union.find(node), []).append(node)
+    members = {root: nodes for root, nodes in members.items() if len(nodes) > 1}
     lowest: dict[int, float] = {}
     for a, b, score in near_scores:
-        if records[a]["sha256"] != records[b]["sha256"]:
+        if sha_of[a] != sha_of[b]:
             root = union.find(a)
             lowest[root] = min(lowest.get(root, 1.0), score)
+    records = _records(shards, offsets, [node for nodes in members.values() for node in nodes])
     groups = []
     for root, nodes in members.items():
-        if len(nodes) < 2:
-            continue
         chosen = sorted((records[node] for node in nodes), key=lambda r: r["relpath"])
         exact = len({r["sha256"] for r in chosen}) == 1
         groups.append(DuplicateGroup(
@@ -170,6 +174,17 @@ def find_duplicates(index: Index | str | os.PathLike[str], *, threshold: float =
                                      int(r["height"])) for r in chosen]))
     groups.sort(key=lambda g: (-len(g.members), g.members[0].relpath))
     return groups
+
+
+def _records(shards: list[Shard], offsets: np.ndarray, nodes: list[int]) -> dict[int, dict[str, Any]]:
+    """Row metadata of ``nodes`` (global row numbers), read shard by shard."""
+    found: dict[int, dict[str, Any]] = {}
+    wanted = np.asarray(sorted(nodes), dtype=np.int64)
+    for number, shard in enumerate(shards):
+        mine = wanted[(wanted >= offsets[number]) & (wanted < offsets[number + 1])]
+        for node, record in zip(mine.tolist(), shard.records(mine - offsets[number]), strict=True):
+            found[node] = record
+    return found
 
 
 def _thumbnail(path: str, size: int = 160) -> str | None:

@@ -62,7 +62,7 @@ MODEL_KEYS = ("name", "fingerprint", "dim", "family")
 # preprocessing only. A manifest is data, so nothing in it may switch on trust_remote_code,
 # allow_pickle or any other way of running code from a checkpoint.
 MODEL_OPTIONS = frozenset({"query_instruction", "document_instruction", "matryoshka_dim", "max_text_length",
-                           "min_pixels", "max_pixels", "max_length"})
+                           "min_pixels", "max_pixels", "max_length", "image_buckets"})
 SHARD_KEYS = ("name", "arrow", "faiss", "rows", "arrow_sha256", "faiss_sha256", "index", "retired")
 
 

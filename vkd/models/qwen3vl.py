@@ -574,8 +574,9 @@ class Qwen3VLEncoder(TorchEncoder):
             "max_pixels": self.processor.max_pixels,
             "max_length": self.processor.max_length,
             "max_text_length": self.processor.max_text_length,
-            # "WxH" strings: what an index manifest or export.json records and compares
-            "image_buckets": bucket_names(self.processor.image_buckets),
+            # one "WxH,WxH" string: index manifests record options as JSON scalars, and
+            # load_encoder(prefer="onnx") compares it with the export's as recorded
+            "image_buckets": ",".join(bucket_names(self.processor.image_buckets) or []) or None,
         }
 
     def options(self) -> dict[str, Any]:

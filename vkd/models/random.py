@@ -44,6 +44,7 @@ such in ``vkd.json``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -271,6 +272,18 @@ def format_count(count: float) -> str:
     return f"{count / 1e9:.2f}B" if count >= 1e9 else f"{count / 1e6:.1f}M"
 
 
+def _most_layers(arch: Arch, max_parameters: int, below: int) -> int | None:
+    """The largest ``--layers`` value under ``below`` whose copy has at most ``max_parameters``."""
+    low, high = 0, below
+    while low < high:  # parameters grow with the depth: bisect
+        middle = (low + high + 1) // 2
+        if count_parameters(arch, layers=middle) <= max_parameters:
+            low = middle
+        else:
+            high = middle - 1
+    return low or None
+
+
 def check_fits(arch: Arch, dtype: str, kept: Mapping[str, int], out_dir: Path, *,
                memory_bytes: int | None = None, free_disk_bytes: int | None = None) -> int:
     """The weight bytes of the build asked for; ``DoesNotFit`` (saying what would fit) when
@@ -294,16 +307,15 @@ def check_fits(arch: Arch, dtype: str, kept: Mapping[str, int], out_dir: Path, *
         return weight_bytes
     budget = min(value for value in (limit, free - 64 * 10**6) if value is not None)
     fits = []
-    for other in ("bfloat16",) if dtype == "float32" else ():
-        other_bytes = params * _ITEM_BYTES[other]
-        if other_bytes <= budget:
-            fits.append(f"--dtype bf16 ({format_bytes(other_bytes)})")
-    one = count_parameters(arch, layers=1, vision_layers=kept["vision"])
-    per_layer = count_parameters(arch, layers=2, vision_layers=kept["vision"]) - one if arch.text_layers > 1 else 0
-    if per_layer > 0 and one * item <= budget:
-        most = min(arch.text_layers, 1 + (budget // item - one) // per_layer)
-        fits.append(f"--layers {most} or fewer in {'fp32' if dtype == 'float32' else 'bf16'} "
-                    f"(then extrapolate per layer to the full {arch.text_layers})")
+    if dtype == "float32" and params * _ITEM_BYTES["bfloat16"] <= budget:
+        fits.append(f"--dtype bf16 ({format_bytes(params * _ITEM_BYTES['bfloat16'])})")
+    for option in (dtype, "bfloat16") if dtype == "float32" and not fits else (dtype,):
+        most = _most_layers(arch, budget // _ITEM_BYTES[option], max(kept.values()) - 1)
+        if most:
+            fits.append(f"{'--dtype bf16 ' if option != dtype else ''}--layers {most}{' or fewer' if most > 1 else ''} "
+                        "(a truncated copy; "
+                        f"extrapolate per layer to the full {arch.text_layers})")
+            break
     raise DoesNotFit(
         f"{arch.name} in {'fp32' if dtype == 'float32' else 'bf16'}"
         + (f" with {kept['text']} of {arch.text_layers} text layers" if kept["text"] != arch.text_layers else "")
@@ -313,6 +325,12 @@ def check_fits(arch: Arch, dtype: str, kept: Mapping[str, int], out_dir: Path, *
 
 
 # -- the weights -------------------------------------------------------------------------
+
+
+def _chunk_seed(seed: int, index: int, chunk: int) -> int:
+    # torch's CPU generator keeps 32 bits of a seed: hash the triple into them
+    digest = hashlib.blake2b(f"{seed}:{index}:{chunk}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
 
 
 def _initial_values(name: str, shape: tuple[int, ...], owner: Any, arch: Arch, dtype: Any, seed: int, index: int,
@@ -337,7 +355,7 @@ def _initial_values(name: str, shape: tuple[int, ...], owner: Any, arch: Arch, d
     flat = tensor.view(-1)
 
     def fill(chunk: int) -> None:
-        generator = torch.Generator().manual_seed((seed << 40) ^ (index << 20) ^ chunk)
+        generator = torch.Generator().manual_seed(_chunk_seed(seed, index, chunk))
         flat[chunk * _CHUNK:(chunk + 1) * _CHUNK].normal_(0.0, INIT_STD, generator=generator)
 
     # torch releases the GIL while it fills, so the threads run in parallel

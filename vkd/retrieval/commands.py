@@ -129,22 +129,16 @@ def search(query: str | None, image: str | None, and_terms: tuple[str, ...], not
       vkd search "a dog on a beach" --server http://127.0.0.1:8000   # a running `vkd serve`
       vkd search --image query.jpg --server https://search.example.org --api-key KEY
     """
-    if server is not None:
-        ctx = click.get_current_context()
-        from click.core import ParameterSource
-
-        given = [f"--{name.replace('_terms', '').replace('_', '-')}" for name in _NEW_FLAGS
-                 if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
-        if given:
-            raise click.UsageError(f"{', '.join(given)}: not available with --server yet; drop --server to search "
-                                   "the index here, or send them to the API (POST /search with \"terms\")")
-        _search_server(server, query=query, image=image, k=k, candidates=candidates, no_rerank=no_rerank,
-                       as_json=as_json, api_key=api_key, timeout=timeout)
-        return
-    from vkd.indexer import IndexMismatchError, ManifestError
-    from vkd.paths import default_index_dir
-    from vkd.retrieval.query import Filters, Query, QueryError, Term, check_path_glob, parse_compact
-    from vkd.retrieval.retriever import Retriever, check_text_query
+    # only the standard library and the query model so far: a --server search loads no index code
+    from vkd.retrieval.query import (
+        Filters,
+        Query,
+        QueryError,
+        Term,
+        check_path_glob,
+        check_text_query,
+        parse_compact,
+    )
 
     if query is None and image is None:
         raise click.UsageError('give a text query or --image FILE: vkd search "a dog on a beach"')
@@ -176,6 +170,24 @@ def search(query: str | None, image: str | None, and_terms: tuple[str, ...], not
         request = Query(tuple(terms), filters)
     except QueryError as error:
         raise click.UsageError(str(error)) from None
+    if server is not None:
+        if paths or html_file is not None:
+            raise click.UsageError("--paths and --html need the images' own paths: drop --server to search the "
+                                   "index here, or use --json (paths relative to the server's images folder)")
+        # a plain text or image goes as before (any server version answers it); else the terms as given
+        plain = len(terms) == 1 and terms[0].weight == 1.0 and not raw
+        texts = [(t.query, t.weight) for t in terms if isinstance(t.query, str)]
+        _search_server(server, query=query if plain and image is None else None,
+                       image=image if plain and query is None else None, k=k, candidates=candidates,
+                       no_rerank=no_rerank, as_json=as_json, api_key=api_key, timeout=timeout,
+                       terms=None if plain else texts,
+                       images=None if plain else [(t.query, t.weight) for t in terms if not isinstance(t.query, str)],
+                       options={**filters.to_dict(), "min_score": min_score})
+        return
+    from vkd.indexer import IndexMismatchError, ManifestError
+    from vkd.paths import default_index_dir
+    from vkd.retrieval.retriever import Retriever
+
     if candidates < k:
         raise click.UsageError(f"--candidates {candidates} is smaller than -k {k}; stage 1 must find at least k")
     path = Path(index_dir) if index_dir is not None else default_index_dir()
@@ -257,7 +269,8 @@ def _single(text: str, sign: int) -> Any:
 
 
 def _search_server(server: str, *, query: str | None, image: str | None, k: int, candidates: int, no_rerank: bool,
-                   as_json: bool, api_key: str | None, timeout: float) -> None:
+                   as_json: bool, api_key: str | None, timeout: float, terms: list[tuple[str, float]] | None = None,
+                   images: list[tuple[Any, float]] | None = None, options: dict[str, Any] | None = None) -> None:
     """``vkd search --server``: the same search and output, answered by a running server.
 
     Only the standard library is imported on this path (``vkd.serve.client``), so it costs
@@ -275,14 +288,13 @@ def _search_server(server: str, *, query: str | None, image: str | None, k: int,
         flags = ", ".join(flag.replace("--index-dir", "--index") for flag in local_only)
         raise click.UsageError(f"{flags}: with --server the server's own index and models are searched; drop "
                                f"{'it' if len(local_only) == 1 else 'them'}, or drop --server to search here")
-    if (query is None) == (image is None):
-        raise click.UsageError('give a text query or --image FILE (one of them): vkd search "a dog on a beach"')
     given = ctx.get_parameter_source("candidates") == ParameterSource.COMMANDLINE
     if given and candidates < k:
         raise click.UsageError(f"--candidates {candidates} is smaller than -k {k}; stage 1 must find at least k")
     try:
         answer = remote_search(server, query=query, image=image, k=k, candidates=candidates if given else None,
-                               rerank=False if no_rerank else None, api_key=api_key, timeout=timeout)
+                               rerank=False if no_rerank else None, api_key=api_key, timeout=timeout,
+                               terms=terms, images=images, options=options)
     except ValueError as error:
         raise click.UsageError(str(error)) from None
     except ServerError as error:

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field, fields
 from datetime import date, datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 if TYPE_CHECKING:
+    import numpy as np
+
     from vkd.indexer.index import Shard
 
 #: the EXIF capture time, written by the indexer into new shards (nullable; older shards lack it)
@@ -38,6 +38,29 @@ _WEIGHT = re.compile(r"^\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*:(.*)$", re.DOTALL)
 
 class QueryError(ValueError):
     """A query that cannot be searched; the message says why and what would be accepted."""
+
+
+#: Longer text is refused, not cut silently. Text encoders read far less anyway (CLIP: 77
+#: tokens, about 300 characters); within this bound, text past the model's token limit is cut
+#: by the tokenizer, as in training.
+MAX_QUERY_CHARS = 2000
+
+
+def check_text_query(query: str) -> str:
+    """``query`` as it will be encoded, or ``QueryError``: empty, not valid UTF-8, too long."""
+    if not query.strip():
+        raise QueryError('empty query: give some words to search for, e.g. "a dog on a beach"')
+    try:
+        query.encode("utf-8")
+    except UnicodeEncodeError as error:
+        # a shell argument with bytes that are not UTF-8 arrives as lone surrogates
+        bad = query[error.start].encode("utf-8", "surrogateescape")
+        raise QueryError(f"the query is not valid UTF-8 text (byte 0x{bad.hex()} at character {error.start}); "
+                         "check the terminal's encoding (LANG=C.UTF-8) or the text's source") from None
+    if len(query) > MAX_QUERY_CHARS:
+        raise QueryError(f"the query is {len(query)} characters long; the limit is {MAX_QUERY_CHARS} (text "
+                         "encoders read only the first few hundred characters anyway): shorten it")
+    return query
 
 
 @dataclass(frozen=True)
@@ -104,6 +127,7 @@ class Filters:
         Vectorised over the Arrow columns (pyarrow.compute) except the glob, which runs in
         Python only on the rows the other conditions left.
         """
+        import numpy as np
         import pyarrow as pa
         import pyarrow.compute as pc
 
@@ -190,6 +214,7 @@ def parse_compact(text: str, *, raw: bool = False) -> list[Term]:
     Splits only on " + " / " - " with a space each side; a leading "N:" (a plain number) is
     the weight. ``raw=True``: the whole text is one term of weight 1, nothing parsed.
     """
+    check_text_query(text)  # the whole text first: an empty or overlong query gets the same message as ever
     if raw:
         return [Term(text, 1.0)]
     pieces = _SPLIT.split(text)
@@ -211,9 +236,10 @@ def parse_compact(text: str, *, raw: bool = False) -> list[Term]:
 def as_query(query: Any, filters: Filters | None = None) -> Query:
     """A ``Query`` from what ``Retriever.search`` accepts: a ``Query``; one text or image
     (not parsed: the library takes text literally); or a list of ``(query, weight)`` pairs
-    or ``Term``s."""
+    or ``Term``s. ``filters`` apply unless the ``Query`` has filters of its own."""
     if isinstance(query, Query):
-        if filters is not None and filters.active:
+        # a Query's own filters win; ``filters`` is the default for those without any
+        if filters is not None and filters.active and not query.filters.active:
             return Query(query.terms, filters)
         return query
     if isinstance(query, Term):
@@ -233,6 +259,8 @@ def _pair(item: Any) -> Term:
 
 def combine(vectors: np.ndarray, weights: Iterable[float]) -> np.ndarray:
     """The weighted sum of the L2-normalised rows of ``vectors``, L2-normalised again."""
+    import numpy as np
+
     vectors = np.asarray(vectors, dtype=np.float32)
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     unit = vectors / np.maximum(norms, 1e-12)
@@ -277,6 +305,8 @@ def search_allowed(shard: Shard, queries: np.ndarray, k: int, allowed: np.ndarra
     (retired rows are already left out of ``allowed``), as approximate as the unfiltered
     search, then re-scores its finds exactly.
     """
+    import numpy as np
+
     n_queries = queries.shape[0]
     scores = np.full((n_queries, k), -np.inf, dtype=np.float32)
     rows = np.full((n_queries, k), -1, dtype=np.int64)
@@ -296,6 +326,7 @@ def search_allowed(shard: Shard, queries: np.ndarray, k: int, allowed: np.ndarra
 
 def _faiss_allowed(shard: Shard, queries: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     import faiss
+    import numpy as np
 
     searcher = shard.searcher
     selector = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
@@ -323,6 +354,8 @@ def _faiss_allowed(shard: Shard, queries: np.ndarray, k: int, allowed: np.ndarra
 def encode_terms(encode: Any, queries: Sequence[Query]) -> np.ndarray:
     """float32 [len(queries), d]: each query's combined vector. ``encode(list_of_terms)``
     encodes term queries (text and images) in one batch per kind."""
+    import numpy as np
+
     flat = [term.query for query in queries for term in query.terms]
     vectors = encode(flat)
     out = []

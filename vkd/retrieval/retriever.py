@@ -36,7 +36,16 @@ import numpy as np
 
 from vkd.indexer import Index, IndexMismatchError
 from vkd.retrieval import stages
-from vkd.retrieval.query import Filters, Query, QueryError, as_query, encode_terms, search_allowed
+from vkd.retrieval.query import (  # noqa: F401 - check_text_query, MAX_QUERY_CHARS: re-exported, their old home
+    MAX_QUERY_CHARS,
+    Filters,
+    Query,
+    QueryError,
+    as_query,
+    check_text_query,
+    encode_terms,
+    search_allowed,
+)
 from vkd.retrieval.results import Hit, SearchResult, StageTimings
 from vkd.retrieval.stages import Candidates, merge_candidates
 
@@ -45,29 +54,6 @@ if TYPE_CHECKING:
 
 DEFAULT_CANDIDATES = 1000
 PREFER = ("onnx", "torch")
-#: Longer text is refused, not cut silently. Text encoders read far less anyway (CLIP: 77
-#: tokens, about 300 characters); within this bound, text past the model's token limit is cut
-#: by the tokenizer, as in training.
-MAX_QUERY_CHARS = 2000
-
-
-def check_text_query(query: str) -> str:
-    """``query`` as it will be encoded, or ``QueryError``: empty, not valid UTF-8, too long."""
-    if not query.strip():
-        raise QueryError('empty query: give some words to search for, e.g. "a dog on a beach"')
-    try:
-        query.encode("utf-8")
-    except UnicodeEncodeError as error:
-        # a shell argument with bytes that are not UTF-8 arrives as lone surrogates
-        bad = query[error.start].encode("utf-8", "surrogateescape")
-        raise QueryError(f"the query is not valid UTF-8 text (byte 0x{bad.hex()} at character {error.start}); "
-                         "check the terminal's encoding (LANG=C.UTF-8) or the text's source") from None
-    if len(query) > MAX_QUERY_CHARS:
-        raise QueryError(f"the query is {len(query)} characters long; the limit is {MAX_QUERY_CHARS} (text "
-                         "encoders read only the first few hundred characters anyway): shorten it")
-    return query
-
-
 def open_encoder(name: str, *, prefer: str = "onnx", device: Any = None, batch_size: int = 32,
                  options: dict[str, Any] | None = None) -> Encoder:
     """An encoder by name: an ONNX export directory itself, or a model (directory or hub

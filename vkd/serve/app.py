@@ -555,10 +555,12 @@ def create_app(config: ServeConfig, *, engine: SearchEngine | None = None) -> Fa
         return JSONResponse(search_payload(served, query=text, k=params.k, root_path=root))
 
     @app.get("/search", response_model=SearchResponse, dependencies=guarded, responses=_errors(400, 401, 503),
-             summary="Text -> image search", tags=["search"])
+             summary="Text -> image search (combined terms, filters)", tags=["search"])
     async def search_get(
-        q: str | None = Query(None, description="The text to search for (1 to 2000 characters).",
-                              examples=["a dog on a beach"]),
+        q: str | None = Query(None, description="The text to search for (1 to 2000 characters), in the compact "
+                                                "syntax: terms joined by ' + ' / ' - ' (spaces on both sides), "
+                                                "each with an optional 'W:' weight; raw=true takes it literally.",
+                              examples=["a dog on a beach", "2:cat + dog - grass"]),
         k: int | None = Query(None, ge=1, le=config.max_k, description="Results to return (default 10)."),
         candidates: int | None = Query(None, ge=1, le=config.max_candidates,
                                        description=f"Stage-1 candidates (>= k; default {config.candidates})."),
