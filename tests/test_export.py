@@ -67,8 +67,9 @@ def indexes(exports: dict[str, Path], corpus: Path, tmp_path_factory: pytest.Tem
     out = {}
     for family in ("clip", "siglip", "qwen3-vl"):
         teacher = str(exports["teacher"]) if family == "clip" else None
+        # torch, as the docstring says: on a CPU the default would take the fresh export
         out[family] = Index.build(corpus, root / family, student=str(exports[family]), teacher=teacher,
-                                  shard_size=12).path
+                                  shard_size=12, prefer="torch").path
     return out
 
 

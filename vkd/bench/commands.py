@@ -16,7 +16,9 @@ from typing import Any
 
 import click
 
-BENCHMARKS = ("distill", "search", "export", "index", "step")
+BENCHMARKS = ("distill", "search", "export", "index", "step", "real")
+#: benchmarks that take no models or data from the demo (they build their own)
+SELF_CONTAINED = ("real",)
 DEFAULT_OUT = Path("results")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*$")
 
@@ -205,7 +207,8 @@ class Session:
         click.echo(f"bench {name}{' (quick)' if self.quick else ''}", err=True)
         started_at, start = now_iso(), time.perf_counter()
         result = RUNNERS[name](self)
-        result.results["source"] = self.source.describe()
+        if name not in SELF_CONTAINED:
+            result.results["source"] = self.source.describe()
         paths = write_result(self.out, result, command=self.command, quick=self.quick, started_at=started_at,
                              duration_s=time.perf_counter() - start, machine=self.machine())
         for path in paths:
@@ -305,6 +308,41 @@ def _serve(session: Session) -> Any:
                                settings=settings, serve_python=o.get("serve_python"), progress=_progress)
 
 
+def _real(session: Session) -> Any:
+    from vkd.bench.real import RealSettings, expected_minutes, known_archs, run_real_benchmark
+
+    o = session.options
+    settings = RealSettings.quick_settings() if session.quick else RealSettings()
+    if o.get("archs"):
+        archs = tuple(a.strip() for a in o["archs"].split(",") if a.strip())
+        unknown = [a for a in archs if a not in known_archs()]
+        if unknown:
+            raise click.BadParameter(f"unknown arch(s) {', '.join(unknown)}; choose from {', '.join(known_archs())}",
+                                     param_hint="--archs")
+        settings.archs = archs
+    if o.get("backends"):
+        backends = tuple(b.strip() for b in o["backends"].split(",") if b.strip())
+        from vkd.bench.real import BACKENDS
+
+        unknown = [b for b in backends if b not in BACKENDS]
+        if unknown or "torch-fp32" not in backends:
+            raise click.BadParameter(f"{o['backends']!r}: give torch-fp32 (the reference) and any of "
+                                     f"{', '.join(BACKENDS)}", param_hint="--backends")
+        settings.backends = backends
+    if o.get("repeats"):
+        settings.rounds = o["repeats"]
+    if o.get("corpus_size"):
+        settings.corpus_size = o["corpus_size"][0]
+    if o.get("pairings"):
+        settings.pairings = tuple(p.strip() for p in o["pairings"].split(",") if p.strip())
+    settings.threads = o.get("threads")
+    if not session.quick:
+        _progress(f"real: {', '.join(settings.archs)}; expect about {expected_minutes(settings):.0f} minutes on two "
+                  "quiet cores (models are built once into the work folder and reused)")
+    work = o.get("work_dir") or _scratch(session, "real")
+    return run_real_benchmark(settings, workdir=work, progress=_progress)
+
+
 def _scratch(session: Session, name: str) -> Path:
     from vkd.bench.source import scratch_dir
 
@@ -313,6 +351,7 @@ def _scratch(session: Session, name: str) -> Path:
 
 RUNNERS: dict[str, Callable[[Session], Any]] = {
     "distill": _distill, "search": _search, "export": _export, "index": _index, "step": _step, "serve": _serve,
+    "real": _real,
 }
 
 
@@ -428,12 +467,72 @@ def serve_command(**options: Any) -> None:
     _run_one("serve", options)
 
 
+def real_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--archs", default=None,
+                     help="Comma-separated archs of `vkd model random` (clip-vit-b32, clip-vit-b16, clip-vit-l14, "
+                          "siglip-base-patch16-224, qwen3-vl-embedding-2b, qwen3-vl-embedding-8b).  [default: "
+                          "clip-vit-b32,clip-vit-l14,qwen3-vl-embedding-2b,qwen3-vl-embedding-8b; --quick: "
+                          "clip-vit-b32]"),
+        click.option("--backends", default=None,
+                     help="Comma-separated of torch-fp32, torch-bf16, onnx-fp32, onnx-int8.  [default: all four]"),
+        click.option("--repeats", type=click.IntRange(min=1), default=None,
+                     help="Rounds each timing is repeated in (figures are their median with min–max).  "
+                          "[default: 3; --quick: 2]"),
+        click.option("--corpus-size", callback=_sizes_option, default=None,
+                     help="Vectors in the end-to-end search corpus, e.g. 1M.  [default: 1M; --quick: 20k]"),
+        click.option("--pairings", default=None,
+                     help="End-to-end pairs: clip (B/32 → L/14, 512/768-d), qwen3-vl (2B → 8B, 2048/4096-d).  "
+                          "[default: clip,qwen3-vl; --quick: clip]"),
+        click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="Where the random models, exports and scratch files go (kept for the next run).  "
+                          "[default: OUT/.work/real]"),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+@bench.command("real", short_help="Costs at real model sizes (random weights): encoding, full query, indexing.")
+@click.option("--quick", is_flag=True,
+              help="Functional check: small depth-truncated copies, 20k vectors, 2 rounds (a few minutes).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_OUT,
+              show_default=True, help="Folder for real.json, real.md and real_costs.png.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Threads for torch, FAISS and ONNX Runtime.  [default: each library's own]")
+@real_options
+def real_command(**options: Any) -> None:
+    """Encoding, a full two-stage query and indexing at the real model sizes, side by side,
+    on random weights of the real architectures (`vkd model random`): speed, memory and size.
+
+    \b
+    (a) image and query ms at batch 1 and 32 per model and backend (torch fp32/bf16, ONNX
+        fp32/INT8), peak RSS, size on disk, cosine to torch fp32; big models measured as
+        depth-truncated copies and extrapolated per layer (marked, with the formula);
+    (b) student encode + ANN + teacher encode + rerank against teacher-only at 1M vectors
+        of the real dimensions, RAM and disk, a Matryoshka-prefix stage 1, vkd vs FAISS;
+    (c) `vkd index` images/s with --prefer onnx and torch against the encoder alone, and
+        the teacher's share; (d) overlap@10 and Recall@10 at the real dimensions.
+
+    Every timing is a median over --repeats rounds with its min–max; speed-ups are ratios
+    within each round. The full run takes about 20 minutes on two cores.
+
+    \b
+    Example:
+      vkd bench real --quick --out /tmp/real-smoke
+      vkd bench real --archs clip-vit-b32,clip-vit-l14 --pairings clip --out results
+    """
+    options = {"demo_dir": None, "data": None, "train_data": None, "teacher": None, "student": None,
+               "student_raw": None, "student_ce": None, "int8": None, "images": None, "index_dir": None, **options}
+    _run_one("real", options)
+
+
 @bench.command("all", short_help="Every benchmark, then OUT/RESULTS.md.")
 @common_options
 @search_options
 @step_options
 def _all_command(**options: Any) -> None:
-    """Every benchmark in turn (distill, search, export, index, step), then OUT/RESULTS.md.
+    """Every benchmark in turn (distill, search, export, index, step, real), then OUT/RESULTS.md.
 
     A benchmark that fails is reported and the others still run; the exit status is
     non-zero if any failed.

@@ -16,6 +16,7 @@ from typing import Any
 
 from vkd.bench.encoders import encode_latency, encode_split, load_split, onnx_bytes, parameter_count, recall
 from vkd.bench.report import BenchResult, Figure, markdown_table, ort_threads
+from vkd.bench.timing import format_spread
 
 ROLES = ("teacher", "student raw", "student CE-only", "student distilled", "student distilled INT8")
 
@@ -27,10 +28,11 @@ class DistillSettings:
     batch_repeats: int = 8
     warmup: int = 2
     max_images: int | None = None
+    rounds: int = 5
 
     @classmethod
     def quick(cls) -> DistillSettings:
-        return cls(repeats=10, batch_repeats=3, warmup=1, max_images=200)
+        return cls(repeats=10, batch_repeats=3, warmup=1, max_images=200, rounds=3)
 
 
 def retention(model: Mapping[str, float], teacher: Mapping[str, float]) -> dict[str, float | None]:
@@ -91,7 +93,8 @@ def run_distill_benchmark(
             "onnx_bytes": onnx_bytes(encoder),
             "recall": recall(image_vectors, text_vectors, split),
             "latency": encode_latency(encoder, split, batch=settings.batch, repeats=settings.repeats,
-                                      batch_repeats=settings.batch_repeats, warmup=settings.warmup),
+                                      batch_repeats=settings.batch_repeats, warmup=settings.warmup,
+                                      rounds=settings.rounds),
         })
     teacher = rows[0]["recall"]
     for row in rows:
@@ -108,7 +111,7 @@ def run_distill_benchmark(
         "test_texts": len(split.texts),
         "batch": settings.batch,
         "repeats": {"batch1": settings.repeats, f"batch{settings.batch}": settings.batch_repeats,
-                    "warmup": settings.warmup},
+                    "warmup": settings.warmup, "rounds": settings.rounds},
         "models": rows,
     }
     return BenchResult("distill", results, markdown(results), notes=notes, figures=[recall_figure(results)])
@@ -121,18 +124,21 @@ def markdown(results: dict[str, Any]) -> str:
         r, lat, keep = row["recall"], row["latency"], row["retention_vs_teacher"]
         rows.append([
             row["model"], r["t2i_R@1"], r["t2i_R@5"], r["t2i_R@10"], r["i2t_R@1"], r["i2t_R@5"], r["i2t_R@10"],
-            r["rsum"], keep["mean_R@1"], row["params"], row["dim"], lat["ms_per_image"],
-            lat["ms_per_image_at_batch"], lat["ms_per_query"],
+            r["rsum"], keep["mean_R@1"], row["params"], row["dim"],
+            format_spread(lat["image"]["rounds"]["batch1_ms"]),
+            format_spread(lat["image"]["rounds"][f"batch{b}_ms_per_item"]),
+            format_spread(lat["text"]["rounds"]["batch1_ms"]),
         ])
     return "\n".join([
         f"Held-out split: {results['test_images']} images, {results['test_texts']} captions "
         f"({results['test_pairs']}). Recall in percent; retention = R@1 (mean of both directions) as a "
-        f"percentage of the teacher's. Encode latency: p50 at batch 1, and per image at batch {b}.",
+        f"percentage of the teacher's. Encode latency: p50 at batch 1, and per image at batch {b}, each the "
+        f"median over {results['repeats'].get('rounds', 1)} rounds (min–max).",
         "",
         markdown_table(
             ["model", "t2i R@1", "t2i R@5", "t2i R@10", "i2t R@1", "i2t R@5", "i2t R@10", "rsum",
              "retention %", "params", "dim", "ms/img b1", f"ms/img b{b}", "ms/query b1"],
-            rows,
+            rows, align=["l"] + ["r"] * 13,
         ),
     ])
 

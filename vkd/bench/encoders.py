@@ -9,13 +9,15 @@ pass, not disk reads.
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vkd.bench.timing import qps_from_batches, time_calls
+from vkd.bench.timing import latency_summary, qps_from_batches, ratio_spread, spread
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -80,37 +82,94 @@ def _cycle(items: list[Any], count: int, start: int) -> list[Any]:
     return [items[(start + i) % len(items)] for i in range(count)]
 
 
-def encode_latency(encoder: Encoder, split: Split, *, batch: int = 32, repeats: int = 30,
-                   batch_repeats: int = 8, warmup: int = 2) -> dict[str, Any]:
-    """Latency of encoding images and texts at batch 1 and ``batch``.
+def encode_latency_rounds(encoders: Mapping[str, Encoder], split: Split, *, batch: int = 32, repeats: int = 30,
+                          batch_repeats: int = 8, warmup: int = 2, rounds: int = 5) -> dict[str, dict[str, Any]]:
+    """Latency of encoding images and texts at batch 1 and ``batch``, for several encoders
+    timed in ``rounds`` interleaved rounds.
 
-    ``ms_per_image`` / ``ms_per_query`` are p50 of one item at batch 1; ``*_at_batch``
-    are the p50 time of a batch divided by its size (throughput view). Each call takes the
-    next items of the split, cycling.
+    In each round every encoder (in an order that rotates between rounds) encodes, per kind,
+    ``repeats // rounds`` single items and ``batch_repeats // rounds`` batches (at least one
+    each), taking the next items of the split, cycling. Per encoder the result holds the
+    pooled summaries as ``encode_latency`` always had (``ms_per_image`` = p50 of one image at
+    batch 1, ``*_at_batch`` = p50 of a batch over its size) and, per kind, ``rounds``: each
+    round's p50 as a ``spread`` and as a list, so that two encoders can be compared round by
+    round (``vkd.bench.timing.ratio_spread``).
     """
-    out: dict[str, Any] = {"batch": batch}
-    for kind, items, encode in (("image", split.images, encoder.encode_images),
-                                ("text", split.texts, encoder.encode_text)):
-        cursor = [0]
+    rounds = max(1, rounds)
+    names = list(encoders)
+    per_round = max(1, repeats // rounds)
+    per_round_batches = max(1, batch_repeats // rounds)
+    kinds = (("image", split.images, "encode_images"), ("text", split.texts, "encode_text"))
+    cursors = {(name, kind): [0] for name in names for kind, _, _ in kinds}
 
-        def call(size: int, items: list[Any] = items, encode: Any = encode, cursor: list[int] = cursor) -> None:
-            chunk = _cycle(items, size, cursor[0])
-            cursor[0] += size
-            encode(chunk, batch_size=size)
+    def call(name: str, kind: str, size: int) -> float:
+        items = split.images if kind == "image" else split.texts
+        cursor = cursors[(name, kind)]
+        chunk = _cycle(items, size, cursor[0])
+        cursor[0] += size
+        encode = getattr(encoders[name], "encode_images" if kind == "image" else "encode_text")
+        start = time.perf_counter()
+        encode(chunk, batch_size=size)
+        return time.perf_counter() - start
 
-        one = time_calls(lambda call=call: call(1), repeats=repeats, warmup=warmup)
-        many = time_calls(lambda call=call: call(batch), repeats=batch_repeats, warmup=1)
-        out[kind] = {
-            "batch1": one.summary(),
-            f"batch{batch}": many.summary(),
-            "per_item_ms_batch1": one.summary()["p50_ms"],
-            f"per_item_ms_batch{batch}": many.summary()["p50_ms"] / batch,
-            f"items_per_s_batch{batch}": qps_from_batches(batch, many.seconds),
-        }
-    out["ms_per_image"] = out["image"]["per_item_ms_batch1"]
-    out["ms_per_query"] = out["text"]["per_item_ms_batch1"]
-    out["ms_per_image_at_batch"] = out["image"][f"per_item_ms_batch{batch}"]
-    out["ms_per_query_at_batch"] = out["text"][f"per_item_ms_batch{batch}"]
+    for name in names:  # first calls pay for allocator and kernel set-up
+        for kind, _, _ in kinds:
+            for _ in range(warmup):
+                call(name, kind, 1)
+            call(name, kind, batch)
+    single: dict[tuple[str, str], list[list[float]]] = {(n, k): [] for n in names for k, _, _ in kinds}
+    batched: dict[tuple[str, str], list[list[float]]] = {(n, k): [] for n in names for k, _, _ in kinds}
+    for r in range(rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            for kind, _, _ in kinds:
+                single[(name, kind)].append([call(name, kind, 1) for _ in range(per_round)])
+                batched[(name, kind)].append([call(name, kind, batch) for _ in range(per_round_batches)])
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        record: dict[str, Any] = {"batch": batch, "rounds": rounds}
+        for kind, _, _ in kinds:
+            ones = [t for block in single[(name, kind)] for t in block]
+            many = [t for block in batched[(name, kind)] for t in block]
+            one_summary = {**latency_summary(ones), "warmup": warmup}
+            many_summary = {**latency_summary(many), "warmup": 1}
+            b1_rounds = [1000.0 * float(np.median(block)) for block in single[(name, kind)]]
+            bb_rounds = [1000.0 * float(np.median(block)) / batch for block in batched[(name, kind)]]
+            record[kind] = {
+                "batch1": one_summary,
+                f"batch{batch}": many_summary,
+                "per_item_ms_batch1": one_summary["p50_ms"],
+                f"per_item_ms_batch{batch}": many_summary["p50_ms"] / batch,
+                f"items_per_s_batch{batch}": qps_from_batches(batch, many),
+                "rounds": {"batch1_ms": spread(b1_rounds), f"batch{batch}_ms_per_item": spread(bb_rounds),
+                           "batch1_round_ms": b1_rounds, f"batch{batch}_round_ms_per_item": bb_rounds},
+            }
+        record["ms_per_image"] = record["image"]["per_item_ms_batch1"]
+        record["ms_per_query"] = record["text"]["per_item_ms_batch1"]
+        record["ms_per_image_at_batch"] = record["image"][f"per_item_ms_batch{batch}"]
+        record["ms_per_query_at_batch"] = record["text"][f"per_item_ms_batch{batch}"]
+        out[name] = record
+    return out
+
+
+def encode_latency(encoder: Encoder, split: Split, *, batch: int = 32, repeats: int = 30,
+                   batch_repeats: int = 8, warmup: int = 2, rounds: int = 5) -> dict[str, Any]:
+    """``encode_latency_rounds`` for one encoder (its rounds follow one another)."""
+    return encode_latency_rounds({"encoder": encoder}, split, batch=batch, repeats=repeats,
+                                 batch_repeats=batch_repeats, warmup=warmup, rounds=rounds)["encoder"]
+
+
+def speedups(reference: Mapping[str, Any], other: Mapping[str, Any]) -> dict[str, Any]:
+    """``other``'s speed-up over ``reference`` per kind and batch, within each round (both
+    from one ``encode_latency_rounds`` call)."""
+    batch = reference["batch"]
+    out: dict[str, Any] = {}
+    for kind in ("image", "text"):
+        for key in ("batch1_round_ms", f"batch{batch}_round_ms_per_item"):
+            a, b = reference[kind]["rounds"][key], other[kind]["rounds"][key]
+            count = min(len(a), len(b))
+            label = f"{kind}_b1" if key.startswith("batch1_") else f"{kind}_b{batch}"
+            out[label] = ratio_spread(a[:count], b[:count]) if count and min(b[:count]) > 0 else None
     return out
 
 

@@ -17,16 +17,17 @@ from pathlib import Path
 from typing import Any
 
 from vkd.bench.encoders import (
-    encode_latency,
+    encode_latency_rounds,
     encode_split,
     load_split,
     onnx_bytes,
     parameter_count,
     recall,
     row_cosines,
+    speedups,
 )
 from vkd.bench.report import BenchResult, markdown_table, ort_threads
-from vkd.bench.timing import MIB
+from vkd.bench.timing import MIB, format_ratio, format_spread
 
 
 @dataclass
@@ -37,10 +38,11 @@ class ExportSettings:
     warmup: int = 3
     max_images: int | None = None
     calibration_size: int = 64
+    rounds: int = 5
 
     @classmethod
     def quick(cls) -> ExportSettings:
-        return cls(repeats=15, batch_repeats=4, warmup=2, max_images=200, calibration_size=32)
+        return cls(repeats=15, batch_repeats=4, warmup=2, max_images=200, calibration_size=32, rounds=3)
 
 
 def _export(student: str, out: Path, mode: str, calibration: str | None, size: int) -> tuple[Any, float]:
@@ -103,24 +105,29 @@ def run_export_benchmark(
 
     rows: list[dict[str, Any]] = []
     reference: tuple[Any, Any] | None = None
+    encoders: dict[str, Any] = {}
     for name, make in variants:
-        progress(f"export: measuring {name}")
-        encoder = make()
+        progress(f"export: encoding the split with {name}")
+        encoder = encoders[name] = make()
         image_vectors, text_vectors = encode_split(encoder, split, batch_size=settings.batch)
         if reference is None:
             reference = (image_vectors, text_vectors)
-        metrics = recall(image_vectors, text_vectors, split)
-        latency = encode_latency(encoder, split, batch=settings.batch, repeats=settings.repeats,
-                                 batch_repeats=settings.batch_repeats, warmup=settings.warmup)
         rows.append({
             "variant": name,
             "params": parameter_count(encoder),
             "model_bytes": onnx_bytes(encoder),
-            "latency": latency,
             "cosine_vs_torch": {"image": row_cosines(reference[0], image_vectors),
                                 "text": row_cosines(reference[1], text_vectors)},
-            "recall": metrics,
+            "recall": recall(image_vectors, text_vectors, split),
         })
+    # every variant in the same interleaved rounds: speed-ups are ratios within a round
+    progress(f"export: latency of {len(encoders)} variants in {settings.rounds} interleaved rounds")
+    latency = encode_latency_rounds(encoders, split, batch=settings.batch, repeats=settings.repeats,
+                                    batch_repeats=settings.batch_repeats, warmup=settings.warmup,
+                                    rounds=settings.rounds)
+    for row in rows:
+        row["latency"] = latency[row["variant"]]
+        row["speedup_vs_torch"] = speedups(latency[rows[0]["variant"]], row["latency"])
     base = rows[0]["recall"]
     for row in rows:
         row["recall_delta_vs_torch"] = {key: row["recall"][key] - base[key]
@@ -132,7 +139,7 @@ def run_export_benchmark(
         "test_texts": len(split.texts),
         "batch": settings.batch,
         "repeats": {"batch1": settings.repeats, f"batch{settings.batch}": settings.batch_repeats,
-                    "warmup": settings.warmup},
+                    "warmup": settings.warmup, "rounds": settings.rounds},
         "onnxruntime_threads": threads,
         "exports": exports,
         "variants": rows,
@@ -145,23 +152,31 @@ def markdown(results: dict[str, Any]) -> str:
     table_rows = []
     for row in results["variants"]:
         lat, cos, rec, delta = row["latency"], row["cosine_vs_torch"], row["recall"], row["recall_delta_vs_torch"]
+        speed = row.get("speedup_vs_torch") or {}
+        first = row is results["variants"][0]
         table_rows.append([
             row["variant"], row["model_bytes"] / MIB if row["model_bytes"] is not None else None,
-            lat["image"]["per_item_ms_batch1"], lat["image"][f"per_item_ms_batch{b}"],
-            lat["text"]["per_item_ms_batch1"], lat["text"][f"per_item_ms_batch{b}"],
+            *(format_spread(lat[kind]["rounds"][key], digits=3) for kind in ("image", "text")
+              for key in ("batch1_ms", f"batch{b}_ms_per_item")),
+            "1" if first else format_ratio(speed.get("text_b1")),
+            "1" if first else format_ratio(speed.get(f"image_b{b}")),
             *(f"{cos[kind][stat]:.6f}" for kind in ("image", "text") for stat in ("mean", "min")),
             rec["t2i_R@1"], delta["t2i_R@1"], rec["i2t_R@1"], delta["i2t_R@1"],
         ])
+    rounds = results["repeats"].get("rounds", 1)
     return "\n".join([
         f"Student `{results['student']}` on {results['test_images']} held-out images / "
-        f"{results['test_texts']} captions. Latency: p50 per item at batch 1, and p50 per batch of {b} "
-        "divided by its size. Cosine: each vector against the torch fp32 vector of the same input. "
-        "ΔR@1: change from torch fp32 in percentage points.",
+        f"{results['test_texts']} captions. Latency: per item at batch 1, and per batch of {b} divided by its "
+        f"size; every variant is timed in the same {rounds} interleaved rounds, and each cell is the median of the "
+        "rounds' p50 (min–max over rounds). × torch: speed-up over torch fp32 within each round (median, "
+        "min–max; 'within spread' when the range includes 1). Cosine: each vector against the torch fp32 vector of "
+        "the same input. ΔR@1: change from torch fp32 in percentage points.",
         "",
         markdown_table(
             ["variant", "ONNX MiB", "image ms b1", f"image ms/img b{b}", "query ms b1", f"query ms/q b{b}",
+             "× torch query b1", f"× torch image b{b}",
              "cos image mean", "cos image min", "cos text mean", "cos text min",
              "t2i R@1", "Δ t2i R@1", "i2t R@1", "Δ i2t R@1"],
-            table_rows, digits=4, align=["l"] + ["r"] * 13,
+            table_rows, digits=4, align=["l"] + ["r"] * 15,
         ),
     ])

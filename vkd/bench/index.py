@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vkd.bench.report import BenchResult, markdown_table
-from vkd.bench.timing import MIB, PeakMemory
+from vkd.bench.timing import MIB, PeakMemory, format_ratio, format_spread, ratio_spread, spread
 
 if TYPE_CHECKING:
     from vkd.models.base import Encoder
@@ -31,10 +31,12 @@ class IndexSettings:
     batch_size: int = 32
     workers: int | None = None
     encoder_sample: int = 512
+    #: whole measurements (encoder alone, build, re-run); figures are medians over them
+    repeats: int = 3
 
     @classmethod
     def quick(cls) -> IndexSettings:
-        return cls(encoder_sample=128)
+        return cls(encoder_sample=128, repeats=2)
 
 
 def count_images(folder: Path) -> int:
@@ -63,13 +65,30 @@ def run_index_benchmark(
     student_encoder = load_encoder(str(student), device="cpu", dtype="float32", batch_size=settings.batch_size)
     teacher_encoder = (load_encoder(str(teacher), device="cpu", dtype="float32", batch_size=settings.batch_size)
                        if teacher is not None else None)
-    measured = measure_indexing(
-        images_dir, student_encoder, teacher=teacher_encoder, batch_size=settings.batch_size,
-        workers=settings.workers, encoder_sample=settings.encoder_sample,
-        out_dir=Path(workdir) / "index-bench.vkd",
-    )
-    results = {**measured, "repetitions": {"full_build": 1, "incremental_rerun": 1,
-                                           "encoder_alone": 1, "encoder_warmup_batches": 1}}
+    # each repetition times the encoder alone, then the full build, then the re-run: the
+    # indexer / encoder ratio of a repetition compares measurements seconds apart
+    runs = []
+    for repetition in range(settings.repeats):
+        progress(f"index: repetition {repetition + 1}/{settings.repeats}")
+        runs.append(measure_indexing(
+            images_dir, student_encoder, teacher=teacher_encoder, batch_size=settings.batch_size,
+            workers=settings.workers, encoder_sample=settings.encoder_sample,
+            out_dir=Path(workdir) / "index-bench.vkd",
+        ))
+    spreads = {key: spread([run[key] for run in runs]) for key in
+               ("encoder_images_per_s", "indexer_images_per_s", "indexer_seconds", "incremental_rerun_seconds",
+                "encoder_busy_fraction") if all(run[key] is not None for run in runs)}
+    ratio = (ratio_spread([run["indexer_images_per_s"] for run in runs], [run["encoder_images_per_s"] for run in runs])
+             if all(run["encoder_images_per_s"] for run in runs) else None)
+    # the headline numbers are the medians over repetitions; the first run gives the rest
+    results = {**runs[0], **{key: value["median"] for key, value in spreads.items()},
+               "indexer_vs_encoder": ratio["median"] if ratio else None,
+               "spread": {**spreads, "indexer_vs_encoder": ratio},
+               "peak_rss_bytes": max(run["peak_rss_bytes"] for run in runs),
+               "peak_rss_increase_bytes": max(run["peak_rss_increase_bytes"] for run in runs),
+               "repetitions": {"runs": settings.repeats, "full_build": settings.repeats,
+                               "incremental_rerun": settings.repeats, "encoder_alone": settings.repeats,
+                               "encoder_warmup_batches": 1}}
     notes = []
     if teacher is None:
         notes.append("No teacher was given: the index stores student vectors only.")
@@ -78,23 +97,32 @@ def run_index_benchmark(
 
 def markdown(results: dict[str, Any]) -> str:
     encoders = results["student"]["name"] + (f" + teacher {results['teacher']['name']}" if results["teacher"] else "")
+    spreads = results.get("spread") or {}
+
+    def figure(key: str) -> Any:
+        # the median over repetitions with its min–max, where the run repeated it
+        return format_spread(spreads.get(key)) or results[key]
+
     rows = [
         ["images indexed", results["indexed"]],
-        ["encoder alone (images/s)", results["encoder_images_per_s"]],
-        ["indexer end to end (images/s)", results["indexer_images_per_s"]],
-        ["indexer / encoder", results["indexer_vs_encoder"]],
-        ["encoder busy share of the build", results["encoder_busy_fraction"]],
-        ["full build (s)", results["indexer_seconds"]],
+        ["encoder alone (images/s)", figure("encoder_images_per_s")],
+        ["indexer end to end (images/s)", figure("indexer_images_per_s")],
+        ["indexer / encoder", format_ratio(spreads.get("indexer_vs_encoder")) or results["indexer_vs_encoder"]],
+        ["encoder busy share of the build", figure("encoder_busy_fraction")],
+        ["full build (s)", figure("indexer_seconds")],
         ["peak RSS (MiB)", results["peak_rss_bytes"] / MIB],
         ["peak RSS increase during the build (MiB)", results["peak_rss_increase_bytes"] / MIB],
-        ["re-run on the unchanged folder (s)", results["incremental_rerun_seconds"]],
+        ["re-run on the unchanged folder (s)", figure("incremental_rerun_seconds")],
         ["images re-encoded by the re-run", results["incremental_rerun_added"]],
         ["index on disk (MiB)", results["index_bytes"] / MIB],
     ]
+    runs = (results.get("repetitions") or {}).get("runs", 1)
     return "\n".join([
         f"`vkd index` on {results['files']} files of {results['images_dir']} with {encoders} "
         f"(batch {results['batch_size']}, {results['workers']} decode threads, {results['shards']} shard(s)). "
-        f"Encoder alone: the same models on {results['encoder_sample']} images decoded beforehand.",
+        f"Encoder alone: the same models on {results['encoder_sample']} images decoded beforehand. {runs} "
+        "repetitions (encoder alone, build, re-run each): median (min–max); indexer / encoder is the ratio within "
+        "each repetition; peak RSS is the largest.",
         "",
         markdown_table(["measure", "value"], rows, align=["l", "r"]),
     ])

@@ -25,7 +25,7 @@ directly, for vkd's overhead.
 
 from __future__ import annotations
 
-import gc
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -50,6 +50,15 @@ class Pairing:
     student_dim: int
     teacher_dim: int
     prefix: int | None = None  # Matryoshka stage-1 prefix, where the student family has one
+
+
+#: The two (student, teacher) pairs of real sizes the design names: CLIP B/32 → L/14, and
+#: Qwen3-VL-Embedding 2B → 8B (a Matryoshka model: stage 1 also on its 256-d prefix).
+PAIRINGS: dict[str, Pairing] = {
+    "clip": Pairing("CLIP ViT-B/32 → ViT-L/14", "clip-vit-b32", "clip-vit-l14", 512, 768),
+    "qwen3-vl": Pairing("Qwen3-VL-Embedding 2B → 8B", "qwen3-vl-embedding-2b", "qwen3-vl-embedding-8b", 2048, 4096,
+                        prefix=256),
+}
 
 
 @dataclass
@@ -153,12 +162,11 @@ def measure_pairing(pairing: Pairing, settings: SearchSettings, *, workdir: Path
     value per round), ``backend``, ``extrapolated``, ``peak_rss_bytes``, ``model_bytes`` — or
     None where that model was not measured.
     """
-    import faiss
-
     from vkd.indexer.faiss_index import FaissSearcher, IndexSpec
     from vkd.retrieval import stages
 
     label = pairing.name
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", pairing.name).strip("-").lower()  # file names, not labels
     n, ds, dt = settings.corpus_size, pairing.student_dim, pairing.teacher_dim
     n_queries = max(settings.quality_queries, settings.latency_queries * settings.rounds)
     progress(f"{label}: generating {n:,} vectors (student {ds}-d float32, teacher {dt}-d float16)")
@@ -181,7 +189,7 @@ def measure_pairing(pairing: Pairing, settings: SearchSettings, *, workdir: Path
     params = ivfpq_params(n, ds, settings)
     progress(f"{label}: building student IVF-PQ ({params['nlist']} lists, PQ{params['m']}, {ds}-d)")
     built["student"] = build_and_reload(lambda: _build_ivfpq(corpus.student, params, settings.seed), workdir,
-                                        f"{label}-student", "ivfpq", f"IVF{params['nlist']},PQ{params['m']}x"
+                                        f"{slug}-student", "ivfpq", f"IVF{params['nlist']},PQ{params['m']}x"
                                         f"{params['nbits']}np", params)
     spec = IndexSpec("ivfpq", built["student"].factory, params)
     no_retired = np.zeros(0, dtype=np.int64)
@@ -192,7 +200,7 @@ def measure_pairing(pairing: Pairing, settings: SearchSettings, *, workdir: Path
         prefix_params = ivfpq_params(n, pairing.prefix, settings)
         progress(f"{label}: building IVF-PQ on the {pairing.prefix}-d Matryoshka prefix")
         built["prefix"] = build_and_reload(lambda: _build_ivfpq(prefix_vectors, prefix_params, settings.seed),
-                                           workdir, f"{label}-prefix", "ivfpq",
+                                           workdir, f"{slug}-prefix", "ivfpq",
                                            f"IVF{prefix_params['nlist']},PQ{prefix_params['m']}x"
                                            f"{prefix_params['nbits']}np", prefix_params)
         prefix_spec = IndexSpec("ivfpq", built["prefix"].factory, prefix_params)
@@ -215,10 +223,8 @@ def measure_pairing(pairing: Pairing, settings: SearchSettings, *, workdir: Path
     def two_stage(k1: int, use_prefix: bool = False) -> Callable[..., tuple[np.ndarray, dict[str, float]]]:
         def search(qs: np.ndarray, qt: np.ndarray, k: int) -> tuple[np.ndarray, dict[str, float]]:
             tick = time.perf_counter()
-            if use_prefix:
-                found = prefix_searcher.search(prefix_queries(qs), k1)  # type: ignore[union-attr]
-            else:
-                found = searcher.search(qs, k1)
+            stage1 = prefix_searcher if use_prefix else searcher
+            found = stage1.search(prefix_queries(qs) if use_prefix else qs, k1)  # type: ignore[union-attr]
             candidates = stages.merge_candidates([found], k1, len(qs))
             ann = time.perf_counter() - tick
             tick = time.perf_counter()
@@ -349,9 +355,7 @@ def measure_pairing(pairing: Pairing, settings: SearchSettings, *, workdir: Path
     }
     for b in built.values():
         b.index = None
-    del corpus, store, searcher, prefix_searcher, prefix_vectors
-    gc.collect()
-    return result
+    return result  # the corpus, the indexes and the teacher store are freed with this frame
 
 
 def _stage1_overhead(searcher: Any, index: Any, spec: Any, queries: np.ndarray, base: int,

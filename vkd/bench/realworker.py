@@ -12,7 +12,7 @@ stdin, one per line, with one JSON line each:
 * ``finish`` — encode the parity inputs, save their vectors, report the peak RSS, exit.
 
 Each backend runs in a process of its own so that its peak RSS is its own (the kernel's
-``ru_maxrss``, which catches peaks a sampler would miss), and the driver starts every
+high-water mark ``VmHWM``, which catches peaks a sampler would miss), and the driver starts every
 backend of a model and interleaves their rounds, so a slow minute of the machine falls on
 all of them alike. Protocol lines go to a private copy of stdout; whatever a library prints
 goes to stderr.
@@ -191,7 +191,18 @@ class Worker:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set since it started (Linux reports KiB)."""
+    """This process's peak resident set since it started.
+
+    Linux: ``VmHWM`` of /proc/self/status, the high-water mark of this program's own memory.
+    Not ``ru_maxrss``: Linux carries that across exec from the process that forked us (the
+    driver, which holds torch and the corpus), so every worker would report the driver's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     scale = 1 if sys.platform == "darwin" else 1024
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
 

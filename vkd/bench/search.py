@@ -23,7 +23,6 @@ encoding is measured apart, on the real models, in the same run (``encode`` rows
 
 from __future__ import annotations
 
-import itertools
 import os
 import tempfile
 import time
@@ -40,9 +39,14 @@ from vkd.bench.timing import (
     MIB,
     PeakMemory,
     allocated_bytes,
+    format_ratio,
+    format_spread,
     latency_summary,
     qps_from_batches,
+    ratio_spread,
     rss_bytes,
+    split_rounds,
+    spread,
     time_calls,
 )
 
@@ -68,6 +72,8 @@ class SearchSettings:
     batch: int = 32
     batches: int = 10
     warmup: int = 5
+    #: latency is measured in this many interleaved rounds; figures are medians over rounds
+    rounds: int = 5
     index_type: str = "auto"
     memory_budget: int | None = None
     seed: int = 0
@@ -75,7 +81,7 @@ class SearchSettings:
     @classmethod
     def quick(cls) -> SearchSettings:
         return cls(sizes=QUICK_SIZES, quality_queries=300, latency_queries=100, curve_latency_queries=50,
-                   batches=5)
+                   batches=5, rounds=3)
 
 
 # ---------------------------------------------------------------- quality math
@@ -293,8 +299,9 @@ def run_queries(method: Method, qs: np.ndarray, qt: np.ndarray, k: int, batch: i
     return np.concatenate(parts)
 
 
-def measure_method(method: Method, corpus: VectorCorpus, reference: np.ndarray, settings: SearchSettings,
-                   *, latency_queries: int, with_batch: bool) -> dict[str, Any]:
+def measure_quality(method: Method, corpus: VectorCorpus, reference: np.ndarray,
+                    settings: SearchSettings) -> dict[str, Any]:
+    """Recall@10 and overlap@10 with the teacher-only top-10, on the quality queries."""
     qs, qt, truth = corpus.query_student, corpus.query_teacher, corpus.ground_truth
     n_quality = min(settings.quality_queries, len(qs))
     found = run_queries(method, qs[:n_quality], qt[:n_quality], TOP_K)
@@ -308,42 +315,85 @@ def measure_method(method: Method, corpus: VectorCorpus, reference: np.ndarray, 
         quality["recall@10_real"] = recall_at_k(found[:n_real], truth[:n_real])
         quality["overlap@10_real"] = overlap_at_k(found[:n_real], reference[:n_real])
         quality["real_queries"] = n_real
+    return quality
 
-    # batch 1: per-query wall time around the call, stage times from inside it
-    n_lat = min(latency_queries, len(qs))
-    for i in range(min(settings.warmup, n_lat)):
-        method.search(qs[i:i + 1], qt[i:i + 1], TOP_K)
-    e2e, stages = [], {}
-    for i in range(n_lat):
-        start = time.perf_counter()
-        _, stage = method.search(qs[i:i + 1], qt[i:i + 1], TOP_K)
-        e2e.append(time.perf_counter() - start)
-        for name, seconds in stage.items():
-            stages.setdefault(name, []).append(seconds)
-    record: dict[str, Any] = {
-        "method": method.name,
-        "family": method.family,
-        "params": method.params,
-        "quality": quality,
-        "batch1": {
-            "end_to_end": latency_summary(e2e),
-            "stages": {name: latency_summary(values) for name, values in stages.items()},
-            "qps": qps_from_batches(1, e2e),
-            "warmup": min(settings.warmup, n_lat),
-        },
-        "index": method.index,
-    }
-    if with_batch:
-        b = settings.batch
-        n_batches = max(1, min(settings.batches, len(qs) // b))
-        batches = itertools.cycle([(qs[i * b:(i + 1) * b], qt[i * b:(i + 1) * b]) for i in range(n_batches)])
-        timing = time_calls(lambda: method.search(*next(batches), TOP_K), repeats=n_batches, warmup=1)
-        record[f"batch{b}"] = {
-            "per_batch": timing.summary(),
-            "qps": qps_from_batches(b, timing.seconds),
-            "batch_size": b,
-        }
-    return record
+
+def measure_method_latency(methods: Sequence[Method], corpus: VectorCorpus,
+                           settings: SearchSettings) -> dict[str, Any]:
+    """Latency of every method in ``settings.rounds`` interleaved rounds.
+
+    The latency queries are cut into one block per round; in round r every method (in an
+    order that rotates between rounds) answers block r one query at a time, then the
+    headline methods answer their share of the batches. Per method: the pooled per-query
+    summary (p50/p95/p99 over all rounds, as before), each round's p50 as a spread, and the
+    speed-up over the first method (teacher exact) within each round.
+    """
+    qs, qt = corpus.query_student, corpus.query_teacher
+    rounds = max(1, settings.rounds)
+    b = settings.batch
+    n_batches = max(1, min(settings.batches, len(qs) // b))
+    batches = [(qs[i * b:(i + 1) * b], qt[i * b:(i + 1) * b]) for i in range(n_batches)]
+    per_round_batches = max(1, n_batches // rounds)
+    blocks: dict[str, list[list[int]]] = {}
+    for method in methods:
+        n_lat = min(settings.latency_queries if method.headline else settings.curve_latency_queries, len(qs))
+        blocks[method.name] = split_rounds(list(range(n_lat)), rounds)
+        for i in range(min(settings.warmup, n_lat)):
+            method.search(qs[i:i + 1], qt[i:i + 1], TOP_K)
+        if method.headline:
+            method.search(*batches[0], TOP_K)
+    e2e: dict[str, list[list[float]]] = {m.name: [] for m in methods}
+    stage_times: dict[str, dict[str, list[float]]] = {m.name: {} for m in methods}
+    batch_times: dict[str, list[list[float]]] = {m.name: [] for m in methods if m.headline}
+    cursor = 0
+    for r in range(rounds):
+        shift = r % len(methods)
+        for method in list(methods[shift:]) + list(methods[:shift]):
+            block = blocks[method.name][r] if r < len(blocks[method.name]) else []
+            times = []
+            for i in block:
+                start = time.perf_counter()
+                _, stage = method.search(qs[i:i + 1], qt[i:i + 1], TOP_K)
+                times.append(time.perf_counter() - start)
+                for name, seconds in stage.items():
+                    stage_times[method.name].setdefault(name, []).append(seconds)
+            e2e[method.name].append(times)
+            if method.headline:
+                calls = []
+                for j in range(per_round_batches):
+                    batch = batches[(cursor + j) % n_batches]
+                    start = time.perf_counter()
+                    method.search(*batch, TOP_K)
+                    calls.append(time.perf_counter() - start)
+                batch_times[method.name].append(calls)
+        cursor += per_round_batches
+    reference = methods[0].name
+    reference_p50 = [1000.0 * float(np.median(t)) for t in e2e[reference] if t]
+    out: dict[str, Any] = {}
+    for method in methods:
+        pooled = [t for block in e2e[method.name] for t in block]
+        round_p50 = [1000.0 * float(np.median(t)) for t in e2e[method.name] if t]
+        record: dict[str, Any] = {"batch1": {
+            "end_to_end": latency_summary(pooled),
+            "stages": {name: latency_summary(values) for name, values in stage_times[method.name].items()},
+            "qps": qps_from_batches(1, pooled),
+            "warmup": min(settings.warmup, len(pooled)),
+            "rounds": len(round_p50),
+            "p50_ms_rounds": spread(round_p50),
+            "round_p50_ms": round_p50,
+        }}
+        if method.name != reference and len(round_p50) == len(reference_p50):
+            record["batch1"]["speedup_vs_teacher_exact"] = ratio_spread(reference_p50, round_p50)
+        if method.headline:
+            pooled_batches = [t for calls in batch_times[method.name] for t in calls]
+            record[f"batch{b}"] = {
+                "per_batch": {**latency_summary(pooled_batches), "warmup": 1},
+                "qps": qps_from_batches(b, pooled_batches),
+                "qps_rounds": spread([qps_from_batches(b, calls) for calls in batch_times[method.name]]),
+                "batch_size": b,
+            }
+        out[method.name] = record
+    return out
 
 
 def encode_real(student: Encoder, teacher: Encoder, pairs: str | os.PathLike[str], *,
@@ -534,10 +584,13 @@ def measure_size(n: int, settings: SearchSettings, real: RealVectors | None, wor
                             corpus.query_teacher[:n_quality], TOP_K)
     records = []
     for method in methods:
-        progress(f"{n:,}: measuring {method.name}")
-        latency = settings.latency_queries if method.headline else settings.curve_latency_queries
-        records.append(measure_method(method, corpus, reference, settings, latency_queries=latency,
-                                      with_batch=method.headline))
+        progress(f"{n:,}: quality of {method.name}")
+        records.append({"method": method.name, "family": method.family, "params": method.params,
+                        "quality": measure_quality(method, corpus, reference, settings), "index": method.index})
+    progress(f"{n:,}: latency, {settings.rounds} interleaved rounds over {len(methods)} methods")
+    latency = measure_method_latency(methods, corpus, settings)
+    for record in records:
+        record.update(latency[record["method"]])
     progress(f"{n:,}: measuring a {FILTER_SELECTIVITY:.0%}-selective filter")
     filtered = measure_filtered(corpus, built["student_ann"], settings)
     for b in built.values():
@@ -648,7 +701,9 @@ def headline_rows(size_records: Sequence[dict[str, Any]], batch: int) -> list[li
             rows.append([
                 f"{size['corpus_size']:,}", m["method"], m["index"]["factory"],
                 m["quality"]["recall@10"], m["quality"]["overlap@10"],
-                b1["end_to_end"]["p50_ms"], b1["end_to_end"]["p95_ms"], b1["end_to_end"]["p99_ms"],
+                format_spread(b1.get("p50_ms_rounds")) or b1["end_to_end"]["p50_ms"],
+                format_ratio(b1.get("speedup_vs_teacher_exact")) if "speedup_vs_teacher_exact" in b1 else "1",
+                b1["end_to_end"]["p95_ms"], b1["end_to_end"]["p99_ms"],
                 stages["ann"]["p50_ms"] if "ann" in stages else None,
                 stages["rerank"]["p50_ms"] if "rerank" in stages else None,
                 b1["qps"], m[f"batch{batch}"]["qps"],
@@ -662,12 +717,15 @@ def markdown(results: dict[str, Any]) -> str:
     parts = [
         "Search over vectors (query encoding measured separately, below). Recall@10 against the ground "
         "truth; overlap@10 = share of the teacher-only exact top-10 found. Latency per query at batch 1 "
-        f"(end to end, and its ANN / rerank stages, p50); QPS at batch 1 and {batch}.",
+        f"(end to end, and its ANN / rerank stages, p50); QPS at batch 1 and {batch}. Latency is measured in "
+        f"{results['settings'].get('rounds', 1)} interleaved rounds: p50 ms is the median of the rounds' p50 "
+        "(min–max over rounds), × teacher exact the speed-up over teacher exact within each round (median, "
+        "min–max; 'within spread' when the range includes 1); p95/p99 pool every round's queries.",
         "",
         markdown_table(
-            ["corpus", "method", "index", "R@10 %", "overlap@10 %", "p50 ms", "p95 ms", "p99 ms",
-             "ANN p50 ms", "rerank p50 ms", "QPS b1", f"QPS b{batch}", "disk MiB", "RAM MiB", "build s"],
-            headline_rows(results["sizes"], batch),
+            ["corpus", "method", "index", "R@10 %", "overlap@10 %", "p50 ms", "× teacher exact", "p95 ms",
+             "p99 ms", "ANN p50 ms", "rerank p50 ms", "QPS b1", f"QPS b{batch}", "disk MiB", "RAM MiB", "build s"],
+            headline_rows(results["sizes"], batch), align=["l", "l", "l"] + ["r"] * 13,
         ),
     ]
     real_rows = [[f"{s['corpus_size']:,}", m["method"], m["quality"]["recall@10_real"],
@@ -797,7 +855,7 @@ def run_search_benchmark(
             "sizes": list(settings.sizes), "quality_queries": settings.quality_queries,
             "latency_queries": settings.latency_queries, "curve_latency_queries": settings.curve_latency_queries,
             "batch": settings.batch, "batches": settings.batches, "warmup": settings.warmup,
-            "index_type": settings.index_type, "memory_budget": settings.memory_budget, "top_k": TOP_K,
+            "rounds": settings.rounds, "index_type": settings.index_type, "memory_budget": settings.memory_budget, "top_k": TOP_K,
             "two_stage_k1": list(TWO_STAGE_K1), "seed": settings.seed,
         },
         "sizes": sizes,

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vkd.bench.report import BenchResult, markdown_table
-from vkd.bench.timing import latency_summary
+from vkd.bench.timing import format_ratio, format_spread, latency_summary, ratio_spread, spread
 
 if TYPE_CHECKING:
     from vkd.distill.trainer import Trainer
@@ -40,10 +40,12 @@ class StepSettings:
     steps: int = 20
     warmup: int = 3
     batch_size: int = 32
+    #: whole runs of the three configurations; ratios are taken within each
+    repeats: int = 5
 
     @classmethod
     def quick(cls) -> StepSettings:
-        return cls(steps=5, warmup=1, batch_size=16)
+        return cls(steps=5, warmup=1, batch_size=16, repeats=2)
 
 
 def run_step_benchmark(
@@ -57,23 +59,33 @@ def run_step_benchmark(
 ) -> BenchResult:
     """Time distillation steps of ``student`` (LoRA, as ``vkd distill`` trains) from ``teacher``."""
     settings = settings or StepSettings()
-    progress(f"step: {settings.steps} timed steps (+{settings.warmup} warm-up) of batch {settings.batch_size} "
-             "in each configuration")
-    measured = bench_distill_step(student, teacher, pairs=train_pairs, batch_size=settings.batch_size,
-                                  steps=settings.steps, warmup=settings.warmup, work_dir=workdir)
-    ce_mean = measured["ce_only_s"]
+    progress(f"step: {settings.repeats} repetition(s) of {settings.steps} timed steps (+{settings.warmup} warm-up) "
+             f"of batch {settings.batch_size} in each configuration")
+    # each repetition runs the three configurations back to back, so the ratio of a
+    # repetition compares steps taken minutes apart at most, never across runs
+    runs = []
+    for repetition in range(settings.repeats):
+        progress(f"step: repetition {repetition + 1}/{settings.repeats}")
+        runs.append(bench_distill_step(student, teacher, pairs=train_pairs, batch_size=settings.batch_size,
+                                       steps=settings.steps, warmup=settings.warmup, work_dir=workdir))
+    measured = runs[0]
+    pooled = {mode: [t for run in runs for t in run["per_step_s"][mode]] for mode in MODES}
+    rep_means = {mode: [run[f"{mode}_s"] for run in runs] for mode in MODES}
     configs = []
     for mode in MODES:
-        per_step = measured["per_step_s"][mode]
+        ratio = ratio_spread(rep_means[mode], rep_means["ce_only"])
         configs.append({
             "config": LABELS[mode],
             "mode": mode,
-            "mean_s": measured[f"{mode}_s"],
-            "median_s": measured[f"{mode}_median_s"],
-            "per_step": latency_summary(per_step),
-            "over_ce_only": measured[f"{mode}_s"] / ce_mean,
+            "mean_s": statistics.fmean(pooled[mode]),
+            "median_s": statistics.median(pooled[mode]),
+            "per_step": latency_summary(pooled[mode]),
+            "repetition_mean_s": spread(rep_means[mode]),
+            "over_ce_only": ratio["median"],
+            "over_ce_only_spread": ratio,
             "teacher_rows_embedded": measured["teacher_rows"].get(mode, 0),
         })
+    by_mode = {c["mode"]: c for c in configs}
     results = {
         "student": measured["student"],
         "teachers": measured["teachers"],
@@ -82,27 +94,37 @@ def run_step_benchmark(
         "batch_size": measured["batch_size"],
         "steps": measured["steps"],
         "warmup": measured["warmup"],
+        "repeats": settings.repeats,
         "kd_types": measured["kd_types"],
         "use_lora": measured["use_lora"],
         "configs": configs,
-        "kd_cached_over_ce": measured["kd_cached_over_ce"],
-        "kd_uncached_over_ce": measured["kd_uncached_over_ce"],
-        "per_step_s": measured["per_step_s"],
+        "kd_cached_over_ce": by_mode["kd_cached"]["over_ce_only"],
+        "kd_cached_over_ce_spread": by_mode["kd_cached"]["over_ce_only_spread"],
+        "kd_uncached_over_ce": by_mode["kd_uncached"]["over_ce_only"],
+        "kd_uncached_over_ce_spread": by_mode["kd_uncached"]["over_ce_only_spread"],
+        "per_step_s": pooled,
+        "per_repetition_step_s": {mode: [run["per_step_s"][mode] for run in runs] for mode in MODES},
     }
     return BenchResult("step", results, markdown(results))
 
 
 def markdown(results: dict[str, Any]) -> str:
-    rows = [[c["config"], c["mean_s"], c["median_s"], c["per_step"]["p95_ms"] / 1000.0, c["over_ce_only"],
+    rows = [[c["config"], format_spread(c.get("repetition_mean_s")) or c["mean_s"], c["median_s"],
+             c["per_step"]["p95_ms"] / 1000.0,
+             "1" if c["mode"] == "ce_only" else format_ratio(c.get("over_ce_only_spread")) or c["over_ce_only"],
              c["teacher_rows_embedded"]] for c in results["configs"]]
+    repeats = results.get("repeats", 1)
     return "\n".join([
         f"Seconds per training step on {results['device']}: batch {results['batch_size']}, "
         f"{results['steps']} timed steps after {results['warmup']} warm-up, KD losses "
         f"{', '.join(results['kd_types'])}, LoRA {'on' if results['use_lora'] else 'off'}. Batches are prepared "
-        "before the clock starts; the cached run's cache was filled beforehand (as after a first epoch).",
+        "before the clock starts; the cached run's cache was filled beforehand (as after a first epoch). "
+        f"{repeats} repetitions, each running the three configurations back to back: mean s/step is the median of "
+        "the repetitions' means (min–max); × CE only is the ratio of means within each repetition, its median "
+        "(min–max; 'within spread' when the range includes 1); median and p95 pool every step.",
         "",
         markdown_table(["configuration", "mean s/step", "median s/step", "p95 s/step", "× CE only",
-                        "teacher rows embedded"], rows),
+                        "teacher rows embedded"], rows, align=["l", "r", "r", "r", "r", "r"]),
     ])
 
 

@@ -39,9 +39,10 @@ from vkd.export.onnx_export import DEFAULT_OPSET, INT8_MODES, MAX_OPSET, MIN_OPS
               help="--int8-variants: wall time, or process CPU time (with --threads 1: steady on a busy machine).")
 @click.option("--variants-out", type=click.Path(dir_okay=False), default=None,
               help="--int8-variants: also write the rows as JSON here.")
+@click.option("--quick", is_flag=True, help="--int8-variants: batch 8 and a few timed calls (a smoke run).")
 def export(model_dir: str, out: str | None, int8: str, calibration: str | None, calibration_size: int,
            opset: int, image_buckets: str | None, int8_recipe: str | None, int8_variants: bool,
-           threads: int | None, clock: str, variants_out: str | None) -> None:
+           threads: int | None, clock: str, variants_out: str | None, quick: bool) -> None:
     """Export MODEL_DIR's text and image towers to ONNX, fp32 and INT8, each checked
     against the torch model on sample inputs (cosine >= 0.9999 fp32, >= 0.99 INT8; the
     export fails with the numbers otherwise and leaves the output untouched).
@@ -75,7 +76,7 @@ def export(model_dir: str, out: str | None, int8: str, calibration: str | None, 
         raise click.UsageError("--int8 static calibrates on real inputs: add --calibration pairs.jsonl "
                                "(or use --int8 dynamic)")
     if int8_variants:
-        _print_variants(model_dir, image_buckets, threads, clock, variants_out)
+        _print_variants(model_dir, image_buckets, threads, clock, variants_out, quick)
         return
     try:
         result = export_onnx(model_dir, out, int8=int8, calibration=calibration, calibration_size=calibration_size,
@@ -106,13 +107,14 @@ def export(model_dir: str, out: str | None, int8: str, calibration: str | None, 
 
 
 def _print_variants(model_dir: str, image_buckets: str | None, threads: int | None, clock: str,
-                    variants_out: str | None) -> None:
+                    variants_out: str | None, quick: bool) -> None:
     import json
 
     from vkd.bench.int8 import Int8Settings, int8_variants, markdown
     from vkd.export.onnx_export import ExportError
 
-    settings = Int8Settings(threads=threads, clock=clock)
+    settings = Int8Settings.quick() if quick else Int8Settings()
+    settings.threads, settings.clock = threads, clock
     try:
         rows = int8_variants(model_dir, image_buckets=image_buckets, settings=settings,
                              progress=lambda message: click.echo(message, err=True))

@@ -62,7 +62,8 @@ class Int8Recipe:
     fuse: bool = False
 
     def describe(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain JSON (lists, not tuples), as export.json and --variants-out store it."""
+        return {**asdict(self), "op_types": list(self.op_types)}
 
 
 RECIPES: dict[str, Int8Recipe] = {recipe.name: recipe for recipe in (
@@ -82,7 +83,7 @@ RECIPES: dict[str, Int8Recipe] = {recipe.name: recipe for recipe in (
 
 #: What the export tries, fastest first (equal speed: the smaller file first); the first
 #: within INT8_TARGET_COSINE of torch is kept, else the closest of them (still gated).
-DEFAULT_CANDIDATES: tuple[str, ...] = ("patch-matmul-gather-pc", "patch-matmul-pc", "matmul-pc")
+DEFAULT_CANDIDATES: tuple[str, ...] = ("patch-matmul-gather-pc", "patch-matmul-pc")
 
 
 def get_recipe(name: str) -> Int8Recipe:
@@ -157,7 +158,7 @@ def patch_conv_as_matmul(model: Any) -> int:
         out_dim, channels, kh, kw = weight.shape
         if (list(attrs.get("strides", [1, 1])) != [kh, kw] or any(attrs.get("pads", [0] * 4))
                 or any(d != 1 for d in attrs.get("dilations", [1, 1])) or attrs.get("group", 1) != 1
-                or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")):
+                or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID")):
             continue
         shape = shapes.get(node.input[0])
         if not shape or len(shape) != 4 or None in shape[1:]:

@@ -28,13 +28,14 @@ replace ``out_dir``; otherwise ``ExportError`` carries the numbers and nothing i
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
 import shutil
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -233,6 +234,71 @@ def _image_spec(encoder: TorchEncoder, buckets: bool) -> tuple[dict[str, Any] | 
 
 
 # -- export --------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _explicit_attention(model: Any) -> Iterator[int]:
+    """While exporting, each ``nn.MultiheadAttention`` of ``model`` (SigLIP's attention-pooling
+    head) computes through separate q/k/v ``Linear`` layers instead of its packed in-projection.
+
+    The packed weight is sliced at bounds traced from the input's shape, so in the graph the
+    key/value projection (over every patch) is a MatMul whose weight is not a constant, which
+    dynamic INT8 leaves in fp32; as three Linears it is a constant weight it quantises. Yields
+    how many modules were replaced; they are restored afterwards (the parity check compares
+    the graph with the untouched model)."""
+    import torch
+
+    replaced: list[tuple[Any, str, Any]] = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.MultiheadAttention) and _ExplicitAttention.supports(child):
+                replaced.append((parent, name, child))
+                setattr(parent, name, _ExplicitAttention(child))
+    try:
+        yield len(replaced)
+    finally:
+        for parent, name, child in replaced:
+            setattr(parent, name, child)
+
+
+class _ExplicitAttention:
+    """Factory of the explicit twin of a batch-first ``nn.MultiheadAttention`` (a class so the
+    torch import stays inside the export)."""
+
+    @staticmethod
+    def supports(module: Any) -> bool:
+        return bool(module.batch_first and module._qkv_same_embed_dim and module.in_proj_bias is not None
+                    and module.bias_k is None and not module.add_zero_attn and not module.training)
+
+    def __new__(cls, module: Any) -> Any:  # type: ignore[misc]
+        import torch
+        import torch.nn.functional as F
+
+        class ExplicitAttention(torch.nn.Module):
+            def __init__(self, mha: Any) -> None:
+                super().__init__()
+                dim, self.heads = int(mha.embed_dim), int(mha.num_heads)
+                weight, bias = mha.in_proj_weight.detach(), mha.in_proj_bias.detach()
+                self.q, self.k, self.v = (torch.nn.Linear(dim, dim) for _ in range(3))
+                for index, linear in enumerate((self.q, self.k, self.v)):
+                    linear.weight = torch.nn.Parameter(weight[index * dim : (index + 1) * dim].clone())
+                    linear.bias = torch.nn.Parameter(bias[index * dim : (index + 1) * dim].clone())
+                self.out_proj = mha.out_proj
+                self.original = mha
+
+            def forward(self, query: Any, key: Any, value: Any, *args: Any, **kwargs: Any) -> tuple[Any, None]:
+                if args or any(kwargs.get(name) is not None for name in ("key_padding_mask", "attn_mask")):
+                    return self.original(query, key, value, *args, **kwargs)
+                head_dim = query.shape[-1] // self.heads
+
+                def split(x: Any) -> Any:
+                    return x.reshape(x.shape[0], -1, self.heads, head_dim).transpose(1, 2)
+
+                out = F.scaled_dot_product_attention(split(self.q(query)), split(self.k(key)), split(self.v(value)))
+                out = out.transpose(1, 2).reshape(query.shape[0], -1, self.heads * head_dim)
+                return self.out_proj(out), None
+
+        return ExplicitAttention(module)
 
 
 def _tower_modules(encoder: TorchEncoder, text_inputs: Sequence[str]) -> tuple[Any, Any]:
@@ -478,8 +544,9 @@ def _write_export(
         towers["image"] = _export_buckets(encoder, staging, image_config, opset)
     elif image_config is not None:
         pixels = encoder.preprocess(sample_images(2))["pixel_values"]
-        _torch_export(image_module, (pixels,), staging / "image.onnx", ["pixel_values"],
-                      {"pixel_values": {0: "batch"}}, opset)
+        with _explicit_attention(encoder.model):
+            _torch_export(image_module, (pixels,), staging / "image.onnx", ["pixel_values"],
+                          {"pixel_values": {0: "batch"}}, opset)
         towers["image"] = {"fp32": "image.onnx", "int8": None, "preprocessor": "preprocessor_config.json"}
 
     manifest: dict[str, Any] = {

@@ -154,8 +154,8 @@ def random_command(arch: str, out: Path, layers: int | None, vision_layers: int 
     say so. Nothing is downloaded.
 
     Weights are drawn and written one tensor at a time: the build needs little memory
-    (the largest tensor, 1.2 GB for the 8B's embedding table in bf16) but the model has to
-    be loaded to be used, so a build whose weights exceed 80% of this machine's memory, or
+    (two tensors at most; the 8B's largest is 1.2 GB in bf16) but the model has to be
+    loaded to be used, so a build whose weights exceed 80% of this machine's memory, or
     the free disk, is refused with what would fit. qwen3-vl-embedding-8b is 17.5 GB in bf16
     and 35.1 GB in fp32 (2b: 4.3 / 8.5 GB): on a 24 GB machine the 8B fits in bf16 only.
     """

@@ -35,15 +35,16 @@ the real vocabulary size, so the embedding table, the tokenizer's length and the
 count are real but a text may split into more tokens than the real tokenizer makes.
 
 The model is never allocated: it is instantiated on the ``meta`` device (shapes only) and
-each tensor is drawn, written to its safetensors file and dropped in turn, so the build's
-peak memory is the largest tensor (the 8B's 151936 x 4096 embedding table: 1.2 GB in bf16)
-whatever the model's size. ``--layers N`` builds a depth-truncated copy (fewer layers of the
-same widths: tests, and per-layer costs to extrapolate the full depth from), recorded as
-such in ``vkd.json``.
+each tensor is drawn (on every core), written to its safetensors file and dropped in turn,
+so the build holds at most two tensors (one being written while the next is drawn; the 8B's
+largest, its 151936 x 4096 embedding table, is 1.2 GB in bf16) whatever the model's size.
+``--layers N`` builds a depth-truncated copy (fewer layers of the same widths: tests, and
+per-layer costs to extrapolate the full depth from), recorded as such in ``vkd.json``.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -107,6 +108,9 @@ _QWEN_TEXT = {"vocab_size": 151936, "head_dim": 128, "num_key_value_heads": 8, "
 _QWEN_VISION = {"num_heads": 16, "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
                 "num_position_embeddings": 2304, "hidden_act": "gelu_pytorch_tanh", "in_channels": 3}
 
+# published_parameters: the count as the model cards and hub pages round it (CLIP B/32 151.3M,
+# B/16 149.6M, L/14 427.6M, SigLIP base 203.2M; Qwen3-VL-2B ~2.1B with tied embeddings, 8B
+# ~8.8B with its untied lm_head); tests/test_random_models.py pins the exact counts.
 ARCHS: dict[str, Arch] = {arch.name: arch for arch in (
     Arch("clip-vit-b32", "clip", "openai/clip-vit-base-patch32", _CLIP_B_TEXT, {**_CLIP_B_VISION, "patch_size": 32},
          {"projection_dim": 512}, published_parameters=151.3e6, image_size=224),
@@ -191,8 +195,9 @@ def depths(arch: Arch, layers: int | None = None, vision_layers: int | None = No
 
 
 def _sub_configs(arch: Arch, kept: Mapping[str, int]) -> tuple[dict[str, Any], dict[str, Any]]:
-    text = {**arch.text, "num_hidden_layers": kept["text"]}
-    vision = {**arch.vision, arch.vision_depth_key: kept["vision"]}
+    # deep copies: a config may normalise its nested dicts (rope_parameters) in place
+    text = {**copy.deepcopy(dict(arch.text)), "num_hidden_layers": kept["text"]}
+    vision = {**copy.deepcopy(dict(arch.vision)), arch.vision_depth_key: kept["vision"]}
     if arch.family == "qwen3-vl":
         # DeepStack taps past a truncated vision stack never fire; their mergers go with them.
         vision["deepstack_visual_indexes"] = [i for i in arch.vision["deepstack_visual_indexes"] if i < kept["vision"]]
