@@ -45,13 +45,17 @@ def test_default_int8_stays_within_0999_of_torch(default_exports: dict[str, Path
                             else {"text", "image"})
     for graph, numbers in checked.items():
         assert numbers["int8"]["min"] >= 0.999, (graph, numbers)
-    entries = [manifest["text"]]
-    entries += manifest["image"]["buckets"] if family == "qwen3-vl" else [manifest["image"]]
-    for entry in entries:
+    entries = [(manifest["text"], "text")]
+    entries += [(entry, "image") for entry in
+                (manifest["image"]["buckets"] if family == "qwen3-vl" else [manifest["image"]])]
+    for entry, tower in entries:
         # candidates are tried fastest first; the first that met the target is kept, and the
-        # export records it and what was tried before it
+        # export records it and what was tried before it. A text graph has no patch Conv: the
+        # "patch-" recipes are their plain twins there, tried once and named as such.
+        expected = list(dict.fromkeys(name.removeprefix("patch-") if tower == "text" else name
+                                      for name in DEFAULT_CANDIDATES))
         tried = entry["int8_tried"]
-        assert [trial["recipe"] for trial in tried] == list(DEFAULT_CANDIDATES[: len(tried)])
+        assert [trial["recipe"] for trial in tried] == expected[: len(tried)]
         assert tried[-1]["recipe"] == entry["int8_recipe"] and tried[-1]["min_cosine"] >= INT8_TARGET_COSINE
         assert all(trial["min_cosine"] < INT8_TARGET_COSINE for trial in tried[:-1])
 
@@ -63,6 +67,11 @@ def test_default_int8_quantises_the_patch_embedding_as_a_matmul(default_exports:
         # ConvInteger is what made INT8 image towers slow; the Conv is now a quantised MatMul
         assert "ConvInteger" not in ops and "Conv" not in ops, (family, ops)
         assert ops["MatMulInteger"] > 0
+    # SigLIP's attention-pooling head projects every patch: exported through explicit q/k/v
+    # Linears its weights are constants and get quantised (packed, they stayed fp32 Gemm/MatMul);
+    # what stays fp32 is the attention itself, 2 products per encoder layer (2) and in the head
+    ops = op_counts(default_exports["siglip"] / "onnx" / "image.int8.onnx", interesting=("Gemm", "MatMul"))
+    assert ops == {"MatMul": 2 * (2 + 1)}, ops
     # and the vectors through the encoder still match torch (not only the per-graph figures)
     from vkd.models import load_encoder
 

@@ -336,10 +336,10 @@ def _real(session: Session) -> Any:
     if o.get("pairings"):
         settings.pairings = tuple(p.strip() for p in o["pairings"].split(",") if p.strip())
     settings.threads = o.get("threads")
-    if not session.quick:
-        _progress(f"real: {', '.join(settings.archs)}; expect about {expected_minutes(settings):.0f} minutes on two "
-                  "quiet cores (models are built once into the work folder and reused)")
     work = o.get("work_dir") or _scratch(session, "real")
+    if not session.quick:
+        _progress(f"real: {', '.join(settings.archs)}; expect about {expected_minutes(settings, Path(work)):.0f} "
+                  "minutes on two quiet cores (models and exports are built once into the work folder and reused)")
     return run_real_benchmark(settings, workdir=work, progress=_progress)
 
 

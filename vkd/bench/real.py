@@ -221,17 +221,34 @@ def export_copy(copy: Any, family: str, image_size: tuple[int, int], progress: C
     from vkd.export import ExportError
     from vkd.export.onnx_export import export_onnx
 
+    accepted = inspect.signature(export_onnx).parameters
     options: dict[str, Any] = {}
-    if family == "qwen3-vl" and "image_buckets" in inspect.signature(export_onnx).parameters:
+    if family == "qwen3-vl" and "image_buckets" in accepted:
         options["image_buckets"] = f"{image_size[0]}x{image_size[1]}"  # the image side, at the benchmark's size
-    progress(f"exporting {copy.dir.name} to ONNX (fp32 + dynamic INT8, parity-checked)")
+    if "int8_recipe" in accepted:
+        from vkd.export.int8 import DEFAULT_CANDIDATES
+
+        # The export tries its INT8 recipes fastest first and keeps the first within 0.999 of
+        # torch. On random weights the first one can miss that target (it did on a 2B copy), and
+        # the export would go on to a slower recipe, spending minutes quantising a 2B model twice:
+        # the fastest recipe is the one measured here, its cosine reported as it is.
+        options["int8_recipe"] = DEFAULT_CANDIDATES[0]
+    progress(f"exporting {copy.dir.name} to ONNX (fp32 + dynamic INT8"
+             f"{', recipe ' + options['int8_recipe'] if 'int8_recipe' in options else ''}, parity-checked)")
     started = time.perf_counter()
     try:
-        export_onnx(copy.dir, int8="dynamic", **options)
+        try:
+            export_onnx(copy.dir, int8="dynamic", **options)
+        except ExportError:
+            if "int8_recipe" not in options:
+                raise
+            options.pop("int8_recipe")  # below the export's hard INT8 bound: let it choose
+            export_onnx(copy.dir, int8="dynamic", **options)
     except (ExportError, ValueError, OSError, RuntimeError) as error:
         copy.onnx = {"status": "failed", "reason": f"{type(error).__name__}: {error}"}
         return
-    copy.onnx = {**_export_record(onnx_dir, reused=False), "export_s": time.perf_counter() - started}
+    copy.onnx = {**_export_record(onnx_dir, reused=False), "export_s": time.perf_counter() - started,
+                 "int8_recipe_asked": options.get("int8_recipe")}
 
 
 def _export_record(onnx_dir: Path, *, reused: bool) -> dict[str, Any]:
@@ -243,8 +260,11 @@ def _export_record(onnx_dir: Path, *, reused: bool) -> dict[str, Any]:
             if name.endswith(".onnx") and ((".int8." in name) == (precision == "int8")):
                 total += (onnx_dir / name).stat().st_size
         sizes[precision] = total
+    recipes = {tower: manifest[tower].get("int8_recipe") for tower in ("text", "image")
+               if isinstance(manifest.get(tower), dict) and manifest[tower].get("int8_recipe")}
     return {"status": "exported", "reused": reused, "bytes": sizes, "image_tower": bool(manifest.get("image")),
-            "image_unsupported": manifest.get("image_unsupported"), "parity": manifest.get("parity")}
+            "image_unsupported": manifest.get("image_unsupported"), "parity": manifest.get("parity"),
+            "int8_recipes": recipes, "export_seconds": manifest.get("export_seconds")}
 
 
 # ---------------------------------------------------------------- (a) encoding
@@ -574,6 +594,17 @@ def _notes(results: Mapping[str, Any]) -> list[str]:
     if any(a["family"] == "qwen3-vl" for a in results["encoding"]["archs"]):
         notes.append("Qwen3-VL copies of 1–2 layers keep none of the DeepStack taps (vision blocks 5/11/17, 8/16/24), "
                      "so the extrapolation leaves out the three DeepStack mergers' cost (a few percent of an image).")
+    too_big = sorted({a["arch"] for a in results["encoding"]["archs"] for b in a["backends"]
+                      if b["backend"].startswith("onnx") and ((b.get("model_bytes") or {}).get("value") or 0)
+                      > 2 * 1024**3})
+    if too_big:
+        notes.append(f"ONNX at full size ({', '.join(too_big)}): the files would exceed the 2 GiB single-file limit "
+                     "of `vkd export`; the figures are what those graphs cost, measured on copies that fit.")
+    recipes = sorted({r for a in results["encoding"]["archs"] for c in a["copies"]
+                      for r in ((c.get("onnx") or {}).get("int8_recipes") or {}).values()})
+    if recipes:
+        notes.append(f"ONNX INT8: dynamic, recipe {', '.join(recipes)} (the export's fastest, asked for by name; how "
+                     "close INT8 stays to fp32 on random weights says little about a trained model).")
     for pairing in results["end_to_end"]:
         notes.append(f"{pairing['pairing']}: " + pairing["corpus"]["summary"])
     notes.append("Stage 1 is IVF-PQ with vkd's exact re-scoring (FaissSearcher), nlist ≤ 1024 trained on 40 "
@@ -802,12 +833,19 @@ def real_figure(results: Mapping[str, Any]) -> Figure:
     return Figure("real_costs.png", draw, size=(6.0 + 4.0 * len(results["end_to_end"]), 6.5))
 
 
-def expected_minutes(settings: RealSettings) -> float:
-    """A rough duration of a full run on two quiet cores (from per-layer costs measured once),
-    printed before the run so the reader knows what to expect."""
-    per_arch = {"clip-vit-b32": 2.0, "clip-vit-b16": 3.0, "siglip-base-patch16-224": 3.0, "clip-vit-l14": 2.5,
-                "qwen3-vl-embedding-2b": 4.0, "qwen3-vl-embedding-8b": 4.0}
-    minutes = sum(per_arch.get(a, 0.5) for a in settings.archs) * settings.rounds / 3
-    minutes += sum({"clip": 1.0, "qwen3-vl": 3.0}[p] for p in settings.pairings) * settings.corpus_size / 1e6
-    return minutes + 1.0
+def expected_minutes(settings: RealSettings, work: Path | None = None) -> float:
+    """A rough duration of a full run on two quiet cores, printed before the run so the reader
+    knows what to expect: per arch, building and exporting the copies (skipped when the work
+    folder has them from an earlier run: about 2.5 minutes for the Qwen3-VL 2B copies), loading
+    each backend's process and timing the rounds (quick runs on a loaded machine, halved)."""
+    timing = {"clip-vit-b32": 1.5, "clip-vit-b16": 1.5, "siglip-base-patch16-224": 1.5, "clip-vit-l14": 1.5,
+              "qwen3-vl-embedding-2b": 3.0, "qwen3-vl-embedding-8b": 4.5}
+    setup = {"clip-vit-b32": 0.5, "clip-vit-b16": 0.5, "siglip-base-patch16-224": 0.5, "clip-vit-l14": 0.5,
+             "qwen3-vl-embedding-2b": 3.0, "qwen3-vl-embedding-8b": 0.7}
+    minutes = 0.0
+    for arch in settings.archs:
+        built = work is not None and any((work / "models").glob(f"{arch}-*/onnx/export.json"))
+        minutes += timing.get(arch, 0.5) * (settings.rounds + 1) / 4 + (0.2 if built else setup.get(arch, 0.2))
+    minutes += sum({"clip": 1.0, "qwen3-vl": 3.5}.get(p, 1.0) for p in settings.pairings) * settings.corpus_size / 1e6
+    return minutes + 1.0  # indexing
 

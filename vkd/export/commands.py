@@ -95,11 +95,13 @@ def export(model_dir: str, out: str | None, int8: str, calibration: str | None, 
         click.echo(f"  image buckets: {', '.join(entry['size'] for entry in image['buckets'])} ({image['policy']})")
     elif image:
         lines.append(("image", image, parity["towers"]["image"]))
+    label_width = max(len(label) for label, _, _ in lines)
+    file_width = max(16, *(len(entry[p]) for _, entry, _ in lines for p in ("fp32", "int8") if entry.get(p)))
     for label, entry, by_precision in lines:
         for precision, numbers in by_precision.items():
             size = entry["bytes"][precision] / 1e6
             recipe = f"   recipe {entry['int8_recipe']}" if precision == "int8" and entry.get("int8_recipe") else ""
-            click.echo(f"  {label:<5} {precision:<4} {entry[precision]:<16} {size:8.2f} MB   "
+            click.echo(f"  {label:<{label_width}} {precision:<4} {entry[precision]:<{file_width}} {size:8.2f} MB   "
                        f"cosine vs torch: min {numbers['min']:.6f} mean {numbers['mean']:.6f} "
                        f"(>= {PARITY_MIN_COSINE[precision]}){recipe}")
     if manifest.get("image_unsupported"):

@@ -2,29 +2,52 @@
 
 Dynamic quantization (``onnxruntime.quantization.quantize_dynamic``: weights stored INT8,
 activations quantised per call) has several knobs, and its defaults are not the fastest for
-these graphs. What each recipe step does, and why (short probes, ``vkd export MODEL
---int8-variants`` measures them on any model; docs in ``benchmarks/RESULTS.md``):
+these graphs. ``vkd export MODEL --int8-variants`` (``vkd.bench.int8``) measures every recipe
+below on any model. What each step does and why, with the short probes that found it
+(2-layer random copies at the real widths, ``vkd model random --layers 2``, one thread, CPU
+time, on a shared 2-core machine: ratios, not published figures; at full depth the per-layer
+share grows, so image speedups grow a little):
 
 * **op types.** ``quantize_dynamic``'s default quantises every op it can, including the
   image towers' patch-embedding ``Conv`` as ``ConvInteger``, which ONNX Runtime runs far
-  slower than the fp32 ``Conv`` (and which does not fuse with its quantiser): on a 2-layer
-  ViT-B/32 it took the image tower from 2.4x to 1.5x faster than fp32. Recipes quantise
+  slower than the fp32 ``Conv``: ViT-B/32 image INT8 was 1.5x fp32 ONNX with it, 2.4-2.5x
+  without (B/16 2.4x -> 2.7-3.0x, L/14 2.8x -> 3.4x, SigLIP 2.2x -> 2.6x). Recipes quantise
   ``MatMul`` (ONNX Runtime then fuses quantiser + MatMulInteger + scale into
-  ``DynamicQuantizeMatMul`` / ``MatMulIntegerToFloat``), optionally ``Gather`` (the token
-  embedding table: 4x smaller text files, no speed change; what fits a Qwen3-VL text tower
-  under the 2 GB single-file limit at INT8) and never ``Conv``.
+  ``DynamicQuantizeMatMul`` / ``MatMulIntegerToFloat``), optionally ``Gather`` (embedding
+  tables: text files 3-4x smaller, e.g. CLIP B text 103 -> 31 MiB, Qwen3-VL 2-layer text
+  1283 -> 393 MiB, no speed change, min cosine a few 1e-5 lower), never ``Conv``.
 * **patch embedding as MatMul.** The patch ``Conv`` (kernel = stride, no padding) is
-  rewritten as reshape + transpose + ``MatMul`` (``patch_conv_as_matmul``): the same numbers,
-  but ONNX Runtime's Conv on 32x32 / 16x16 / 14x14 kernels is im2col + a small GEMM per
-  image, and as a MatMul it is one GEMM over the batch that the quantiser can make INT8.
+  rewritten as reshape + transpose + ``MatMul`` (``patch_conv_as_matmul``; the same numbers in
+  fp32) so that it is quantised too: B/32 image 2.4x -> 3.2x; little change where the patch
+  embedding is a small share (B/16, L/14, SigLIP, Qwen). Quantising the normalised pixels can
+  cost accuracy (SigLIP 0.9996 -> 0.9985 min cosine), hence the fallbacks below.
 * **per-channel weights.** One scale per output column instead of per matrix: the same ops
-  and the same speed here, closer to fp32.
-* **transformer fusions** (``onnxruntime.transformers.optimizer``, model types "clip",
-  "vit", "bert"): its Attention fusion (what would allow ``QAttention``) matches none of
-  these graphs (transformers 5 exports attention through SDPA, or eager with dtype casts
-  around the softmax), and the LayerNorm / SkipLayerNorm / Gelu fusions it does make are
-  ones ONNX Runtime's own session optimiser makes at load time anyway, so no recipe uses it
-  by default (``fused`` keeps it measurable).
+  and, within the probes' noise, the same speed; min cosine slightly higher (CLIP B text
+  0.99910 -> 0.99931, SigLIP text 0.99917 -> 0.99937, Qwen text 0.9956 -> 0.9965).
+* **transformer fusions** (``onnxruntime.transformers.optimizer``; this onnxruntime has model
+  types "clip", "vit", "bert", "gpt2", "qwen3", ...): its Attention fusion (what ``QAttention``
+  needs) matches none of these graphs (transformers 5 exports attention as SDPA, or eager with
+  casts around the softmax), and the LayerNorm / SkipLayerNorm / (Quick)Gelu fusions it makes
+  ONNX Runtime's session optimiser makes at load anyway; before quantisation they were
+  neutral to slower (B/16 image 2.9x -> 2.4x: a bias folded into SkipLayerNorm is one the
+  quantised MatMul no longer absorbs). Kept measurable as ``fused``, used by no default.
+* **SigLIP's pooling head** (``nn.MultiheadAttention``) slices its packed in-projection at
+  bounds computed from the input's shape, so its key/value projection over every patch was a
+  MatMul on a non-constant weight that no recipe could quantise; the export traces it through
+  explicit q/k/v Linears instead (``onnx_export._explicit_attention``): SigLIP image INT8
+  32 -> 27 ms/img at 2 layers (~3 % at full depth).
+* **text padding.** CLIP and Qwen3-VL text graphs take any length (batches padded to their
+  longest); SigLIP's must be padded to 64 (it was trained so and pools the last position).
+  Padding CLIP B queries to 77 instead of ~12 tokens costs 2.5x (fp32 4.3 -> 10.9 ms/query at
+  batch 32; INT8 1.5 -> 3.9), which is SigLIP's fixed cost. INT8 vs fp32 ONNX is 2.7-4.4x for
+  every text tower probed, and up to 15x vs torch at batch 1 (CLIP B/32 queries, where
+  torch's per-call overhead dominates; SigLIP's 64 tokens: 4x).
+
+Below 2x vs fp32 ONNX was only the legacy recipe on image towers (ConvInteger). Qwen3-VL
+(2-layer, real widths) runs INT8 3.6-3.9x (text) and 2.7-3.3x (448x448 image) faster than
+fp32 ONNX, but its random-weight copies reach only 0.996-0.998 cosine to fp32 with any
+recipe (per-tensor dynamic activation scales over 2048-wide rows); the export then keeps the
+closest candidate, gated at ``PARITY_MIN_COSINE["int8"]``.
 
 The export tries ``DEFAULT_CANDIDATES`` in order (fastest first) per graph and keeps the
 first whose vectors stay within ``INT8_TARGET_COSINE`` of the torch model on the parity
@@ -82,8 +105,12 @@ RECIPES: dict[str, Int8Recipe] = {recipe.name: recipe for recipe in (
 )}
 
 #: What the export tries, fastest first (equal speed: the smaller file first); the first
-#: within INT8_TARGET_COSINE of torch is kept, else the closest of them (still gated).
-DEFAULT_CANDIDATES: tuple[str, ...] = ("patch-matmul-gather-pc", "patch-matmul-pc")
+#: within INT8_TARGET_COSINE of torch is kept, else the closest of them (still gated). The
+#: patch MatMul is the one step that can cost accuracy (its input, the normalised pixels, is
+#: quantised per call: a 2-layer SigLIP image tower went from 0.9996 to 0.9985 with it), so
+#: the last two leave the Conv in fp32. For a text graph the patch step changes nothing and
+#: its duplicates are skipped.
+DEFAULT_CANDIDATES: tuple[str, ...] = ("patch-matmul-gather-pc", "patch-matmul-pc", "matmul-gather-pc", "matmul-pc")
 
 
 def get_recipe(name: str) -> Int8Recipe:

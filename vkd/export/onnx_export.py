@@ -45,8 +45,10 @@ import numpy as np
 from vkd.export.int8 import (
     DEFAULT_CANDIDATES,
     INT8_TARGET_COSINE,
+    RECIPES,
     attention_shape,
     get_recipe,
+    op_counts,
     quantize_int8,
     quiet_quantizer,
 )
@@ -626,18 +628,19 @@ def _choose_recipe(encoder: TorchEncoder, staging: Path, tower: str, fp32_name: 
     heads, hidden = attention_shape(encoder, tower)
     tried: list[dict[str, Any]] = []
     best: tuple[float, str, Path, dict[str, Any]] | None = None
-    seen: set[tuple[Any, ...]] = set()
-    for name in candidates:
-        recipe = get_recipe(name)
-        trial = staging / f".trial-{name}-{int8_name}"
-        notes = quantize_int8(staging / fp32_name, trial, recipe, family=str(encoder.family), tower=tower,
-                              heads=heads, hidden=hidden)
-        # a rewrite that found nothing to rewrite makes the same graph as a recipe already tried
-        same_as = (recipe.op_types, recipe.per_channel, recipe.fuse, bool(notes.get("patch_convs_as_matmul")))
-        if same_as in seen:
-            trial.unlink()
+    seen: set[str] = set()
+    for candidate in candidates:
+        recipe = get_recipe(candidate)
+        if recipe.patch_matmul and not _has_conv(staging / fp32_name):
+            # nothing to rewrite (a text graph): the recipe is its plain-MatMul twin, recorded as such
+            recipe = RECIPES.get(recipe.name.removeprefix("patch-"), recipe)
+        name = recipe.name
+        if name in seen:
             continue
-        seen.add(same_as)
+        seen.add(name)
+        trial = staging / f".trial-{name}-{int8_name}"
+        quantize_int8(staging / fp32_name, trial, recipe, family=str(encoder.family), tower=tower,
+                      heads=heads, hidden=hidden)
         cosines = _graph_cosines(trial, feeds, reference)
         tried.append({"recipe": name, "min_cosine": cosines["min"], "mean_cosine": cosines["mean"]})
         if best is None or cosines["min"] > best[0]:
@@ -652,6 +655,10 @@ def _choose_recipe(encoder: TorchEncoder, staging: Path, tower: str, fp32_name: 
     _, name, trial, cosines = best
     trial.rename(staging / int8_name)
     return name, tried, cosines
+
+
+def _has_conv(path: Path) -> bool:
+    return "Conv" in op_counts(path, interesting=("Conv",))
 
 
 def _graph_cosines(path: Path, feeds: list[dict[str, np.ndarray]], reference: np.ndarray) -> dict[str, Any]:
