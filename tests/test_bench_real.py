@@ -326,3 +326,27 @@ def test_bench_real_quick_writes_every_timing_with_its_spread(tmp_path: Path) ->
     assert indexing["runs"]["vkd index, prefer onnx"]["vs_encoder_alone"]["n"] == 2
     with Image.open(out / "real_costs.png") as image:
         assert image.format == "PNG" and image.width > 300
+
+
+@pytest.mark.slow
+def test_a_model_timed_at_its_real_depth_gets_an_extrapolation_check(tmp_path: Path) -> None:
+    """The ViT-B/32 path of a full run, on a tiny arch: the real depth measured whole, and
+    two truncated copies (torch fp32) extrapolated to it in the same rounds."""
+    from vkd.bench.real import RealSettings, arch_info, measure_encoding
+
+    settings = RealSettings(archs=("tiny-clip",), backends=("torch-fp32", "onnx-int8"), rounds=2, b1_calls=1,
+                            batch=4, full_depth_archs=("tiny-clip",), check_extrapolation=True)
+    record = measure_encoding(arch_info("tiny-clip"), settings, work=tmp_path, progress=lambda message: None,
+                              memory_bytes=16 * 1024**3)
+    assert record["measured_at"] == "real depth"
+    assert [c["layers"] for c in record["copies"]] == [{"text": 1, "vision": 1}, {"text": 2, "vision": 2},
+                                                       {"text": 4, "vision": 4}]
+    backends = {b["backend"]: b for b in record["backends"]}
+    assert backends["torch-fp32"]["extrapolated"] is False and backends["onnx-int8"]["extrapolated"] is False
+    assert set(backends["onnx-int8"]["calls"]["text_b1"]["speedup_vs_torch_fp32"]) == SPREAD
+    assert backends["onnx-int8"]["model_bytes"]["value"] > 0
+    check = record["extrapolation_check"]
+    assert check["copies"] == [{"text": 1, "vision": 1}, {"text": 2, "vision": 2}]
+    assert set(check["calls"]) <= {"image_b1", "image_b4", "text_b1", "text_b4"} and check["calls"]
+    for call in check["calls"].values():
+        assert set(call["error_percent"]) == SPREAD

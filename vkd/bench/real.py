@@ -53,6 +53,8 @@ QUICK_ARCHS = ("clip-vit-b32",)
 FULL_DEPTH_ARCHS = ("clip-vit-b32",)
 #: ONNX models are single protobuf files (vkd export refuses external data): 2 GiB at most
 ONNX_MAX_BYTES = 2 * 1024**3
+#: torch fp32 is not timed for a model whose full fp32 weights exceed this share of the memory
+FP32_MEMORY_SHARE = 0.8
 #: Tiny test archs (``vkd.models.tiny``): the code paths of a real run in seconds, for tests.
 #: Their "full" depth is a pretend 4 layers per stack, so extrapolation is exercised too.
 TINY_ARCHS: dict[str, dict[str, Any]] = {
@@ -115,6 +117,8 @@ class RealSettings:
     index_images: int = 64
     index_image_size: tuple[int, int] = (512, 384)
     threads: int | None = None
+    #: skip torch fp32 for models whose full fp32 weights do not fit (the 8B: 35 GB)
+    skip_unfit_fp32: bool = True
     quick: bool = False
 
     @classmethod
@@ -270,9 +274,14 @@ def _export_record(onnx_dir: Path, *, reused: bool) -> dict[str, Any]:
 # ---------------------------------------------------------------- (a) encoding
 
 
-def _estimated_rss(copy: Any, backend: str) -> float:
-    item = {"torch-fp32": 4, "torch-bf16": 2, "onnx-fp32": 4, "onnx-int8": 1}[backend]
-    return copy.parameters * item + 0.6 * GIB
+def _estimated_rss(copy: Any, backend: str, family: str) -> float:
+    """A worker's resident memory, generously: its weights plus 0.6 GiB of runtime. ONNX INT8
+    keeps embedding tables in fp32 (2 bytes a parameter on average, not 1), and a Qwen3-VL
+    export holds the language model twice, in the text graph and in the image graph
+    (measured: 3.0–3.8 GiB per ONNX worker for a 0.4B-parameter 2B copy)."""
+    item = {"torch-fp32": 4, "torch-bf16": 2, "onnx-fp32": 4, "onnx-int8": 2}[backend]
+    graphs = 2 if backend.startswith("onnx") and family == "qwen3-vl" else 1
+    return copy.parameters * item * graphs + 0.6 * GIB
 
 
 def measure_encoding(arch: ArchInfo, settings: RealSettings, *, work: Path, progress: Callable[[str], None],
@@ -316,11 +325,20 @@ def measure_encoding(arch: ArchInfo, settings: RealSettings, *, work: Path, prog
             if backend.startswith("onnx") and copy.onnx.get("status") != "exported":
                 skipped[backend] = copy.onnx.get("reason") or "no ONNX export"
                 continue
+            full_fp32 = copy.full_parameters * 4
+            if (backend == "torch-fp32" and not arch.tiny and settings.skip_unfit_fp32
+                    and full_fp32 > FP32_MEMORY_SHARE * memory_bytes):
+                # a figure for a configuration this machine cannot hold is of no use, and the
+                # time goes to the backends that fit (the brief's "measure it in bf16")
+                skipped[backend] = (f"the full model's fp32 weights ({full_fp32 / GIB:.1f} GiB) exceed "
+                                    f"{FP32_MEMORY_SHARE:.0%} of this machine's {memory_bytes / GIB:.1f} GiB; "
+                                    "measured in bf16 (pass --backends to time fp32 copies anyway)")
+                continue
             runs[(index, backend)] = WorkerRun(copy=copy, backend=backend)
     # all backends of all copies at once when they fit in memory (rounds interleave them);
     # else one copy at a time (its backends still interleave)
     everything = list(runs.values())
-    if sum(_estimated_rss(r.copy, r.backend) for r in everything) <= 0.6 * memory_bytes:
+    if sum(_estimated_rss(r.copy, r.backend, arch.family) for r in everything) <= 0.6 * memory_bytes:
         groups = [everything]
     else:
         groups = [[r for (i, _b), r in runs.items() if i == index] for index in range(len(copies))]
@@ -591,6 +609,11 @@ def _notes(results: Mapping[str, Any]) -> list[str]:
     notes.append(f"bf16 on this CPU: native instructions {'yes' if bf16.get('native_bf16') else 'no'} (AMX "
                  f"{'yes' if bf16.get('amx') else 'no'}), oneDNN bf16 {bf16.get('onednn_bf16')}, torch capability "
                  f"{bf16.get('cpu_capability')}.")
+    split = [a["arch"] for a in results["encoding"]["archs"] if a.get("memory_groups", 1) > 1]
+    if split:
+        notes.append(f"{', '.join(split)}: all backends of both copies would not fit in memory at once, so each "
+                     "copy's backends ran in rounds of their own, one copy after the other; an extrapolation pairs "
+                     "round r of one copy with round r of the other, minutes apart.")
     if any(a["family"] == "qwen3-vl" for a in results["encoding"]["archs"]):
         notes.append("Qwen3-VL copies of 1–2 layers keep none of the DeepStack taps (vision blocks 5/11/17, 8/16/24), "
                      "so the extrapolation leaves out the three DeepStack mergers' cost (a few percent of an image).")
@@ -839,7 +862,7 @@ def expected_minutes(settings: RealSettings, work: Path | None = None) -> float:
     folder has them from an earlier run: about 2.5 minutes for the Qwen3-VL 2B copies), loading
     each backend's process and timing the rounds (quick runs on a loaded machine, halved)."""
     timing = {"clip-vit-b32": 1.5, "clip-vit-b16": 1.5, "siglip-base-patch16-224": 1.5, "clip-vit-l14": 1.5,
-              "qwen3-vl-embedding-2b": 3.0, "qwen3-vl-embedding-8b": 4.5}
+              "qwen3-vl-embedding-2b": 3.0, "qwen3-vl-embedding-8b": 2.5}
     setup = {"clip-vit-b32": 0.5, "clip-vit-b16": 0.5, "siglip-base-patch16-224": 0.5, "clip-vit-l14": 0.5,
              "qwen3-vl-embedding-2b": 3.0, "qwen3-vl-embedding-8b": 0.7}
     minutes = 0.0
