@@ -241,7 +241,12 @@ def meta_model(arch: Arch, config: Any) -> Any:
     import torch
 
     with torch.device("meta"):
-        return model_class(arch.family)(config)
+        model = model_class(arch.family)(config)
+    if arch.top.get("tie_word_embeddings") and hasattr(model, "lm_head"):
+        # tie explicitly: in a long test session transformers' own tying was seen to leave the 2B's
+        # lm_head separate (311M parameters more), depending on what ran before
+        model.lm_head.weight = model.get_input_embeddings().weight
+    return model
 
 
 def count_parameters(arch: Arch | str, *, layers: int | None = None, vision_layers: int | None = None) -> int:
