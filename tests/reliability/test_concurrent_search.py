@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
 
+from reliability.conftest import plain_folder
 from vkd.indexer import Index, build_index, compact_index
 from vkd.models import load_encoder
 from vkd.retrieval import Retriever
@@ -36,14 +36,6 @@ MIN_SEARCHES = 320  # over all readers
 PHASES = ("start", "add", "delete+compact", "rebuild", "done")
 
 
-def noise_folder(root: Path, n: int, seed: int) -> Path:
-    """``n`` small random PNGs img000.png, img001.png, ... (local: conftest.py is not importable
-    reliably, ``tests/conftest.py`` is also named ``conftest``)."""
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (32, 40, 3), dtype=np.uint8)).save(root / f"img{i:03d}.png")
-    return root
 
 
 def _close(index: Index) -> None:
@@ -169,8 +161,8 @@ def test_searches_while_the_index_changes_long(tmp_path: Path, tiny_clip: Path, 
 def searches_during_changes(tmp_path: Path, models: tuple[Path, Path], added: tuple[int, ...], min_searches: int,
                             reliability_figures: Callable[..., None]) -> None:
     tiny_clip, tiny_clip_teacher = models
-    images = noise_folder(tmp_path / "imgs", START, seed=7)
-    extra = noise_folder(tmp_path / "extra", sum(added), seed=8)
+    images = plain_folder(tmp_path / "imgs", START, seed=7)
+    extra = plain_folder(tmp_path / "extra", sum(added), seed=8)
     out = tmp_path / "idx"
     student = load_encoder(tiny_clip, device="cpu")
     teacher = load_encoder(tiny_clip_teacher, device="cpu")
@@ -255,7 +247,7 @@ def searches_during_changes(tmp_path: Path, models: tuple[Path, Path], added: tu
 def test_an_open_snapshot_outlives_compaction_and_rebuild(tmp_path: Path, tiny_clip: Path,
                                                           tiny_clip_teacher: Path) -> None:
     """Opened, not yet searched (no FAISS file read), then its files are deleted: it still searches."""
-    images = noise_folder(tmp_path / "imgs", 10, seed=9)
+    images = plain_folder(tmp_path / "imgs", 10, seed=9)
     out = tmp_path / "idx"
     student = load_encoder(tiny_clip, device="cpu")
     teacher = load_encoder(tiny_clip_teacher, device="cpu")
@@ -309,7 +301,7 @@ def test_index_open_racing_a_compaction_gets_a_whole_snapshot(tmp_path: Path, ti
     hand out a snapshot whose shard cannot be searched."""
     import vkd.indexer.index as index_module
 
-    images = noise_folder(tmp_path / "imgs", 10, seed=11)
+    images = plain_folder(tmp_path / "imgs", 10, seed=11)
     out = tmp_path / "idx"
     student = load_encoder(tiny_clip, device="cpu")
     build_index(images, out, student=student, shard_size=SHARD_SIZE)

@@ -36,9 +36,9 @@ from typing import Any
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from PIL import Image
 
 import vkd
+from reliability.conftest import plain_folder
 from vkd.cli import cli
 from vkd.indexer import Index, ManifestError, verify_index
 from vkd.indexer.fsutil import TMP_MARKER
@@ -97,14 +97,6 @@ for line in sys.stdin:
 """
 
 
-def noise_folder(root: Path, n: int, seed: int) -> Path:
-    """``n`` small random PNGs img000.png, img001.png, ... (local: conftest.py is not importable
-    reliably, ``tests/conftest.py`` is also named ``conftest``)."""
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (32, 40, 3), dtype=np.uint8)).save(root / f"img{i:03d}.png")
-    return root
 
 
 class Launcher:
@@ -307,7 +299,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, tiny_clip: Path, tiny_clip_t
     (tmp / "logs").mkdir()
     launcher = Launcher(env, tmp / "logs")
     try:
-        images = noise_folder(tmp / "imgs", N_IMAGES, seed=3)
+        images = plain_folder(tmp / "imgs", N_IMAGES, seed=3)
         student = load_encoder(tiny_clip, device="cpu")
         teacher = load_encoder(tiny_clip_teacher, device="cpu")
         reference = tmp / "reference"

@@ -726,3 +726,19 @@ def load_image(source: Any, *, max_pixels: int | None = None, max_aspect: float 
         return read_image_file(source, max_pixels=max_pixels, max_aspect=max_aspect,
                                max_file_bytes=max_file_bytes).image
     raise TypeError(f"expected a PIL image or a path, got {type(source).__name__}")
+
+
+def thumbnail_data_url(path: str | os.PathLike[str], side: int = 256) -> str | None:
+    """A ``data:image/jpeg;base64,...`` thumbnail of ``path`` for self-contained HTML pages
+    (``vkd search --html``, ``vkd dupes --html``); None when the file cannot be read any more
+    (moved or deleted since indexing: the page still lists it)."""
+    import base64
+
+    try:
+        image = load_image(path)
+    except (ImageError, OSError):
+        return None
+    image.thumbnail((side, side))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")

@@ -15,9 +15,7 @@ HTML page reads each member once, for its thumbnail).
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +24,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from vkd.data.images import thumbnail_data_url
 from vkd.indexer.index import Index, Shard
 
 DEFAULT_THRESHOLD = 0.95
@@ -187,20 +186,6 @@ def _records(shards: list[Shard], offsets: np.ndarray, nodes: list[int]) -> dict
     return found
 
 
-def _thumbnail(path: str, size: int = 160) -> str | None:
-    """A small JPEG of the image as a data: URL, or None when it cannot be read any more."""
-    from vkd.data.images import ImageError, load_image
-
-    try:
-        image = load_image(path)
-    except (ImageError, OSError):
-        return None
-    image.thumbnail((size, size))
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=80)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
 def duplicates_html(groups: list[DuplicateGroup], *, title: str = "vkd dupes") -> str:
     """One self-contained page: each group a row of thumbnails (embedded, no external files)."""
     parts = [
@@ -216,7 +201,7 @@ def duplicates_html(groups: list[DuplicateGroup], *, title: str = "vkd dupes") -
         what = "exact copies" if group.kind == "exact" else f"near copies ({group.measure} ≥ {group.score:.3f})"
         parts.append(f"<section><h2>Group {number}: {len(group.members)} {html.escape(what)}</h2>")
         for member in group.members:
-            data = _thumbnail(member.path)
+            data = thumbnail_data_url(member.path, 160)
             picture = f"<img src='{data}' alt=''>" if data else "<div>(cannot be read)</div>"
             parts.append(f"<figure>{picture}<figcaption>{html.escape(member.relpath)}<br>{member.width}×"
                          f"{member.height}, {member.size} bytes</figcaption></figure>")

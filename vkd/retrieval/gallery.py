@@ -7,36 +7,20 @@ opens offline, anywhere, and shows each image the way the index saw it.
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 from pathlib import Path
 
+from vkd.data.images import thumbnail_data_url
 from vkd.indexer.fsutil import atomic_write_bytes
 from vkd.retrieval.results import SearchResult
 
 THUMB_SIDE = 256
 
 
-def thumbnail_data_url(path: str, side: int = THUMB_SIDE) -> str | None:
-    """A ``data:image/jpeg;base64,...`` thumbnail of ``path``; None when it cannot be read
-    (moved or deleted since indexing: the page still lists the hit)."""
-    from vkd.data.images import ImageError, load_image
-
-    try:
-        image = load_image(path)
-    except (ImageError, OSError):
-        return None
-    image.thumbnail((side, side))
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=80)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
 def render_gallery(result: SearchResult, *, title: str) -> str:
     cards = []
     for hit in result:
-        url = thumbnail_data_url(hit.path)
+        url = thumbnail_data_url(hit.path, THUMB_SIDE)
         picture = (f'<img src="{url}" alt="{html.escape(hit.path)}">' if url
                    else '<div class="missing">image not readable</div>')
         teacher = f"{hit.teacher_score:.4f}" if hit.teacher_score is not None else "-"
