@@ -203,16 +203,9 @@ def eval_command(
     Percentages; image→text counts a hit when any of the image's captions is in the top K.
     MODEL may also be a `vkd distill` output directory: its model/ is evaluated.
     """
-    from vkd.distill.rundir import resolve_model_dir
+    from vkd.distill.rundir import resolve_model_option
 
-    try:
-        resolved = resolve_model_dir(model)
-    except ValueError as error:
-        raise click.ClickException(str(error)) from None
-    if resolved != model:
-        # stderr: --json output on stdout stays parseable
-        click.echo(f"{model} is a vkd distill run; evaluating {resolved}", err=True)
-        model = resolved
+    model = resolve_model_option(model, "evaluating {model}")
 
     from vkd.data.pairs import PairFileError, read_pairs
 

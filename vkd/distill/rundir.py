@@ -37,3 +37,18 @@ def resolve_model_dir(path: str | os.PathLike[str]) -> str:
         raise ValueError(f"{path} is a vkd distill run without a model yet: {model} is written when the run "
                          "ends; wait for it, or continue a stopped run with resume_from_checkpoint: latest")
     return str(model)
+
+
+def resolve_model_option(name: str, use: str) -> str:
+    """``resolve_model_dir`` for a CLI option: a run without a model is a one-line error, and
+    a resolved run is said on stderr (stdout stays parseable for --json). ``use`` completes
+    that note, with ``{model}`` for the model directory: "evaluating {model}"."""
+    import click
+
+    try:
+        resolved = resolve_model_dir(name)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
+    if resolved != str(name):
+        click.echo(f"{name} is a vkd distill run; " + use.format(model=resolved), err=True)
+    return resolved

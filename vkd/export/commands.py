@@ -62,16 +62,10 @@ def export(model_dir: str, out: str | None, int8: str, calibration: str | None, 
       vkd export qwen-student --image-buckets default
       vkd export out/student --int8-variants --threads 1 --clock cpu
     """
-    from vkd.distill.rundir import resolve_model_dir
+    from vkd.distill.rundir import resolve_model_option
     from vkd.export.onnx_export import ExportError, export_onnx
 
-    try:
-        resolved = resolve_model_dir(model_dir)
-    except ValueError as error:
-        raise click.ClickException(str(error)) from None
-    if resolved != model_dir:
-        click.echo(f"{model_dir} is a vkd distill run; exporting {resolved}", err=True)
-        model_dir = resolved
+    model_dir = resolve_model_option(model_dir, "exporting {model}")
     if calibration is None and int8 == "static":
         raise click.UsageError("--int8 static calibrates on real inputs: add --calibration pairs.jsonl "
                                "(or use --int8 dynamic)")

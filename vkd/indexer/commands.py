@@ -151,13 +151,14 @@ def build_command(images_dir: Path, student: str, teacher: str | None, out_dir: 
       vkd index ./photos --model out/student --teacher out/teacher --out photos.vkd
       vkd index ./photos --model out/student --out photos.vkd --json   # after moving folders: "reused"
     """
+    from vkd.distill.rundir import resolve_model_option
     from vkd.indexer.build import build_index
     from vkd.indexer.index import Index
 
     instructions = {"query_instruction": query_instruction, "document_instruction": document_instruction}
     try:
-        student = _model_dir(student, "student")
-        teacher = _model_dir(teacher, "teacher") if teacher is not None else None
+        student = resolve_model_option(student, "using {model} as the student")
+        teacher = resolve_model_option(teacher, "using {model} as the teacher") if teacher is not None else None
         result = build_index(images_dir, out_dir, student=student, teacher=teacher, batch_size=batch_size,
                              workers=workers, shard_size=shard_size, index_type=index_type,
                              memory_budget=memory_budget, rebuild=rebuild, show_progress=progress,
@@ -182,16 +183,6 @@ def build_command(images_dir: Path, student: str, teacher: str | None, out_dir: 
     if result.added - result.reused > 0:
         click.echo(f"encoded with: student {result.student_backend}"
                    + (f", teacher {result.teacher_backend}" if result.teacher_backend else ""))
-
-
-def _model_dir(name: str, role: str) -> str:
-    """``name``, or its model/ when it is a `vkd distill` output_dir (said on stderr)."""
-    from vkd.distill.rundir import resolve_model_dir
-
-    resolved = resolve_model_dir(name)
-    if resolved != name:
-        click.echo(f"{name} is a vkd distill run; using {resolved} as the {role}", err=True)
-    return resolved
 
 
 def _models(student: dict[str, Any], teacher: dict[str, Any] | None) -> str:
