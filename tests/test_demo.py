@@ -10,7 +10,17 @@ import pytest
 from click.testing import CliRunner
 
 from vkd.cli import cli
-from vkd.demo import FULL, QUICK, Row, format_table, split_training_pairs, verdict
+from vkd.demo import (
+    FULL,
+    QUICK,
+    TINY_GRID,
+    Row,
+    difference_statement,
+    format_table,
+    run_sweep,
+    seeds_markdown,
+    verdict,
+)
 
 
 @pytest.mark.slow
@@ -31,7 +41,9 @@ def test_quick_demo_runs_end_to_end_and_search_uses_its_index(tmp_path: Path, mo
         assert 0.0 <= row["t2i_r1"] <= row["t2i_r5"] <= 100.0
     assert results["verdict"].startswith("Distillation")
     assert results["export_parity"]["towers"]["text"]["int8"]["min"] >= 0.99
-    for name in ("teacher", "student-raw", "student-ce", "student-kd"):
+    assert results["metrics"]["teacher_general"]["t2i_R@1"] >= 0.0
+    assert results["target_only_combinations"]
+    for name in ("teacher-general", "teacher", "student-raw", "student-ce", "student-kd"):
         assert (out / name / "model" / "config.json").is_file()
         assert (out / name / "report.json").is_file()
 
@@ -42,15 +54,6 @@ def test_quick_demo_runs_end_to_end_and_search_uses_its_index(tmp_path: Path, mo
     hits = hits["hits"] if isinstance(hits, dict) else hits[0]["hits"]
     assert len(hits) == 3
     assert all(Path(hit["path"]).is_relative_to(out / "data" / "images" / "test") for hit in hits)
-
-
-def test_training_split_is_by_line_and_disjoint(tmp_path: Path) -> None:
-    lines = [json.dumps({"image": f"images/train/{i:05d}.png", "text": [f"caption {i}"]}) for i in range(20)]
-    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
-    pretrain, finetune = split_training_pairs(tmp_path, 0.4, seed=0)
-    first, rest = pretrain.read_text().splitlines(), finetune.read_text().splitlines()
-    assert len(first) == 8 and len(rest) == 12
-    assert sorted(first + rest) == sorted(lines) and not set(first) & set(rest)
 
 
 def test_table_reports_retention_and_an_honest_verdict() -> None:
@@ -67,4 +70,37 @@ def test_table_reports_retention_and_an_honest_verdict() -> None:
 
 
 def test_quick_plan_is_smaller_than_full() -> None:
-    assert QUICK.n_images < FULL.n_images and QUICK.teacher_epochs <= FULL.teacher_epochs
+    assert QUICK.n_general < FULL.n_general and QUICK.n_target < FULL.n_target
+    assert QUICK.general_epochs <= FULL.general_epochs
+
+
+def test_full_plan_uses_the_settings_the_committed_sweep_chose() -> None:
+    """No KD setting in the demo that `vkd demo --sweep` did not choose on val."""
+    sweep = Path(__file__).resolve().parents[1] / "benchmarks" / "demo_sweep.json"
+    if not sweep.is_file():
+        pytest.skip("benchmarks/demo_sweep.json not generated in this checkout")
+    chosen = json.loads(sweep.read_text())["chosen"]
+    assert chosen == {"distillation_weight": FULL.distillation_weight, "temperature": FULL.temperature,
+                      "loss": list(FULL.loss), "finetune_epochs": FULL.finetune_epochs}
+
+
+def test_difference_statement_says_when_a_gap_is_within_the_spread() -> None:
+    assert "same sign on every seed" in difference_statement([1.0, 1.5, 2.0], "KD − CE")
+    assert "within the spread" in difference_statement([1.0, -0.5, 2.0], "KD − CE")
+    table = {"model": "Teacher", "params": 10, **{k: {"mean": 50.0, "sd": 1.0, "min": 49.0, "max": 51.0, "n": 3}
+                                                    for k in ("t2i_r1", "t2i_r5", "retention")}}
+    text = seeds_markdown({"seeds": [0, 1, 2], "command": "vkd demo --seeds 0,1,2", "seconds": 1.0,
+                           "machine": {"cpus": 2, "load_average_1min_at_end": 1.0}, "table": {"teacher": table},
+                           "kd_minus_ce_per_seed": [0.5, -0.2, 0.1],
+                           "raw_minus_teacher": {"mean": -3.0, "sd": 1.0, "min": -4.0, "max": -2.0, "n": 3}})
+    assert "| Teacher | 50.0 ± 1.0 | 50.0 ± 1.0 | 10 | 50 ± 1% |" in text and "within the spread" in text
+
+
+@pytest.mark.slow
+def test_sweep_runs_on_a_tiny_budget(tmp_path: Path) -> None:
+    result = run_sweep(tmp_path / "work", quick=True, grid=TINY_GRID, results_dir=tmp_path / "bench")
+    assert [run["kd"] for run in result["runs"]] == [True, True, False]  # two KD settings, the CE baseline
+    assert result["chosen"]["distillation_weight"] in TINY_GRID["distillation_weight"]
+    assert (tmp_path / "bench" / "demo_sweep.json").is_file()
+    text = (tmp_path / "bench" / "demo_sweep.md").read_text()
+    assert "vkd demo --sweep --quick" in text and "| CE only |" in text

@@ -29,7 +29,8 @@ def test_cache_round_trip_appends_and_counts(tmp_path: Path) -> None:
     cache.add(["a", "b", "c"], text, image)
     assert cache.keys() == frozenset()  # written only at flush
     assert cache.flush() == 3
-    assert cache.path == tmp_path / "abc123.arrow" and cache.keys() == {"a", "b", "c"}
+    assert cache.path == tmp_path / "abc123" and cache.keys() == {"a", "b", "c"}
+    assert len(cache.segment_files()) == 1
 
     got_text, got_image = cache.lookup(["c", "a"])
     np.testing.assert_array_equal(got_text, text[[2, 0]])
@@ -46,19 +47,24 @@ def test_cache_round_trip_appends_and_counts(tmp_path: Path) -> None:
     np.testing.assert_array_equal(reopened.lookup(["c"])[0], text[[2]])  # the first value stays
     np.testing.assert_array_equal(reopened.lookup(["d"])[1], more_image[[1]])
 
-    with pa.memory_map(str(cache.path)) as source:
+    # append-only: the second run added a segment of its own, the first one's is untouched
+    segments = reopened.segment_files()
+    assert len(segments) == 2
+    with pa.memory_map(str(segments[0])) as source:
         table = pa.ipc.open_file(source).read_all()
+    assert table.column("key").to_pylist() == ["a", "b", "c"]
     meta = table.schema.metadata
     assert meta[b"fingerprint"] == b"abc123" and float(meta[b"logit_scale"]) == pytest.approx(14.3)
+    assert meta[b"version"] == b"3"
     assert table.schema.field("text").type == pa.list_(pa.float32(), 4)
-    assert not list(tmp_path.glob(".*.tmp"))  # the temporary file was renamed away
+    assert not list(cache.path.glob(".*.tmp"))  # the temporary files were renamed away
 
 
 def test_cache_rejects_a_file_of_another_dimension(tmp_path: Path) -> None:
     cache = _cache(tmp_path, dim=4)
     cache.add(["a"], *_rows(1))
     cache.flush()
-    with pytest.raises(ValueError, match=r"abc123\.arrow: not a teacher cache for a 8-d teacher"):
+    with pytest.raises(ValueError, match=r"abc123/\S+\.arrow: not a teacher cache for a 8-d teacher"):
         _cache(tmp_path, dim=8)
 
 

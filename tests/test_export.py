@@ -261,3 +261,112 @@ def test_a_qwen3vl_text_limit_and_instructions_survive_the_export(tiny_qwen3vl: 
     assert isinstance(load_encoder(model_dir, prefer="onnx", **onnx_encoder.load_options()), OnnxEncoder)
     other = load_encoder(model_dir, prefer="onnx", device="cpu", query_instruction="Something else")
     assert not isinstance(other, OnnxEncoder) and other.query_instruction == "Something else."
+
+
+# -- external data: graphs over the protobuf limit, forced here on a tiny model --------------
+
+
+def _external_locations(path: Path) -> set[str]:
+    model = onnx.load(str(path), load_external_data=False)
+    return {entry.value for tensor in model.graph.initializer if tensor.data_location == onnx.TensorProto.EXTERNAL
+            for entry in tensor.external_data if entry.key == "location"}
+
+
+@pytest.fixture(scope="module")
+def external_clip(tiny_clip: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny CLIP exported as if every graph were over the limit (threshold 0 bytes)."""
+    model = _copy(tiny_clip, tmp_path_factory.mktemp("external") / "clip")
+    export_onnx(model, max_single_file_bytes=0)
+    return model
+
+
+def test_external_data_export_writes_one_data_file_per_graph(external_clip: Path) -> None:
+    onnx_dir = external_clip / "onnx"
+    graphs = ["image.int8.onnx", "image.onnx", "text.int8.onnx", "text.onnx"]
+    assert sorted(p.name for p in onnx_dir.iterdir()) == sorted(
+        ["export.json", "preprocessor_config.json", "tokenizer.json", *graphs, *(f"{g}.data" for g in graphs)])
+    manifest = json.loads((onnx_dir / "export.json").read_text())
+    for name in graphs:
+        # each graph's weights are in its own data file, named relative to the graph
+        assert _external_locations(onnx_dir / name) == {f"{name}.data"}
+        assert manifest["files"][f"{name}.data"]["bytes"] == (onnx_dir / f"{name}.data").stat().st_size > 0
+    for tower in ("text", "image"):
+        entry = manifest[tower]
+        assert entry["data"] == {"fp32": f"{tower}.onnx.data", "int8": f"{tower}.int8.onnx.data"}
+        for precision in ("fp32", "int8"):  # the size on disk counts the data file
+            assert entry["bytes"][precision] == sum((onnx_dir / n).stat().st_size
+                                                    for n in (entry[precision], entry["data"][precision]))
+    parity = manifest["parity"]["towers"]
+    assert min(parity[t]["fp32"]["min"] for t in ("text", "image")) >= 0.9999
+    assert min(parity[t]["int8"]["min"] for t in ("text", "image")) >= 0.99
+    assert not [p for p in external_clip.iterdir() if p.name.startswith(".")]  # no staging or scratch left
+
+
+def test_external_data_export_matches_torch_and_searches(external_clip: Path, corpus: Path, tmp_path: Path) -> None:
+    torch_encoder = load_encoder(external_clip, prefer="torch", device="cpu")
+    reference_text = torch_encoder.encode_text(TEXTS, batch_size=3)
+    reference_images = torch_encoder.encode_images(_images(), batch_size=3)
+    for precision, bound in (("fp32", 0.9999), ("int8", 0.99)):
+        encoder = OnnxEncoder(external_clip / "onnx", precision=precision, batch_size=3)
+        assert np.sum(encoder.encode_text(TEXTS) * reference_text, axis=1).min() >= bound
+        assert np.sum(encoder.encode_images(_images()) * reference_images, axis=1).min() >= bound
+        assert {p.name for p in encoder.model_files()} == {
+            encoder.model_path(t).name + suffix for t in ("text", "image") for suffix in ("", ".data")}
+    student = load_encoder(external_clip, prefer="onnx")
+    assert isinstance(student, OnnxEncoder) and student.fingerprint == torch_encoder.fingerprint
+    index = Index.build(corpus, tmp_path / "index", student=str(external_clip), shard_size=12, prefer="onnx")
+    hits = Retriever(index.path, prefer="onnx", rerank=False).search(corpus / "im-07.png", k=1)
+    assert Path(hits[0].path).name == "im-07.png"
+
+
+def test_the_export_identity_covers_the_data_file(external_clip: Path, tmp_path: Path) -> None:
+    copy = Path(shutil.copytree(external_clip / "onnx", tmp_path / "onnx"))
+    encoder = OnnxEncoder(copy, precision="fp32")
+    before = encoder.files_digest()
+    encoder.verify_files()
+    data = copy / "text.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # one weight's byte, same size
+    data.write_bytes(bytes(raw))
+    changed = OnnxEncoder(copy, precision="fp32")
+    assert changed.files_digest() != before
+    with pytest.raises(ValueError, match=r"text\.onnx\.data changed since the export"):
+        changed.verify_files()
+    data.write_bytes(bytes(raw[:-8]))  # truncated: refused when the session opens, naming the file
+    with pytest.raises(ValueError, match=r"text\.onnx\.data has \d+ bytes where the export wrote"):
+        OnnxEncoder(copy, precision="fp32").encode_text(["a dog"])
+    data.unlink()
+    with pytest.raises(ValueError, match=r"text\.onnx\.data is missing.*beside their name\.onnx"):
+        OnnxEncoder(copy, precision="fp32").encode_text(["a dog"])
+
+
+def test_relayout_gathers_one_file_per_tensor_into_one_data_file(external_clip: Path, tmp_path: Path) -> None:
+    """torch's exporter writes a graph over 2 GiB as one file per tensor; relayout makes it
+    vkd's layout (and a single file again when it fits) with the same outputs."""
+    import onnxruntime as ort
+
+    from vkd.export.layout import external_files, move_graph, relayout
+
+    scattered = tmp_path / "scattered"
+    scattered.mkdir()
+    model = onnx.load(str(external_clip / "onnx" / "text.onnx"))
+    onnx.save_model(model, str(scattered / "text.onnx"), save_as_external_data=True, all_tensors_to_one_file=False,
+                    size_threshold=0)
+    assert len(external_files(scattered / "text.onnx")) > 5
+    feeds = OnnxEncoder(external_clip / "onnx").text_inputs(TEXTS)
+
+    def run(path: Path) -> np.ndarray:
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+    expected = run(scattered / "text.onnx")
+    out = tmp_path / "out"
+    out.mkdir()
+    assert relayout(scattered / "text.onnx", out / "a.onnx", max_single_bytes=0) == out / "a.onnx.data"
+    assert sorted(p.name for p in scattered.iterdir()) == []  # the scattered files are gone
+    move_graph(out / "a.onnx", out / "b.onnx")  # renames the data file and the graph's reference to it
+    assert sorted(p.name for p in out.iterdir()) == ["b.onnx", "b.onnx.data"]
+    assert _external_locations(out / "b.onnx") == {"b.onnx.data"}
+    np.testing.assert_array_equal(run(out / "b.onnx"), expected)
+    assert relayout(out / "b.onnx", out / "b.onnx") is None  # under the default limit: one file again
+    assert sorted(p.name for p in out.iterdir()) == ["b.onnx"] and not _external_locations(out / "b.onnx")
+    np.testing.assert_array_equal(run(out / "b.onnx"), expected)

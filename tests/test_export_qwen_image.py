@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from conftest import make_images
 from PIL import Image
@@ -59,6 +60,39 @@ def test_export_writes_one_graph_per_bucket_and_records_the_policy(bucketed: Pat
     assert load_encoder(bucketed, prefer="torch", device="cpu").fingerprint != torch_encoder.fingerprint
     for size in BUCKETS.split(","):
         assert manifest["parity"]["image_buckets"][size]["fp32"]["min"] >= 0.9999
+
+
+def test_the_buckets_share_one_language_model_graph(bucketed: Path) -> None:
+    """Each bucket's graph ends at the language model's inputs; one language model graph, its
+    sequence axis dynamic, serves every bucket (prompts of 26 and 28 tokens here), so the
+    language model's weights are stored once, not once per bucket."""
+    import onnx
+
+    onnx_dir = bucketed / "onnx"
+    image = json.loads((onnx_dir / "export.json").read_text())["image"]
+    language = image["language_model"]
+    assert language["fp32"] == "image-language-model.onnx" and language["int8"] == "image-language-model.int8.onnx"
+    lengths = [entry["sequence_length"] for entry in image["buckets"]]
+    assert len(set(lengths)) == 2  # different lengths through the same graph
+    graph = onnx.load(str(onnx_dir / language["fp32"]), load_external_data=False).graph
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    assert dims["inputs_embeds"][:2] == ["batch", "sequence"] and dims["cos"][:2] == ["batch", "sequence"]
+    assert [i.name for i in graph.input] == language["inputs"]
+
+    def language_model_parts(graph: onnx.GraphProto) -> int:
+        # decoder layers' nodes, and their q_norm weights (Qwen3's language model has them, the vision tower not)
+        return (sum(node.name.startswith("/layers.") for node in graph.node)
+                + sum("q_norm" in tensor.name for tensor in graph.initializer))
+
+    assert language_model_parts(graph) > 0
+    for entry in image["buckets"]:
+        bucket = onnx.load(str(onnx_dir / entry["fp32"]), load_external_data=False).graph
+        assert [o.name for o in bucket.output] == language["inputs"]
+        assert language_model_parts(bucket) == 0  # the bucket graph holds the vision side only
+    # INT8 is gated on both copies in a row; each copy alone is recorded too
+    assert set(image["int8_alone"]) == {*BUCKETS.split(","), "language-model"}
+    encoder = OnnxEncoder(onnx_dir)
+    assert encoder.shares_language_model and encoder.model_path("image", "language-model").name == language["int8"]
 
 
 def test_onnx_image_vectors_match_torch_with_the_same_buckets(bucketed: Path) -> None:
@@ -166,3 +200,52 @@ def test_bucket_arithmetic() -> None:
     assert parse_buckets([[64, 64]]) == ((64, 64),) and parse_buckets(None) is None
     with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
         parse_buckets("512by384")
+
+
+def test_buckets_and_text_with_external_data_match_torch(tiny_qwen3vl: Path, tmp_path: Path) -> None:
+    """Every Qwen3-VL graph written as name.onnx + name.onnx.data (as the real 2B/8B graphs
+    are, over 2 GiB): ONNX Runtime opens them by path and the vectors still match torch."""
+    model = Path(shutil.copytree(tiny_qwen3vl, tmp_path / "model", ignore=shutil.ignore_patterns("onnx")))
+    result = export_onnx(model, image_buckets=BUCKETS, max_single_file_bytes=0)
+    graphs = [f"{stem}{suffix}" for stem in ("text", "image-64x64", "image-96x64", "image-language-model")
+              for suffix in (".onnx", ".int8.onnx")]
+    assert sorted(p.name for p in result.out_dir.iterdir()) == sorted(
+        ["export.json", "tokenizer.json", *graphs, *(f"{g}.data" for g in graphs)])
+    for entry in result.manifest["image"]["buckets"]:
+        assert entry["data"] == {"fp32": f"image-{entry['size']}.onnx.data",
+                                 "int8": f"image-{entry['size']}.int8.onnx.data"}
+    torch_encoder = load_encoder(model, prefer="torch", device="cpu", image_buckets=BUCKETS)
+    texts = ["a dog on a beach", "", "two cats"]
+    for precision, bound in (("fp32", 0.9999), ("int8", 0.99)):
+        encoder = OnnxEncoder(result.out_dir, precision=precision, batch_size=3)
+        assert len(encoder.model_files()) == 8  # text, two buckets and their language model, each with its data
+        cos = np.sum(encoder.encode_images(_images()) * torch_encoder.encode_images(_images()), axis=1)
+        assert cos.min() >= bound, (precision, cos)
+        cos = np.sum(encoder.encode_text(texts) * torch_encoder.encode_text(texts), axis=1)
+        assert cos.min() >= bound, (precision, cos)
+
+
+def test_a_format_1_export_with_whole_bucket_graphs_still_runs(bucketed: Path, tmp_path: Path) -> None:
+    """Exports written before the language model was shared hold it in every bucket graph
+    (format 1, no "language_model"); they are read and run as they are."""
+    from vkd.export.onnx_export import _torch_export
+    from vkd.export.preprocess import BucketImagePreprocessor
+    from vkd.export.qwen_image import QwenBucketImageTower
+
+    old = Path(shutil.copytree(bucketed / "onnx", tmp_path / "onnx"))
+    manifest = json.loads((old / "export.json").read_text())
+    torch_encoder = load_encoder(bucketed, prefer="torch", device="cpu", image_buckets=BUCKETS)
+    image = manifest["image"]
+    preprocessor = BucketImagePreprocessor({**image["preprocess"], "buckets": BUCKETS.split(",")})
+    for entry in image["buckets"]:
+        bucket = (entry["width"], entry["height"])
+        pixels = torch.from_numpy(np.stack([preprocessor.one(im, bucket) for im in _images()[:2]]))
+        _torch_export(QwenBucketImageTower(torch_encoder, bucket).eval(), (pixels,), old / entry["fp32"],
+                      ["pixel_values"], {"pixel_values": {0: "batch"}}, 17)
+    del image["language_model"], manifest["files"]  # neither existed in format 1
+    manifest["format"] = 1
+    (old / "export.json").write_text(json.dumps(manifest))
+    encoder = OnnxEncoder(old, precision="fp32")
+    assert not encoder.shares_language_model
+    cos = np.sum(encoder.encode_images(_images()) * torch_encoder.encode_images(_images()), axis=1)
+    assert cos.min() >= 0.9999

@@ -15,7 +15,14 @@ from click.testing import CliRunner
 from vkd.bench.int8 import Int8Settings, best_recipe, int8_variants, markdown
 from vkd.cli import cli
 from vkd.export import ExportError, OnnxEncoder, export_onnx
-from vkd.export.int8 import DEFAULT_CANDIDATES, INT8_TARGET_COSINE, RECIPES, op_counts, patch_conv_as_matmul
+from vkd.export.int8 import (
+    DEFAULT_CANDIDATES,
+    INT8_TARGET_COSINE,
+    RECIPES,
+    op_counts,
+    patch_conv_as_matmul,
+    quantize_int8,
+)
 from vkd.export.onnx_export import sample_images
 
 
@@ -133,7 +140,8 @@ def test_int8_variants_returns_well_formed_records(tiny_clip: Path, tiny_qwen3vl
 
     settings.torch_baseline = False
     rows = int8_variants(tiny_qwen3vl, recipes=["matmul-pc"], settings=settings, image_buckets="64x64,96x64")
-    _check_rows(rows, {"text", "image 64x64"}, ["matmul-pc"], torch=False)  # Qwen's 8192 is never padded to
+    # Qwen's 8192 is never padded to; the buckets' graphs end where the language model they share begins
+    _check_rows(rows, {"text", "image 64x64", "image language model"}, ["matmul-pc"], torch=False)
 
 
 def test_cli_int8_variants(tiny_clip: Path, tmp_path: Path) -> None:
@@ -146,3 +154,28 @@ def test_cli_int8_variants(tiny_clip: Path, tmp_path: Path) -> None:
     assert all(row["clock"] == "cpu" and row["threads"] == 1 for row in rows)
     assert "| text | onnx fp32 |" in result.output
     assert not (tiny_clip / "onnx").exists()  # a measurement, not an export
+
+
+def test_int8_of_an_external_data_graph_follows_the_size_limit(default_exports: dict[str, Path],
+                                                               tmp_path: Path) -> None:
+    """quantize_int8 reads an fp32 graph kept in external data (patch rewrite included) and
+    writes its copy as one file when it fits under the limit, else with its own data file."""
+    from vkd.export.layout import external_files, relayout
+
+    source = default_exports["clip"] / "onnx"
+    fp32 = tmp_path / "image.onnx"
+    shutil.copy(source / "image.onnx", fp32)
+    assert relayout(fp32, fp32, max_single_bytes=0) == tmp_path / "image.onnx.data"
+    feeds = OnnxEncoder(source).image_inputs(sample_images(4))
+    reference = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    for limit, files in ((0, ["image.int8.onnx", "image.int8.onnx.data"]), (2**31, ["image.int8.onnx"])):
+        out = tmp_path / f"limit-{limit}"
+        out.mkdir()
+        notes = quantize_int8(fp32, out / "image.int8.onnx", "patch-matmul-gather-pc", max_single_bytes=limit)
+        assert notes["patch_convs_as_matmul"] == 1 and notes["ops"].get("MatMulInteger", 0) > 0
+        assert sorted(p.name for p in out.iterdir()) == files
+        assert [p.name for p in external_files(out / "image.int8.onnx")] == files[1:]
+        got = ort.InferenceSession(str(out / "image.int8.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+        assert np.sum(got * reference, axis=1).min() >= 0.99
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["image.onnx", "image.onnx.data", "limit-0",
+                                                          f"limit-{2**31}"]  # no prepared copy left behind

@@ -480,7 +480,7 @@ def test_openapi_describes_every_route_and_its_errors(client) -> None:
     assert "503" in paths["/health"]["get"]["responses"]
     from vkd.serve.app import QUERY_FIELDS  # combined queries and filters (issue 16)
 
-    assert {"k", "candidates", "rerank", "q", *QUERY_FIELDS} == {p["name"] for p in paths["/search"]["get"]["parameters"]}
+    assert {"k", "candidates", "rerank", "mode", "q", *QUERY_FIELDS} == {p["name"] for p in paths["/search"]["get"]["parameters"]}
 
 
 def test_the_page_and_its_files_are_served_without_a_key(shared) -> None:

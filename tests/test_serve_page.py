@@ -282,7 +282,7 @@ def test_page_desktop_text_search_viewer_and_image_drop(server: str, open_page: 
     for _ in range(6):
         page.keyboard.press("Tab")
         order.append(page.evaluate("document.activeElement.id || document.activeElement.className"))
-    assert order[:5] == ["go", "pick", "k", "rerank", "tile"], order
+    assert order[:6] == ["go", "pick", "k", "mode", "rerank", "tile"], order
     # "/" brings focus back to the search box
     page.keyboard.press("/")
     assert page.evaluate("document.activeElement.id") == "q"

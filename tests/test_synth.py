@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from vkd.data.commands import synth_command
-from vkd.data.synth import SPLITS, choose_heldout, generate
+from vkd.data.synth import SPLITS, choose_heldout, choose_target_only, generate
 
 N, SIZE, TEST_FRAC = 60, 32, 0.3
 
@@ -178,3 +178,55 @@ def test_cli_writes_refuses_to_clobber_and_previews(tmp_path: Path) -> None:
     assert replaced.exit_code == 0, replaced.output
     assert _file_hashes(out) != before and _meta(out)["seed"] == 5
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.fixture(scope="module")
+def domains(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A general pre-training set and a target domain made with one seed, as the demo makes them."""
+    out = {}
+    for domain, test_frac in (("general", 0.0), ("target", 0.2)):
+        out[domain] = tmp_path_factory.mktemp(f"synth-{domain}")
+        generate(out[domain], 80, seed=4, size=SIZE, val_frac=0.1, test_frac=test_frac, domain=domain,
+                 overwrite=True)
+    return out
+
+
+def _words(root: Path) -> set[str]:
+    return {word for split in SPLITS for record in _pairs(root, split) for caption in record["text"]
+            for word in re.findall(r"[a-z]+", caption)}
+
+
+def test_general_and_target_domains_differ_in_pairs_and_wording(domains: dict[str, Path]) -> None:
+    general, target = _meta(domains["general"]), _meta(domains["target"])
+    target_only = {tuple(pair) for pair in general["target_only"]}
+    # both sets agree on the target-only pairs: a function of the seed
+    assert target_only == {tuple(pair) for pair in target["target_only"]} == set(choose_target_only(4))
+    assert len(target_only) == 27
+    # no scene and no object is target-only as a whole: general data still teaches every word
+    assert {o for o, _ in target_only} != set(general["vocab"]["objects"])
+
+    def combos(meta: dict, split: str | None = None) -> set[tuple[str, str]]:
+        return {(obj["object"], rec["scene"]) for rec in meta["images"].values()
+                if split is None or rec["split"] == split for obj in rec["objects"]}
+
+    assert not combos(general) & target_only
+    assert combos(target, "train") & target_only  # fine-tuning sees target-only pairs
+    assert not combos(target, "train") & {tuple(p) for p in target["heldout"]}  # test still holds some out
+
+    # layout wording belongs to the target domain; general captions mostly use the common names
+    general_words, target_words = _words(domains["general"]), _words(domains["target"])
+    assert not general_words & {"left", "right", "there", "next", "middle"}
+    assert target_words & {"left", "right", "there", "next", "middle"}
+
+    def share(root: Path, words: set[str]) -> float:
+        captions = [c for split in SPLITS for r in _pairs(root, split) for c in r["text"]]
+        return sum(bool(set(re.findall(r"[a-z]+", c)) & words) for c in captions) / len(captions)
+
+    rare = {"puppy", "kitty", "doggy", "bunny", "cottage", "automobile", "sailboat", "parasol", "seaside", "woods"}
+    assert share(domains["general"], rare) < share(domains["target"], rare)
+    assert general["domain"] == "general" and target["domain"] == "target"
+
+
+def test_domain_is_checked(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="domain='web'"):
+        generate(tmp_path / "x", 10, domain="web")

@@ -82,7 +82,9 @@ def test_rows_follow_image_content_not_paths(tmp_path: Path, tiny_clip: Path, ti
     assert 0 < changed < N_PAIRS
     assert _run(tmp_path / "run-a2", a, tiny_clip, tiny_clip_teacher, cache) == {
         "hits": N_PAIRS - changed, "misses": changed}
-    assert len(list(cache.glob("*.arrow"))) == 1
+    # one folder for the teacher, one segment per run that added rows (runs a, b, a2; c only hit)
+    assert [p.name for p in cache.iterdir()] == [next(cache.iterdir()).name]
+    assert len(list(next(cache.iterdir()).glob("*.arrow"))) == 3
 
 
 def test_cache_key_is_content_and_caption() -> None:
@@ -111,9 +113,11 @@ def test_a_version_1_cache_is_ignored_with_a_warning_and_replaced(tmp_path: Path
     assert len(cache) == 0
     cache.add(["k"], np.zeros((1, 4), np.float32), np.zeros((1, 4), np.float32))
     assert cache.flush() == 1 and cache.keys() == {"k"}
-    with pa.memory_map(str(cache.path)) as source:
+    assert not (tmp_path / "abc123.arrow").exists()  # the version 1 file is gone: no warning next time
+    (segment,) = cache.segment_files()
+    with pa.memory_map(str(segment)) as source:
         table = pa.ipc.open_file(source).read_all()
-    assert table.schema.metadata[b"version"] == b"2" and table.column_names == ["key", "text", "image"]
+    assert table.schema.metadata[b"version"] == b"3" and table.column_names == ["key", "text", "image"]
 
 
 def test_a_cache_file_of_another_fingerprint_is_refused(tmp_path: Path) -> None:

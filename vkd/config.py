@@ -384,6 +384,10 @@ class DistillConfig(Config):
     distillation_loss_type: str | list[str] = field(default="kl_divergence", metadata={"choices": list(LOSS_TYPES)})
     temperature: float = field(default=2.0, metadata={"help": "KD softmax temperature", "gt": 0})
     distillation_weight: float = field(default=0.5, metadata={"help": "w in (1-w)·CE + w·KD", "min": 0, "max": 1})
+    train_modes: list[str] | None = field(default=None, metadata={
+        "help": "asymmetric search modes to train for (a projection into the first teacher's space, saved "
+                "with the model; see vkd search --mode); null = two-stage only",
+        "choices": ["student-query", "student-index"]})
     stages: list[Stage] | None = field(default=None, metadata={"help": "stages run in order; null = one stage"})
     matryoshka_dim: int | None = field(default=None, metadata={
         "help": "the student's embedding size, a prefix of its vector (Qwen3-VL only); null = full", "min": 1})
@@ -461,6 +465,15 @@ class DistillConfig(Config):
             if isinstance(value, list) and len(value) != len(self.teachers):
                 problems.append((key, f"{key} = {value!r} has {len(value)} entries for {len(self.teachers)} "
                                  "teacher(s); give one value for every teacher, or one per teacher"))
+        if self.train_modes:
+            if not self.use_distillation or not self.teachers:
+                problems.append(("train_modes", f"train_modes = {self.train_modes!r} needs a teacher to align "
+                                 "to: set use_distillation: true and teacher_model_name_or_path"))
+            elif self.teacher_mode == "ema":
+                problems.append(("train_modes", "train_modes needs teacher_mode: frozen (an EMA copy of the "
+                                 "student is not a teacher whose space a search could use)"))
+            if len(set(self.train_modes)) != len(self.train_modes):
+                problems.append(("train_modes", f"train_modes = {self.train_modes!r} lists a mode twice"))
         if self.use_distillation and not self.loss_types:
             problems.append(("distillation_loss_type", "distillation_loss_type is empty (accepted: one or "
                              f"more of {', '.join(LOSS_TYPES)})"))

@@ -1,26 +1,36 @@
 """``vkd demo``: the whole story on a CPU, in minutes, with nothing downloaded.
 
-1. generate captioned synthetic scenes (train / val / test, test-only object–scene combinations);
-2. train a teacher from scratch (a CLIP of the real transformers class, contrastive only);
-3. pre-train a much smaller CLIP student briefly on part of the training data: the raw student;
-4. fine-tune the raw student with LoRA on the rest, twice, same steps and seed:
-   CE only, and CE + KD from the teacher; merge;
-5. export the distilled student to ONNX INT8;
-6. index the test images with the student, teacher vectors stored;
-7. run example searches;
-8. measure every model on the test split and write the table.
+It mirrors how vkd is used for real: a student already pre-trained close to its teacher
+(Qwen3-VL-Embedding-2B against 8B), distilled on a target domain (Flickr30k) that the
+teacher was fine-tuned on.
 
-Hyper-parameters were chosen on the val split (best checkpoints are picked on val too); the
-test split is touched once, in step 8. Every figure in the table is measured in this run.
+1. generate two synthetic data sets with one seed: a **general** pre-training set (alt-text
+   wording, never a target-only object–scene pair) and a **target** domain (descriptive
+   wording, target-only words and pairs; train / val / test, test-only pairs);
+2. the teacher (the larger CLIP): pre-trained on general, then fine-tuned on the target train split;
+3. the student (a smaller CLIP): pre-trained on general with the same schedule: the raw student;
+4. from the raw student, two LoRA fine-tunes on the target train split, same steps and seed:
+   CE only, and CE + KD from the teacher; merged;
+5. export the distilled student to ONNX INT8;
+6. index the target test images with the student, teacher vectors stored;
+7. run example searches;
+8. measure every model on the target test split and write the table.
+
+Every training step is ``vkd distill``'s own (``vkd.distill.distill`` with a DistillConfig).
+The fine-tuning hyper-parameters were chosen on the target val split by ``vkd demo --sweep``
+(``benchmarks/demo_sweep.{json,md}``); ``vkd demo --seeds 0,1,2`` writes the final table over
+seeds (``benchmarks/demo_seeds.{json,md}``). The test split is touched once, in step 8.
 
 Layout of ``--out`` (default ``$VKD_HOME/demo``, which ``vkd search`` opens by default)::
 
-    data/                 synthetic scenes: images/{train,val,test}, *.jsonl, synth.json
-    teacher/model/        the teacher (distill output dirs hold report.json, metrics.jsonl)
-    student-raw/model/    the raw student
-    student-ce/model/     raw student + LoRA fine-tuning, CE only
-    student-kd/model/     raw student + LoRA fine-tuning, CE + KD   (+ onnx/ export)
-    index/                the test images, indexed by student-kd with teacher vectors
+    data-general/         general pre-training set: images/{train,val}, *.jsonl, synth.json
+    data/                 target domain: images/{train,val,test}, *.jsonl, synth.json
+    teacher-general/model/  the teacher after pre-training (distill output dirs hold report.json)
+    teacher/model/        the teacher, fine-tuned on the target
+    student-raw/model/    the raw student (pre-trained on general only)
+    student-ce/model/     raw student + LoRA fine-tuning on target, CE only
+    student-kd/model/     raw student + LoRA fine-tuning on target, CE + KD   (+ onnx/ export)
+    index/                the target test images, indexed by student-kd with teacher vectors
     results.md            the table;  results.json: the same figures and the run's details
 """
 
@@ -30,9 +40,10 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,42 +55,43 @@ EXAMPLE_QUERIES = ("a dog on a beach", "two red cars on a road at night", "a sma
 
 @dataclass(frozen=True)
 class DemoPlan:
-    """Sizes and schedules. FULL fits ~5 minutes on 2 CPU cores; QUICK ~1 minute."""
+    """Sizes and schedules. FULL fits ~5 minutes on 2 quiet CPU cores; QUICK ~1 minute."""
 
-    n_images: int
+    n_general: int
+    n_target: int
     teacher: dict[str, int]
     student: dict[str, int]
-    teacher_epochs: int
-    teacher_lr: float
-    raw_epochs: int
-    raw_lr: float
+    general_epochs: int  # teacher and student alike: both pre-trained on the same data
+    general_lr: float
+    teacher_target_epochs: int
+    teacher_target_lr: float
     finetune_epochs: int
     finetune_lr: float
     batch_size: int = 64
-    pretrain_fraction: float = 0.4  # share of training images the raw student sees
-    # chosen on the val split from (w, T) = (0.7, 2), (0.9, 1), (0.9, 4): best val R@1 and rsum
-    temperature: float = 4.0
-    distillation_weight: float = 0.9
+    # KD settings: chosen on the target val split by `vkd demo --sweep` (benchmarks/demo_sweep.md)
+    temperature: float = 2.0
+    distillation_weight: float = 0.8
+    loss: tuple[str, ...] = ("kl_divergence",)
     lora_r: int = 16
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 FULL = DemoPlan(
-    n_images=3000,
+    n_general=3000, n_target=1500,
     teacher={"hidden": 128, "layers": 4, "heads": 4, "image": 64, "patch": 16, "proj": 128},
-    student={"hidden": 96, "layers": 3, "heads": 3, "image": 64, "patch": 16, "proj": 96},
-    teacher_epochs=6, teacher_lr=2e-3,
-    raw_epochs=3, raw_lr=2e-3,
-    finetune_epochs=4, finetune_lr=2e-3,
+    student={"hidden": 96, "layers": 2, "heads": 3, "image": 64, "patch": 16, "proj": 96},
+    general_epochs=5, general_lr=2e-3,
+    teacher_target_epochs=3, teacher_target_lr=5e-4,
+    finetune_epochs=3, finetune_lr=1e-3,
 )
 QUICK = DemoPlan(
-    n_images=600,
+    n_general=600, n_target=400,
     teacher={"hidden": 64, "layers": 2, "heads": 2, "image": 64, "patch": 16, "proj": 64},
     student={"hidden": 32, "layers": 2, "heads": 2, "image": 64, "patch": 16, "proj": 32},
-    teacher_epochs=3, teacher_lr=2e-3,
-    raw_epochs=1, raw_lr=2e-3,
-    finetune_epochs=2, finetune_lr=2e-3,
+    general_epochs=2, general_lr=2e-3,
+    teacher_target_epochs=1, teacher_target_lr=1e-3,
+    finetune_epochs=1, finetune_lr=1e-3,
     batch_size=32,
 )
 
@@ -99,34 +111,36 @@ def _step(number: int, title: str) -> None:
     click.secho(f"\n[{number}/8] {title}", bold=True)
 
 
-def split_training_pairs(data_dir: Path, fraction: float, seed: int) -> tuple[Path, Path]:
-    """Split train.jsonl by image into the raw student's share and the fine-tuning share."""
-    import random
+@dataclass(frozen=True)
+class Prepared:
+    """What every fine-tune starts from: the data sets, the fine-tuned teacher, the raw student."""
 
-    lines = (data_dir / "train.jsonl").read_text().splitlines()
-    order = list(range(len(lines)))
-    random.Random(seed).shuffle(order)
-    cut = int(len(lines) * fraction)
-    pretrain, finetune = data_dir / "train_pretrain.jsonl", data_dir / "train_finetune.jsonl"
-    pretrain.write_text("".join(lines[i] + "\n" for i in sorted(order[:cut])))
-    finetune.write_text("".join(lines[i] + "\n" for i in sorted(order[cut:])))
-    return pretrain, finetune
+    general: Path
+    target: Path
+    teacher_general: Path
+    teacher: Path
+    raw: Path
+    heldout: list[tuple[str, str]]
+    target_only: list[tuple[str, str]]
 
 
 def _train(out_dir: Path, *, plan: DemoPlan, model: str, data: Path, val: Path, epochs: int, lr: float,
-           teacher: str | None = None, use_lora: bool, seed: int) -> Path:
+           teacher: str | None = None, use_lora: bool, seed: int,
+           temperature: float | None = None, weight: float | None = None,
+           loss: Sequence[str] | None = None) -> Path:
     from vkd.config import DistillConfig
     from vkd.distill import distill
 
     # The demo owns its output folder: a re-run starts each model afresh rather than resuming.
     shutil.rmtree(out_dir, ignore_errors=True)
+    loss = list(loss or plan.loss)
     config = DistillConfig(
         model_name_or_path=model,
         teacher_model_name_or_path=teacher,
         use_distillation=teacher is not None,
-        distillation_loss_type="kl_divergence",
-        temperature=plan.temperature,
-        distillation_weight=plan.distillation_weight,
+        distillation_loss_type=loss[0] if len(loss) == 1 else loss,
+        temperature=plan.temperature if temperature is None else temperature,
+        distillation_weight=plan.distillation_weight if weight is None else weight,
         data_path=str(data),
         val_data_path=str(val),
         output_dir=str(out_dir),
@@ -145,6 +159,74 @@ def _train(out_dir: Path, *, plan: DemoPlan, model: str, data: Path, val: Path, 
         mixed_precision="no",
     ).validated()
     return distill(config).model_dir
+
+
+def prepare(out: Path, plan: DemoPlan, *, lap: Callable[[str, float], None] | None = None) -> Prepared:
+    """Steps 1–3: data, the teacher (general, then target), the raw student (general)."""
+    from vkd.data.pairs import read_pairs
+    from vkd.data.synth import generate
+    from vkd.models.tiny import build_tiny
+
+    seed = plan.seed
+    lap = lap or (lambda name, since: None)
+    _step(1, f"Generating {plan.n_general} general and {plan.n_target} target-domain scenes")
+    t = time.perf_counter()
+    # the target domain keeps the demo's documented data/ layout (vkd bench reads it)
+    general = generate(out / "data-general", plan.n_general, seed=seed, val_frac=0.05, test_frac=0.0,
+                       domain="general", show_progress=True, overwrite=True)
+    target = generate(out / "data", plan.n_target, seed=seed, val_frac=0.15, test_frac=0.2,
+                      domain="target", show_progress=True, overwrite=True)
+    g, tg = out / "data-general", out / "data"
+    # The tokenizers are trained on both sets' training captions, as a real model's vocabulary
+    # covers the target's words before it has learnt what they mean.
+    corpus = read_pairs(g / "train.jsonl").texts() + read_pairs(tg / "train.jsonl").texts()
+    click.echo(f"  general: {general.images['train']} train images; target: {target.images}; "
+               f"{len(target.target_only)} object-scene pairs only in the target domain")
+    lap("data", t)
+
+    _step(2, "Teacher: pre-training on the general set, then fine-tuning on the target train split")
+    t = time.perf_counter()
+    teacher_init = build_tiny("clip", out / "init" / "teacher", seed=seed, corpus=corpus, overrides=plan.teacher)
+    teacher_general = _train(out / "teacher-general", plan=plan, model=str(teacher_init),
+                             data=g / "train.jsonl", val=g / "val.jsonl", epochs=plan.general_epochs,
+                             lr=plan.general_lr, use_lora=False, seed=seed)
+    teacher = _train(out / "teacher", plan=plan, model=str(teacher_general), data=tg / "train.jsonl",
+                     val=tg / "val.jsonl", epochs=plan.teacher_target_epochs, lr=plan.teacher_target_lr,
+                     use_lora=False, seed=seed)
+    lap("teacher", t)
+
+    _step(3, "Student: pre-training on the general set (the raw student)")
+    t = time.perf_counter()
+    student_init = build_tiny("clip", out / "init" / "student", seed=seed + 1, corpus=corpus,
+                              overrides=plan.student)
+    raw = _train(out / "student-raw", plan=plan, model=str(student_init), data=g / "train.jsonl",
+                 val=g / "val.jsonl", epochs=plan.general_epochs, lr=plan.general_lr, use_lora=False,
+                 seed=seed)
+    lap("raw_student", t)
+    return Prepared(g, tg, teacher_general, teacher, raw, list(target.heldout), list(target.target_only))
+
+
+def finetune(out_dir: Path, prepared: Prepared, plan: DemoPlan, *, kd: bool, epochs: int | None = None,
+             lr: float | None = None, temperature: float | None = None, weight: float | None = None,
+             loss: Sequence[str] | None = None) -> Path:
+    """Step 4, one arm: LoRA on the target train split from the raw student, CE only or CE + KD."""
+    return _train(out_dir, plan=plan, model=str(prepared.raw), data=prepared.target / "train.jsonl",
+                  val=prepared.target / "val.jsonl", epochs=epochs or plan.finetune_epochs,
+                  lr=lr or plan.finetune_lr, use_lora=True, seed=plan.seed,
+                  teacher=str(prepared.teacher) if kd else None, temperature=temperature, weight=weight,
+                  loss=loss)
+
+
+def recall(model_dir: Path, pairs: Path) -> dict[str, float]:
+    """Text → image Recall@K of a model on a pair file."""
+    from vkd.data.pairs import read_pairs
+    from vkd.evaluate import recall_at_k
+    from vkd.models import load_encoder
+
+    data = read_pairs(pairs)
+    encoder = load_encoder(model_dir, device="cpu")
+    return recall_at_k(encoder.encode_text(data.texts()), encoder.encode_images([Path(p) for p in data.images()]),
+                       data.text_to_image)
 
 
 def _measure(name: str, encoder: Any, test: Any, params: int, path: Path) -> tuple[Row, dict[str, float]]:
@@ -203,21 +285,19 @@ def verdict(rows: dict[str, Row]) -> str:
             f"({kd - ce:.1f}).")
 
 
-def run_demo(out_dir: str | os.PathLike[str] | None = None, *, quick: bool = False,
-             searches: Sequence[str] = EXAMPLE_QUERIES) -> dict[str, Any]:
+def run_demo(out_dir: str | os.PathLike[str] | None = None, *, quick: bool = False, seed: int = 0,
+             plan: DemoPlan | None = None, searches: Sequence[str] = EXAMPLE_QUERIES) -> dict[str, Any]:
     """Run every step; returns what ``results.json`` holds."""
     import torch
 
     from vkd.data.pairs import read_pairs
-    from vkd.data.synth import generate
     from vkd.export import export_onnx
     from vkd.indexer import Index
     from vkd.models import load_encoder
-    from vkd.models.tiny import build_tiny
     from vkd.paths import default_demo_dir
     from vkd.retrieval import Retriever
 
-    plan = QUICK if quick else FULL
+    plan = replace(plan or (QUICK if quick else FULL), seed=seed)
     out = Path(out_dir) if out_dir is not None else default_demo_dir()
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(plan.seed)
@@ -227,41 +307,15 @@ def run_demo(out_dir: str | os.PathLike[str] | None = None, *, quick: bool = Fal
     def lap(name: str, since: float) -> None:
         timings[name] = round(time.perf_counter() - since, 1)
 
-    _step(1, f"Generating {plan.n_images} captioned scenes")
-    t = time.perf_counter()
-    data = out / "data"
-    summary = generate(data, plan.n_images, seed=plan.seed, show_progress=True, overwrite=True)
-    pretrain_pairs, finetune_pairs = split_training_pairs(data, plan.pretrain_fraction, plan.seed)
-    val_pairs, test_pairs = data / "val.jsonl", data / "test.jsonl"
-    corpus = read_pairs(data / "train.jsonl").texts()
-    click.echo(f"  {summary.images} images; held out of training: "
-               f"{', '.join('/'.join(pair) for pair in summary.heldout)}")
-    lap("data", t)
+    prepared = prepare(out, plan, lap=lap)
+    teacher_dir, raw_dir = prepared.teacher, prepared.raw
+    test_pairs = prepared.target / "test.jsonl"
 
-    _step(2, "Training the teacher from scratch (contrastive only)")
+    _step(4, "Fine-tuning the raw student with LoRA on the target train split: CE only, then CE + KD "
+             "(same steps, seed)")
     t = time.perf_counter()
-    teacher_init = build_tiny("clip", out / "init" / "teacher", seed=plan.seed, corpus=corpus,
-                              overrides=plan.teacher)
-    teacher_dir = _train(out / "teacher", plan=plan, model=str(teacher_init), data=data / "train.jsonl",
-                         val=val_pairs, epochs=plan.teacher_epochs, lr=plan.teacher_lr, use_lora=False,
-                         seed=plan.seed)
-    lap("teacher", t)
-
-    _step(3, f"Pre-training the raw student on {plan.pretrain_fraction:.0%} of the training images")
-    t = time.perf_counter()
-    student_init = build_tiny("clip", out / "init" / "student", seed=plan.seed + 1, corpus=corpus,
-                              overrides=plan.student)
-    raw_dir = _train(out / "student-raw", plan=plan, model=str(student_init), data=pretrain_pairs,
-                     val=val_pairs, epochs=plan.raw_epochs, lr=plan.raw_lr, use_lora=False, seed=plan.seed)
-    lap("raw_student", t)
-
-    _step(4, "Fine-tuning the raw student with LoRA on the rest: CE only, then CE + KD (same steps, seed)")
-    t = time.perf_counter()
-    ce_dir = _train(out / "student-ce", plan=plan, model=str(raw_dir), data=finetune_pairs, val=val_pairs,
-                    epochs=plan.finetune_epochs, lr=plan.finetune_lr, use_lora=True, seed=plan.seed)
-    kd_dir = _train(out / "student-kd", plan=plan, model=str(raw_dir), data=finetune_pairs, val=val_pairs,
-                    epochs=plan.finetune_epochs, lr=plan.finetune_lr, use_lora=True, seed=plan.seed,
-                    teacher=str(teacher_dir))
+    ce_dir = finetune(out / "student-ce", prepared, plan, kd=False)
+    kd_dir = finetune(out / "student-kd", prepared, plan, kd=True)
     lap("finetune", t)
 
     _step(5, "Exporting the distilled student to ONNX INT8")
@@ -270,10 +324,10 @@ def run_demo(out_dir: str | os.PathLike[str] | None = None, *, quick: bool = Fal
     click.echo(f"  parity (cosine vs torch): {json.dumps(export.manifest.get('parity', {}))[:300]}")
     lap("export", t)
 
-    _step(6, "Indexing the test images with the student (teacher vectors stored)")
+    _step(6, "Indexing the target test images with the student (teacher vectors stored)")
     t = time.perf_counter()
-    index = Index.build(data / "images" / "test", out / "index", student=str(kd_dir), teacher=str(teacher_dir),
-                        rebuild=True, show_progress=True)
+    index = Index.build(prepared.target / "images" / "test", out / "index", student=str(kd_dir),
+                        teacher=str(teacher_dir), rebuild=True, show_progress=True)
     click.echo(f"  {len(index)} images in {len(index.shards)} shard(s) at {index.path}")
     lap("index", t)
 
@@ -291,7 +345,7 @@ def run_demo(out_dir: str | os.PathLike[str] | None = None, *, quick: bool = Fal
             click.echo(f"    {hit.rank}. {hit.score:.3f}  {Path(hit.path).name}  ({caption})")
     lap("search", t)
 
-    _step(8, "Measuring every model on the test split (text → image)")
+    _step(8, "Measuring every model on the target test split (text → image)")
     t = time.perf_counter()
     test = read_pairs(test_pairs)
     teacher = load_encoder(teacher_dir, device="cpu")
@@ -309,13 +363,17 @@ def run_demo(out_dir: str | os.PathLike[str] | None = None, *, quick: bool = Fal
                                                    rows["kd"].params, kd_dir / "onnx")
     rows["two_stage"], metrics["two_stage"] = _two_stage_row(retriever, test, rows["teacher"].params,
                                                              rows["kd"].params)
+    # Where the teacher stood before its target fine-tuning: how much the target domain asks for.
+    metrics["teacher_general"] = recall(prepared.teacher_general, test_pairs)
     lap("measure", t)
     timings["total"] = round(time.perf_counter() - started, 1)
 
     table = format_table(list(rows.values()), rows["teacher"].t2i_r1)
     conclusion = verdict(rows)
-    note = (f"Test split: {len(test.images())} images, {len(test)} captions, text → image; "
-            f"{'quick' if quick else 'full'} demo, {timings['total']:.0f} s on {os.cpu_count()} CPU core(s).")
+    note = (f"Target test split: {len(test.images())} images, {len(test)} captions, text → image; "
+            f"seed {plan.seed}; {'quick' if quick else 'full'} demo, {timings['total']:.0f} s on "
+            f"{os.cpu_count()} CPU core(s). The teacher before its target fine-tuning: Recall@1 "
+            f"{metrics['teacher_general']['t2i_R@1']:.1f}.")
     click.echo("\n" + table + "\n\n" + conclusion + "\n" + note)
     results = {
         "table": [asdict(row) for row in rows.values()],
@@ -325,8 +383,9 @@ def run_demo(out_dir: str | os.PathLike[str] | None = None, *, quick: bool = Fal
         "timings_s": timings,
         "plan": asdict(plan),
         "quick": quick,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
-        "heldout_combinations": [list(pair) for pair in summary.heldout],
+        "machine": _machine(),
+        "heldout_combinations": [list(pair) for pair in prepared.heldout],
+        "target_only_combinations": [list(pair) for pair in prepared.target_only],
         "export_parity": export.manifest.get("parity"),
         "paths": {"teacher": str(teacher_dir), "student": str(kd_dir), "index": str(out / "index")},
     }
@@ -334,6 +393,14 @@ def run_demo(out_dir: str | os.PathLike[str] | None = None, *, quick: bool = Fal
     (out / "results.md").write_text(f"# vkd demo results\n\n{table}\n\n{conclusion}\n\n{note}\n")
     click.echo(f"\nWrote {out / 'results.md'} and {out / 'results.json'}.")
     return results
+
+
+def _machine() -> dict[str, Any]:
+    import torch
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "load_average_1min_at_end": load}
 
 
 def _captions(pairs_path: Path) -> dict[str, str]:
@@ -346,23 +413,248 @@ def _captions(pairs_path: Path) -> dict[str, str]:
     return captions
 
 
+# ---------------------------------------------------------------- choosing the KD settings: --sweep
+
+# A coordinate search, so that it fits minutes rather than hours: (weight, temperature) on a
+# grid at the plan's steps with KL alone; then the loss mix at the best pair; then the steps.
+SWEEP_GRID: dict[str, list[Any]] = {
+    "distillation_weight": [0.5, 0.8, 0.95],
+    "temperature": [1.0, 2.0, 4.0],
+    "loss": [["kl_divergence"], ["kl_divergence", "feature_mse"]],
+    "epochs_factor": [1, 2],
+}
+# The test suite's budget: two KD runs and the CE baseline on the quick plan.
+TINY_GRID: dict[str, list[Any]] = {
+    "distillation_weight": [0.5, 0.8],
+    "temperature": [2.0],
+    "loss": [["kl_divergence"]],
+    "epochs_factor": [1],
+}
+
+
+def _val_score(metrics: dict[str, float]) -> tuple[float, float]:
+    # R@1 first (the figure the demo reports), rsum to break ties
+    return metrics["t2i_R@1"], sum(v for k, v in metrics.items() if "_R@" in k)
+
+
+def run_sweep(out_dir: str | os.PathLike[str] | None = None, *, quick: bool = False, seed: int = 0,
+              grid: dict[str, list[Any]] | None = None, results_dir: str | os.PathLike[str] = "benchmarks",
+              name: str = "demo_sweep") -> dict[str, Any]:
+    """Choose the fine-tuning settings on the target val split; write ``{name}.json`` and ``.md``."""
+    from vkd.paths import default_demo_dir
+
+    plan = replace(QUICK if quick else FULL, seed=seed)
+    grid = grid or SWEEP_GRID
+    out = Path(out_dir) if out_dir is not None else default_demo_dir().with_name("demo-sweep")
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    prepared = prepare(out, plan)
+    val = prepared.target / "val.jsonl"
+    runs: list[dict[str, Any]] = []
+
+    def run(kd: bool, epochs: int, weight: float, temperature: float, loss: list[str]) -> dict[str, Any]:
+        for done in runs:  # coordinate search revisits points: train each once
+            if (done["kd"], done["epochs"]) == (kd, epochs) and (not kd or (
+                    done["distillation_weight"], done["temperature"], done["loss"]) == (weight, temperature, loss)):
+                return done
+        label = f"kd-w{weight}-T{temperature}-{'+'.join(loss)}-e{epochs}" if kd else f"ce-e{epochs}"
+        click.secho(f"\n[sweep] {label}", bold=True)
+        t = time.perf_counter()
+        model = finetune(out / "sweep" / label, prepared, plan, kd=kd, epochs=epochs, temperature=temperature,
+                         weight=weight, loss=loss)
+        metrics = recall(model, val)
+        entry = {"label": label, "kd": kd, "epochs": epochs, "distillation_weight": weight if kd else None,
+                 "temperature": temperature if kd else None, "loss": loss if kd else None,
+                 "val": metrics, "seconds": round(time.perf_counter() - t, 1)}
+        runs.append(entry)
+        shutil.rmtree(out / "sweep" / label, ignore_errors=True)  # only the figures are kept
+        return entry
+
+    base = plan.finetune_epochs
+    loss0 = list(grid["loss"][0])
+    best = max((run(True, base, w, temp, loss0) for w in grid["distillation_weight"] for temp in grid["temperature"]),
+               key=lambda e: _val_score(e["val"]))
+    best = max((run(True, base, best["distillation_weight"], best["temperature"], list(mix))
+                for mix in grid["loss"]), key=lambda e: _val_score(e["val"]))
+    best = max((run(True, base * f, best["distillation_weight"], best["temperature"], best["loss"])
+                for f in grid["epochs_factor"]), key=lambda e: _val_score(e["val"]))
+    ce = {base * f: run(False, base * f, 0.0, 1.0, loss0) for f in grid["epochs_factor"]}
+    references = {"teacher": recall(prepared.teacher, val), "raw": recall(prepared.raw, val)}
+    chosen = {"distillation_weight": best["distillation_weight"], "temperature": best["temperature"],
+              "loss": best["loss"], "finetune_epochs": best["epochs"]}
+    in_plan = {"distillation_weight": plan.distillation_weight, "temperature": plan.temperature,
+               "loss": list(plan.loss), "finetune_epochs": plan.finetune_epochs}
+    result = {
+        "command": f"vkd demo --sweep{' --quick' if quick else ''} --seed {seed}",
+        "split": "target val", "plan": "quick" if quick else "full", "seed": seed, "grid": grid,
+        "runs": runs, "reference": references, "chosen": chosen, "plan_uses": in_plan,
+        "plan_matches_choice": chosen == in_plan,
+        "ce_at_chosen_steps": ce[best["epochs"]]["val"],
+        "seconds": round(time.perf_counter() - started, 1), "machine": _machine(),
+    }
+    target = Path(results_dir)
+    target.mkdir(parents=True, exist_ok=True)
+    (target / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (target / f"{name}.md").write_text(_sweep_markdown(result))
+    click.echo(f"\nchosen on val: {chosen}; the {result['plan']} plan uses {in_plan}"
+               f"{'' if result['plan_matches_choice'] else ' (DIFFERENT: update DemoPlan)'}")
+    click.echo(f"Wrote {target / (name + '.md')} and {target / (name + '.json')}.")
+    return result
+
+
+def _sweep_markdown(result: dict[str, Any]) -> str:
+    ref = result["reference"]
+    lines = [f"# vkd demo: fine-tuning settings chosen on the {result['split']} split", "",
+             f"Command: `{result['command']}` ({result['plan']} plan, seed {result['seed']}; "
+             f"{result['seconds']:.0f} s on {result['machine']['cpus']} CPU core(s), "
+             f"1-min load {result['machine']['load_average_1min_at_end']:.1f} at the end).", "",
+             "A coordinate search: (weight, temperature) with KL at the plan's steps, then the loss mix "
+             "at the best pair, then the steps; CE-only at each step count for comparison. Text → image "
+             "Recall on the target val split; the test split is not used.", "",
+             f"Teacher (fine-tuned on target): R@1 {ref['teacher']['t2i_R@1']:.1f}; raw student: "
+             f"R@1 {ref['raw']['t2i_R@1']:.1f}.", "",
+             "| run | w | T | loss | epochs | val R@1 | val R@5 | val R@10 | s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for run in result["runs"]:
+        v = run["val"]
+        lines.append(f"| {'CE + KD' if run['kd'] else 'CE only'} | {run['distillation_weight'] or '—'} | "
+                     f"{run['temperature'] or '—'} | {' + '.join(run['loss']) if run['loss'] else '—'} | "
+                     f"{run['epochs']} | {v['t2i_R@1']:.1f} | {v['t2i_R@5']:.1f} | {v['t2i_R@10']:.1f} | "
+                     f"{run['seconds']:.0f} |")
+    c = result["chosen"]
+    lines += ["", f"Chosen (best val R@1, rsum breaking ties): w = {c['distillation_weight']}, "
+                  f"T = {c['temperature']}, loss = {' + '.join(c['loss'])}, {c['finetune_epochs']} epoch(s). "
+                  + ("The demo's plan uses these." if result["plan_matches_choice"]
+                     else f"The demo's plan uses {result['plan_uses']}: it differs from this choice."), ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the final table: --seeds
+
+ROW_KEYS = ("teacher", "raw", "ce", "kd", "kd_int8", "two_stage")
+
+
+def _spread(values: Sequence[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "n": len(values)}
+
+
+def run_seeds(seeds: Sequence[int], out_dir: str | os.PathLike[str] | None = None, *, quick: bool = False,
+              results_dir: str | os.PathLike[str] = "benchmarks", name: str = "demo_seeds") -> dict[str, Any]:
+    """The demo once per seed (data, models, everything); the table as mean ± sd over seeds."""
+    from vkd.paths import default_demo_dir
+
+    out = Path(out_dir) if out_dir is not None else default_demo_dir().with_name("demo-seeds")
+    per_seed = {}
+    started = time.perf_counter()
+    for seed in seeds:
+        click.secho(f"\n======== seed {seed} ========", bold=True)
+        per_seed[seed] = run_demo(out / f"seed-{seed}", quick=quick, seed=seed)
+    table = {}
+    for i, key in enumerate(ROW_KEYS):
+        rows = [per_seed[s]["table"][i] for s in seeds]
+        teacher = [per_seed[s]["table"][0]["t2i_r1"] for s in seeds]
+        table[key] = {"model": rows[0]["model"], "params": rows[0]["params"],
+                      "t2i_r1": _spread([r["t2i_r1"] for r in rows]),
+                      "t2i_r5": _spread([r["t2i_r5"] for r in rows]),
+                      "retention": _spread([100 * r["t2i_r1"] / t for r, t in zip(rows, teacher, strict=True)])}
+    r1 = {key: [per_seed[s]["table"][i]["t2i_r1"] for s in seeds] for i, key in enumerate(ROW_KEYS)}
+    kd_minus_ce = [k - c for k, c in zip(r1["kd"], r1["ce"], strict=True)]
+    raw_to_teacher = [r - t for r, t in zip(r1["raw"], r1["teacher"], strict=True)]
+    result = {
+        "command": f"vkd demo --seeds {','.join(map(str, seeds))}{' --quick' if quick else ''}",
+        "seeds": list(seeds), "quick": quick, "table": table,
+        "kd_minus_ce": _spread(kd_minus_ce), "kd_minus_ce_per_seed": kd_minus_ce,
+        "raw_minus_teacher": _spread(raw_to_teacher),
+        "per_seed": {str(s): {"table": per_seed[s]["table"], "timings_s": per_seed[s]["timings_s"],
+                              "teacher_general": per_seed[s]["metrics"]["teacher_general"]} for s in seeds},
+        "plan": per_seed[seeds[0]]["plan"], "seconds": round(time.perf_counter() - started, 1),
+        "machine": _machine(),
+    }
+    target = Path(results_dir)
+    target.mkdir(parents=True, exist_ok=True)
+    (target / f"{name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    (target / f"{name}.md").write_text(seeds_markdown(result))
+    click.echo("\n" + seeds_markdown(result))
+    click.echo(f"Wrote {target / (name + '.md')} and {target / (name + '.json')}.")
+    return result
+
+
+def _pm(s: dict[str, float], digits: int = 1) -> str:
+    return f"{s['mean']:.{digits}f} ± {s['sd']:.{digits}f}"
+
+
+def difference_statement(diffs: Sequence[float], what: str) -> str:
+    """Says whether a paired difference over seeds stands out of its spread."""
+    s = _spread(diffs)
+    each = ", ".join(f"{d:+.1f}" for d in diffs)
+    if len(diffs) > 1 and (s["min"] > 0 or s["max"] < 0) and abs(s["mean"]) > s["sd"]:
+        return f"{what}: {s['mean']:+.1f} ± {s['sd']:.1f} (per seed {each}): the same sign on every seed."
+    return (f"{what}: {s['mean']:+.1f} ± {s['sd']:.1f} (per seed {each}): within the spread over seeds, "
+            "not a difference this run can claim.")
+
+
+def seeds_markdown(result: dict[str, Any]) -> str:
+    n = len(result["seeds"])
+    lines = [f"# vkd demo over {n} seeds", "",
+             f"Command: `{result['command']}`; {result['seconds']:.0f} s on {result['machine']['cpus']} CPU "
+             f"core(s) (1-min load {result['machine']['load_average_1min_at_end']:.1f} at the end). "
+             "Each seed makes its own data, teacher and students. Text → image on the target test split; "
+             f"mean ± sample sd over {n} seeds.", "",
+             "| model | Recall@1 | Recall@5 | params | vs teacher R@1 |", "|---|---|---|---|---|"]
+    for row in result["table"].values():
+        lines.append(f"| {row['model']} | {_pm(row['t2i_r1'])} | {_pm(row['t2i_r5'])} | {row['params']:,} | "
+                     f"{_pm(row['retention'], 0)}% |")
+    lines += ["", difference_statement(result["kd_minus_ce_per_seed"], "Distilled − CE-only, Recall@1"),
+              f"Raw student − teacher, Recall@1: {_pm(result['raw_minus_teacher'])}.", ""]
+    return "\n".join(lines)
+
+
 @click.command()
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output directory [default: $VKD_HOME/demo, i.e. ~/.cache/vkd/demo].")
 @click.option("--quick", is_flag=True, help="Smaller data and fewer steps (about a minute).")
-def demo(out: str | None, quick: bool) -> None:
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the data and of every model.")
+@click.option("--sweep", is_flag=True,
+              help="Instead of the demo: choose the fine-tuning settings on the target val split and write "
+                   "demo_sweep.{json,md} into --results.")
+@click.option("--seeds", default=None, metavar="0,1,2",
+              help="Instead of one demo: one per seed, and the table as mean ± sd, written as "
+                   "demo_seeds.{json,md} into --results.")
+@click.option("--results", type=click.Path(file_okay=False), default="benchmarks", show_default=True,
+              help="Where --sweep and --seeds write their JSON and Markdown.")
+def demo(out: str | None, quick: bool, seed: int, sweep: bool, seeds: str | None, results: str) -> None:
     """Run the whole pipeline on synthetic scenes, on a CPU, with nothing downloaded:
-    data, teacher, raw/CE-only/distilled students, ONNX INT8, index, search, and a
-    Recall table measured on the test split.
+    general and target-domain data, a teacher and a student pre-trained on general, the
+    teacher fine-tuned on target, CE-only and distilled students, ONNX INT8, index, search,
+    and a Recall table measured on the target test split.
 
     \b
     Examples:
       vkd demo                       # ~5 minutes on 2 cores
       vkd demo --quick --out /tmp/d  # ~1 minute
       vkd search "a dog on a beach"  # afterwards: searches the demo index
+      vkd demo --sweep               # how the fine-tuning settings were chosen (val split)
+      vkd demo --seeds 0,1,2         # the final table over three seeds
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    run_demo(out, quick=quick)
+    if sweep and seeds:
+        raise click.UsageError("--sweep and --seeds: choose one")
+    if sweep:
+        run_sweep(out, quick=quick, seed=seed, results_dir=results)
+        return
+    if seeds:
+        try:
+            chosen = [int(part) for part in seeds.split(",") if part.strip()]
+        except ValueError:
+            raise click.BadParameter(f"{seeds!r}: give seeds as integers separated by commas, e.g. 0,1,2",
+                                     param_hint="--seeds") from None
+        if len(chosen) < 2 or len(set(chosen)) != len(chosen) or min(chosen) < 0:
+            raise click.BadParameter(f"{seeds!r}: give at least two different non-negative seeds",
+                                     param_hint="--seeds")
+        run_seeds(chosen, out, quick=quick, results_dir=results)
+        return
+    run_demo(out, quick=quick, seed=seed)
     if out is not None:
         from vkd.paths import default_index_dir
 

@@ -18,7 +18,7 @@ import click
 
 BENCHMARKS = ("distill", "search", "export", "index", "step", "real")
 #: benchmarks that take no models or data from the demo (they build their own)
-SELF_CONTAINED = ("real",)
+SELF_CONTAINED = ("real", "ray")
 DEFAULT_OUT = Path("results")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*$")
 
@@ -207,7 +207,7 @@ class Session:
         click.echo(f"bench {name}{' (quick)' if self.quick else ''}", err=True)
         started_at, start = now_iso(), time.perf_counter()
         result = RUNNERS[name](self)
-        if name not in SELF_CONTAINED:
+        if name not in SELF_CONTAINED and not (name == "modes" and self.options.get("no_demo")):
             result.results["source"] = self.source.describe()
         paths = write_result(self.out, result, command=self.command, quick=self.quick, started_at=started_at,
                              duration_s=time.perf_counter() - start, machine=self.machine())
@@ -344,6 +344,46 @@ def _real(session: Session) -> Any:
     return run_real_benchmark(settings, workdir=work, progress=_progress)
 
 
+def _ray(session: Session) -> Any:
+    from vkd.bench.ray_index import RayBenchSettings, run_ray_benchmark
+
+    o = session.options
+    settings = RayBenchSettings.quick_settings() if session.quick else RayBenchSettings()
+    for key in ("arch", "images", "num_workers", "num_cpus"):
+        if o.get(key):
+            setattr(settings, key, o[key])
+    if o.get("repeats"):
+        settings.rounds = o["repeats"]
+    try:
+        import ray  # noqa: F401
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise click.UsageError('vkd bench ray needs Ray Data: pip install "vkd[ray]"') from None
+    return run_ray_benchmark(settings, workdir=o.get("work_dir") or _scratch(session, "ray"), progress=_progress)
+
+
+def _modes(session: Session) -> Any:
+    from vkd.bench.modes import ModesSettings, print_recommendations, run_modes_benchmark
+
+    o = session.options
+    settings = ModesSettings.quick() if session.quick else ModesSettings()
+    for key, name in (("real_student", "real_student"), ("real_teacher", "real_teacher"), ("qps", "queries_per_s"),
+                      ("cores", "cores")):
+        if o.get(key) is not None:
+            setattr(settings, name, o[key])
+    if o.get("no_real"):
+        settings.real_student = settings.real_teacher = None
+    demo = None
+    if not o.get("no_demo"):
+        s = session.source
+        train = s.require("a training pair file", s.train_pairs, "pass --demo-dir DIR of a finished `vkd demo`")
+        demo = {"student": s.student, "teacher": s.teacher, "test_pairs": s.test_pairs, "train_pairs": train}
+    result = run_modes_benchmark(settings, workdir=o.get("work_dir") or _scratch(session, "modes"), demo=demo,
+                                 progress=_progress)
+    print_recommendations(result.results, click.echo)
+    return result
+
+
 def _scratch(session: Session, name: str) -> Path:
     from vkd.bench.source import scratch_dir
 
@@ -352,7 +392,7 @@ def _scratch(session: Session, name: str) -> Path:
 
 RUNNERS: dict[str, Callable[[Session], Any]] = {
     "distill": _distill, "search": _search, "export": _export, "index": _index, "step": _step, "serve": _serve,
-    "real": _real,
+    "real": _real, "ray": _ray, "modes": _modes,
 }
 
 
@@ -528,6 +568,82 @@ def real_command(**options: Any) -> None:
     options = {"demo_dir": None, "data": None, "train_data": None, "teacher": None, "student": None,
                "student_raw": None, "student_ce": None, "int8": None, "images": None, "index_dir": None, **options}
     _run_one("real", options)
+
+
+@bench.command("modes", short_help="two-stage vs student-query vs student-index: quality, costs, recommendation.")
+@click.option("--quick", is_flag=True,
+              help="Functional check: one distillation epoch, 40 captions, tiny models for the real-shape part.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_OUT,
+              show_default=True, help="Folder for modes.json and modes.md.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Threads for torch, FAISS and ONNX Runtime.  [default: each library's own]")
+@click.option("--demo-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output of `vkd demo` to take models and data from.  [default: $VKD_HOME/demo]")
+@click.option("--no-demo", is_flag=True, help="Skip the demo part (real-shape costs only).")
+@click.option("--real-student", default=None, help="Arch of `vkd model random` for the student.  "
+                                                   "[default: clip-vit-b32; --quick: tiny-clip]")
+@click.option("--real-teacher", default=None, help="Arch for the teacher.  [default: clip-vit-l14; --quick: tiny-clip]")
+@click.option("--no-real", is_flag=True, help="Skip the real-shape part.")
+@click.option("--qps", type=click.FloatRange(min=0), default=None,
+              help="Expected queries per second for the recommendation.  [default: 10]")
+@click.option("--cores", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="CPU cores the search may use, for the recommendation.  [default: 2]")
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Models, the distilled student and the indexes (kept for the next run).  "
+                   "[default: OUT/.work/modes]")
+def modes_command(**options: Any) -> None:
+    """The three search modes side by side, and which to use at 10k, 1M and 100M images.
+
+    \b
+    (a) demo, trained weights: the demo's student distilled further for student-query and
+        student-index (train_modes), the held-out images indexed with teacher and projected
+        vectors, every test caption searched in each mode: overlap@10 and R@1 against the
+        teacher alone, query ms per mode, image-tower ms per image;
+    (b) real shapes, random weights: per-image and per-query costs of a ViT-B/32 student and a
+        ViT-L/14 teacher, the projection, student-query's scan per row and a FAISS search;
+    then `recommend_mode` at 10k, 1M and 100M images (printed, and in modes.md).
+
+    \b
+    Example:
+      vkd bench modes --quick --out /tmp/modes-smoke
+      vkd bench modes --out results --qps 10 --cores 2
+    """
+    options = {"demo_dir": None, "data": None, "train_data": None, "teacher": None, "student": None,
+               "student_raw": None, "student_ce": None, "int8": None, "images": None, "index_dir": None, **options}
+    _run_one("modes", options)
+
+
+@bench.command("ray", short_help="vkd index --engine ray vs one process: images/s at ViT-B/32, Ray's overhead.")
+@click.option("--quick", is_flag=True, help="Functional check: a tiny model, 24 images, one round (about a minute).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_OUT,
+              show_default=True, help="Folder for ray.json and ray.md.")
+@click.option("--arch", default=None,
+              help="Student arch of `vkd model random` for the throughput figure.  [default: clip-vit-b32]")
+@click.option("--images", type=click.IntRange(min=1), default=None,
+              help="Images (512×384 JPEG) for the throughput figure.  [default: 256]")
+@click.option("--num-workers", type=click.IntRange(min=1), default=None,
+              help="Ray encoder actors.  [default: one per CPU less one]")
+@click.option("--num-cpus", type=click.IntRange(min=1), default=None,
+              help="CPUs of the local Ray instance.  [default: all]")
+@click.option("--repeats", type=click.IntRange(min=1), default=None,
+              help="Interleaved rounds of local and ray.  [default: 3; --quick: 1]")
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the random model and the image folders go (kept for the next run).  "
+                   "[default: OUT/.work/ray]")
+def ray_command(**options: Any) -> None:
+    """`vkd index --engine ray` against the single-process indexer on this machine, in
+    interleaved rounds: (a) images/s of a full build with a random ViT-B/32 student at its real
+    size; (b) the wall-time difference at the demo's index size (300 images, tiny model): Ray's
+    scheduling and actor start-up. Needs vkd[ray]. Not part of `all`: it takes every CPU.
+
+    \b
+    Example:
+      vkd bench ray --out results
+      vkd bench ray --quick --out /tmp/ray-smoke
+    """
+    options = {"demo_dir": None, "data": None, "train_data": None, "teacher": None, "student": None,
+               "student_raw": None, "student_ce": None, "int8": None, "index_dir": None, **options}
+    _run_one("ray", options)
 
 
 @bench.command("all", short_help="Every benchmark, then OUT/RESULTS.md.")

@@ -129,7 +129,22 @@ def _graphs(export_dir: Path, settings: Int8Settings, torch_encoder: Any | None)
             graphs.append(_Graph(f"image {bucket[0]}x{bucket[1]}", "image", encoder.model_path("image", bucket),
                                  encoder.image_inputs(resized, bucket=bucket),
                                  encoder.image_inputs(resized[:1], bucket=bucket)))
-            graphs[-1].torch_batch, graphs[-1].torch_one = _torch_calls(torch_encoder, "image", resized)
+            if not encoder.shares_language_model:  # the whole image path: comparable with torch's
+                graphs[-1].torch_batch, graphs[-1].torch_one = _torch_calls(torch_encoder, "image", resized)
+        if encoder.shares_language_model:
+            # the language model the buckets share, on the first bucket's fp32 outputs (the vision
+            # rows above time the bucket graph alone; the two add up to an image)
+            from vkd.export.onnx_encoder import LANGUAGE_MODEL
+
+            first = next(graph for graph in graphs if graph.tower == "image")
+            vision = encoder._session("image", buckets[0])
+
+            def language_feed(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+                outputs = vision.run(None, feed)
+                return {output.name: value for output, value in zip(vision.get_outputs(), outputs, strict=True)}
+
+            graphs.append(_Graph("image language model", "image", encoder.model_path("image", LANGUAGE_MODEL),
+                                 language_feed(first.batch_feed), language_feed(first.one_feed)))
     elif encoder.has_image_tower:
         graphs.append(_Graph("image", "image", encoder.model_path("image"), encoder.image_inputs(images),
                              encoder.image_inputs(images[:1])))
@@ -244,12 +259,17 @@ def int8_variants(
 
 def _measure(graph: _Graph, path: Path, settings: Int8Settings, variant: str,
              recipe: dict[str, Any] | None) -> dict[str, Any]:
+    from vkd.export.layout import graph_bytes  # a graph's size includes its external data
+
     session = _session(path, settings.threads)
     vectors = session.run(None, graph.batch_feed)[0]
+    if vectors.ndim > 2:  # a bucket graph's first output (the language model's input): compared per sample
+        flat = vectors.reshape(len(vectors), -1).astype(np.float64)
+        vectors = flat / np.linalg.norm(flat, axis=1, keepdims=True)
     batch_ms = _time(lambda: session.run(None, graph.batch_feed), settings)
     one_ms = _time(lambda: session.run(None, graph.one_feed), settings)
     return {"variant": variant, "graph": graph.key, "recipe": recipe, "ms_batch1": one_ms,
-            "ms_per_item": batch_ms / settings.batch, "bytes": path.stat().st_size, "error": None,
+            "ms_per_item": batch_ms / settings.batch, "bytes": graph_bytes(path), "error": None,
             "_vectors": vectors}
 
 

@@ -33,11 +33,14 @@ def data() -> None:
 @click.option("--val-frac", type=float, default=0.1, show_default=True, help="Share of images for val.")
 @click.option("--test-frac", type=float, default=0.1, show_default=True,
               help="Share of images for test (which alone holds the held-out object-scene pairs).")
+@click.option("--domain", type=click.Choice(["mixed", "general", "target"]), default="mixed", show_default=True,
+              help="general: a pre-training set (alt-text wording, no target-only pairs); target: the domain "
+                   "to fine-tune on (its own wording and pairs); one seed makes a matching pair of sets.")
 @click.option("--overwrite", is_flag=True, help="Replace a data set already in --out.")
 @click.option("--preview", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write a PNG grid of the first 16 training images with a caption each.")
 def synth_command(out_dir: Path, n: int, seed: int, size: int, val_frac: float, test_frac: float,
-                  overwrite: bool, preview: Path | None) -> None:
+                  domain: str, overwrite: bool, preview: Path | None) -> None:
     """Render captioned synthetic scenes (objects on beaches, roads, snow ...) as pair files.
 
     Some object-scene combinations appear only in the test split, so test recall
@@ -52,7 +55,7 @@ def synth_command(out_dir: Path, n: int, seed: int, size: int, val_frac: float, 
 
     try:
         summary = generate(out_dir, n, seed=seed, size=size, val_frac=val_frac, test_frac=test_frac,
-                           show_progress=True, overwrite=overwrite)
+                           show_progress=True, overwrite=overwrite, domain=domain)
     except FileExistsError as error:
         raise click.UsageError(str(error)) from None
     except ValueError as error:

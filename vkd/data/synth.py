@@ -38,11 +38,13 @@ from vkd.data.images import load_image
 
 __all__ = [
     "COLOURS",
+    "DOMAINS",
     "OBJECTS",
     "SCENES",
     "SPLITS",
     "SynthSummary",
     "choose_heldout",
+    "choose_target_only",
     "generate",
     "preview_grid",
     "split_counts",
@@ -59,6 +61,23 @@ HELDOUT_FRACTION = 0.12
 # so that the held-out subset of test is big enough to measure.
 TEST_HELDOUT_SHARE = 0.3
 NIGHT_PROBABILITY = 0.2
+
+# Domains, mirroring web-scale pre-training data against a target set such as Flickr30k:
+# "general" is the pre-training set (terse alt-text wording, the common name of each object,
+# never a target-only object-scene pair); "target" is the domain users fine-tune on
+# (descriptive wording: positions, relations, verbs, synonyms such as "puppy" or "cottage",
+# and a share of images built around target-only pairs). "mixed" is both at once, the
+# original single-domain data set.
+DOMAINS = ("mixed", "general", "target")
+# Share of (object, scene) pairs that only the target domain shows.
+TARGET_ONLY_FRACTION = 0.25
+# Share of target images built around a target-only pair, so that the domain gap is felt.
+TARGET_ONLY_SHARE = 0.3
+# Share of target captions in the target's own wording (the rest read like general ones).
+TARGET_WORDING_SHARE = 0.5
+# Share of general captions that use a rarer word (a synonym, another scene phrase): web data
+# has every word, just rarely; the target's layout templates stay target-only.
+GENERAL_RARE_WORD_SHARE = 0.1
 MIN_SIZE, MAX_SIZE = 16, 1024
 
 COLOURS: dict[str, RGB] = {
@@ -775,10 +794,14 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def _noun_phrase(rng: np.random.Generator, g: Group, *, colour_p: float = 0.65, size_p: float = 0.65) -> str:
+def _noun_phrase(rng: np.random.Generator, g: Group, *, colour_p: float = 0.65, size_p: float = 0.65,
+                 common_only: bool = False) -> str:
     kind = OBJECTS[g.kind]
     nouns = list(kind.plural if g.count > 1 else kind.singular)
-    if kind.young and g.size != "big":
+    if common_only:
+        # general wording: the common name alone (synonyms are target-domain words)
+        nouns = nouns[:1]
+    elif kind.young and g.size != "big":
         nouns.append(kind.young[1] if g.count > 1 else kind.young[0])
     noun = _pick(rng, nouns)
     adjectives = []
@@ -809,13 +832,20 @@ def _verb(rng: np.random.Generator, g: Group, scene: str) -> str | None:
     return _pick(rng, verbs) if verbs else None
 
 
-def _caption(rng: np.random.Generator, spec: SceneSpec) -> str:
+# Which caption templates (by position in _caption's lists) each wording uses: general captions
+# read like alt text ("a photo of a dog on a beach"), target ones describe the layout.
+_GENERAL_SINGLE, _GENERAL_MULTI = (0, 1, 4), (0, 2)
+
+
+def _caption(rng: np.random.Generator, spec: SceneSpec, wording: str = "mixed") -> str:
     scene = SCENES[spec.scene]
-    where = _pick(rng, scene.phrases)
-    noun = _pick(rng, scene.nouns)
+    # general wording: mostly the common name of a scene and an object, rarely another one
+    common = wording == "general" and rng.random() >= GENERAL_RARE_WORD_SHARE
+    where = scene.phrases[0] if common else _pick(rng, scene.phrases)
+    noun = scene.nouns[0] if common else _pick(rng, scene.nouns)
     night = f" {_pick(rng, NIGHT_PHRASES)}" if spec.night and rng.random() < 0.85 else ""
     groups = spec.groups
-    nps = [_noun_phrase(rng, g) for g in groups]
+    nps = [_noun_phrase(rng, g, common_only=common) for g in groups]
     be = "are" if groups[0].count > 1 else "is"
     if len(groups) == 1:
         g, np_ = groups[0], nps[0]
@@ -834,7 +864,7 @@ def _caption(rng: np.random.Generator, spec: SceneSpec) -> str:
             templates += [f"{np_} {verb} {where}{night}"] * 2
         if g.flying:
             templates.append(f"{np_} flying over {noun}{night}")
-        return _pick(rng, templates)
+        return _pick(rng, _worded(templates, _GENERAL_SINGLE, wording))
     # several kinds: relations follow their left-to-right order in the picture
     by_x = sorted(range(len(groups)), key=lambda i: groups[i].x)
     ordered = [nps[i] for i in by_x]
@@ -853,14 +883,25 @@ def _caption(rng: np.random.Generator, spec: SceneSpec) -> str:
             f"{right} to the right of {left} {where}{night}",
             f"{shuffled[0]} next to {shuffled[1]} {where}{night}",
         ]
-    return _pick(rng, templates)
+    return _pick(rng, _worded(templates, _GENERAL_MULTI, wording))
 
 
-def _captions(rng: np.random.Generator, spec: SceneSpec) -> list[str]:
+def _worded(templates: list[str], general: tuple[int, ...], wording: str) -> list[str]:
+    if wording == "general":
+        return [templates[i] for i in general]
+    if wording == "target":
+        return [t for i, t in enumerate(templates) if i not in general]
+    return templates
+
+
+def _captions(rng: np.random.Generator, spec: SceneSpec, domain: str = "mixed") -> list[str]:
     wanted = int(rng.integers(2, 6))
     captions: list[str] = []
     for _ in range(40):
-        caption = _caption(rng, spec)
+        wording = domain
+        if domain == "target" and rng.random() >= TARGET_WORDING_SHARE:
+            wording = "general"
+        caption = _caption(rng, spec, wording)
         if caption not in captions:
             captions.append(caption)
             if len(captions) == wanted:
@@ -914,6 +955,29 @@ def choose_heldout(seed: int, n_test: int, fraction: float = HELDOUT_FRACTION) -
     return sorted(chosen, key=lambda p: (OBJECT_NAMES.index(p[0]), SCENE_NAMES.index(p[1])))
 
 
+def choose_target_only(seed: int, fraction: float = TARGET_ONLY_FRACTION) -> list[tuple[str, str]]:
+    """The (object, scene) pairs that only the target domain shows, a function of the seed.
+
+    Spread over scenes and objects so that no scene or object becomes target-only as a whole:
+    the general set still teaches every word, just not every combination.
+    """
+    pairs = [(o, s) for o in OBJECT_NAMES for s in SCENE_NAMES]
+    target = round(fraction * len(pairs))
+    order = np.random.default_rng([seed, 7919]).permutation(len(pairs))
+    cap_scene = math.ceil(target / len(SCENE_NAMES))
+    cap_object = math.ceil(target / len(OBJECT_NAMES))
+    per_scene: dict[str, int] = {}
+    per_object: dict[str, int] = {}
+    chosen: list[tuple[str, str]] = []
+    for index in order:
+        o, s = pairs[int(index)]
+        if len(chosen) < target and per_scene.get(s, 0) < cap_scene and per_object.get(o, 0) < cap_object:
+            chosen.append((o, s))
+            per_scene[s] = per_scene.get(s, 0) + 1
+            per_object[o] = per_object.get(o, 0) + 1
+    return sorted(chosen, key=lambda p: (OBJECT_NAMES.index(p[0]), SCENE_NAMES.index(p[1])))
+
+
 @dataclass
 class SynthSummary:
     out_dir: Path
@@ -923,6 +987,9 @@ class SynthSummary:
     captions: dict[str, int] = field(default_factory=dict)
     metadata: Path | None = None
     heldout: list[tuple[str, str]] = field(default_factory=list)
+    domain: str = "mixed"
+    target_only: list[tuple[str, str]] = field(default_factory=list)
+    """Pairs the general domain never shows (empty for "mixed")."""
 
 
 def split_counts(n: int, val_frac: float, test_frac: float) -> dict[str, int]:
@@ -930,7 +997,10 @@ def split_counts(n: int, val_frac: float, test_frac: float) -> dict[str, int]:
     return {"train": n - n_val - n_test, "val": n_val, "test": n_test}
 
 
-def _check_arguments(n: int, seed: int, size: int, val_frac: float, test_frac: float) -> None:
+def _check_arguments(n: int, seed: int, size: int, val_frac: float, test_frac: float,
+                     domain: str = "mixed") -> None:
+    if domain not in DOMAINS:
+        raise ValueError(f"domain={domain!r}: a domain must be one of {', '.join(DOMAINS)}")
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n={n!r}: the number of images must be a positive integer")
     if not isinstance(seed, int) or seed < 0:
@@ -950,14 +1020,18 @@ _OUTPUTS = ("images", "train.jsonl", "val.jsonl", "test.jsonl", "synth.json")
 
 def generate(out_dir: str | os.PathLike[str], n: int, *, seed: int = 0, size: int = 64,
              val_frac: float = 0.1, test_frac: float = 0.1, show_progress: bool = False,
-             overwrite: bool = False) -> SynthSummary:
+             overwrite: bool = False, domain: str = "mixed") -> SynthSummary:
     """Render ``n`` captioned scenes into ``out_dir`` (layout in the module docstring).
+
+    ``domain`` (see ``DOMAINS``): "general" and "target" made with the same seed are the
+    pre-training set and the target domain of one experiment; they draw from different random
+    streams and agree on which object-scene pairs are target-only.
 
     Everything is built in a temporary folder beside ``out_dir`` and moved into place at the
     end, ``synth.json`` last, so a failure leaves an earlier data set untouched. An existing
     data set in ``out_dir`` is replaced only with ``overwrite``.
     """
-    _check_arguments(n, seed, size, val_frac, test_frac)
+    _check_arguments(n, seed, size, val_frac, test_frac, domain)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out}: exists and is not a directory; choose another output folder")
@@ -968,12 +1042,23 @@ def generate(out_dir: str | os.PathLike[str], n: int, *, seed: int = 0, size: in
     counts = split_counts(n, val_frac, test_frac)
     heldout = choose_heldout(seed, counts["test"])
     banned = frozenset(heldout)
+    held = frozenset(heldout)
+    target_only = choose_target_only(seed) if domain != "mixed" else []
+    test_banned: frozenset[tuple[str, str]] = frozenset()
+    if domain == "general":
+        # the general set never shows a target-only pair, in any split
+        banned = banned | frozenset(target_only)
+        test_banned = frozenset(target_only)
+        heldout = [p for p in heldout if p not in test_banned]
+    # target train/val images may be built around target-only pairs that test does not hold out
+    trainable_target_only = [p for p in target_only if p not in banned]
+    domain_code = DOMAINS.index(domain)
     width = max(5, len(str(max(counts.values()) - 1)))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.synth-{os.getpid()}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
-    summary = SynthSummary(out_dir=out, heldout=heldout)
+    summary = SynthSummary(out_dir=out, heldout=heldout, domain=domain, target_only=target_only)
     records: dict[str, Any] = {}
     seen: set[bytes] = set()
     try:
@@ -985,19 +1070,26 @@ def generate(out_dir: str | os.PathLike[str], n: int, *, seed: int = 0, size: in
                 lines = []
                 n_captions = 0
                 for index in range(counts[split]):
-                    rng = np.random.default_rng([seed, code, index])
+                    # "mixed" keeps its original streams, so its files stay what they were
+                    rng = np.random.default_rng([seed, code, index] + ([domain_code] if domain_code else []))
                     forced = None
                     if split == "test" and heldout:
                         if index < len(heldout):
                             forced = heldout[index]
                         elif rng.random() < TEST_HELDOUT_SHARE:
                             forced = heldout[int(rng.integers(len(heldout)))]
-                    image, spec = _unique_render(rng, seen, banned if split != "test" else frozenset(), forced, size)
+                    if forced is None and domain == "target":
+                        pool = target_only if split == "test" else trainable_target_only
+                        if pool and rng.random() < TARGET_ONLY_SHARE:
+                            forced = pool[int(rng.integers(len(pool)))]
+                    image, spec = _unique_render(rng, seen, banned if split != "test" else test_banned, forced,
+                                                 size)
+                    spec.heldout = forced in held  # a target-only pair in train is not held out
                     name = f"{index:0{width}d}"
                     relative = f"images/{split}/{name}.png"
                     # no metadata chunks, fixed compression: the same pixels give the same bytes
                     image.save(staging / relative, format="PNG", compress_level=6)
-                    captions = _captions(rng, spec)
+                    captions = _captions(rng, spec, domain)
                     image_id = f"{split}-{name}"
                     lines.append(json.dumps({"image": relative, "text": captions, "image_id": image_id}))
                     records[image_id] = {"split": split, "image": relative, **spec.record()}
@@ -1020,6 +1112,8 @@ def generate(out_dir: str | os.PathLike[str], n: int, *, seed: int = 0, size: in
             "pair_files": {split: f"{split}.jsonl" for split in SPLITS},
             "heldout": [list(p) for p in heldout],
             "heldout_fraction": HELDOUT_FRACTION,
+            "domain": domain,
+            "target_only": [list(p) for p in target_only],
             "vocab": vocabulary(),
             "images": records,
         }

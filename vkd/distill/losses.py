@@ -178,12 +178,27 @@ class TeacherProjections(nn.Module):
     whose dimension differs, the identity otherwise; outputs are L2-normalised. One map serves text
     and image alike, keeping the two modalities aligned in the teacher's space."""
 
-    def __init__(self, student_dim: int, teacher_dims: Sequence[int]) -> None:
+    def __init__(self, student_dim: int, teacher_dims: Sequence[int], *, learned: bool = False) -> None:
         super().__init__()
         self.student_dim, self.teacher_dims = int(student_dim), tuple(int(d) for d in teacher_dims)
+        # learned: a map even between equal dimensions (the asymmetric search modes ship it with the
+        # model, and two models' spaces of one size are still different spaces); it starts as the
+        # identity there, the nearest map before any training
         self.maps = nn.ModuleList(
-            nn.Identity() if d == self.student_dim else nn.Linear(self.student_dim, d, bias=False)
+            nn.Identity() if d == self.student_dim and not learned else nn.Linear(self.student_dim, d, bias=False)
             for d in self.teacher_dims)
+        if learned:
+            with torch.no_grad():
+                for d, layer in zip(self.teacher_dims, self.maps, strict=True):
+                    if d == self.student_dim:
+                        layer.weight.copy_(torch.eye(d))
+
+    def weight(self, teacher_index: int) -> Tensor:
+        """The map into teacher ``teacher_index``'s space as a [d_teacher, d_student] matrix."""
+        layer = self.maps[teacher_index]
+        if isinstance(layer, nn.Linear):
+            return layer.weight
+        return torch.eye(self.student_dim)
 
     def check(self, teachers: Sequence[TeacherOutput]) -> None:
         dims = tuple(t.dim for t in teachers)
@@ -256,6 +271,53 @@ class SimilarityMSELoss(nn.Module):
         return total
 
 
+class AsymmetricModeLoss(nn.Module):
+    """What the asymmetric search modes rely on, for the first teacher (the one whose space the
+    saved projection maps into); each mode replaces one side of the teacher's search:
+
+    * ``student-query`` (student text queries against teacher image vectors): the projected student
+      text is pulled onto the teacher's text (2 − 2·cos) and ranked against the teacher's images
+      (InfoNCE text → image at the teacher's logit scale, the ranking the query will be used for);
+    * ``student-index`` (teacher text queries against projected student image vectors): the
+      projected student image onto the teacher's image, and the teacher's text ranked against
+      the projected student images.
+
+    Shares the projection with ``feature_mse`` / ``icl`` when those are on."""
+
+    def __init__(self, modes: Sequence[str], projections: TeacherProjections) -> None:
+        super().__init__()
+        self.modes = tuple(modes)
+        self.projections = projections
+
+    def forward(self, student_text: Tensor, student_image: Tensor, teachers: Sequence[TeacherOutput],
+                image_ids: Tensor | None = None) -> dict[str, Tensor]:
+        teacher = teachers[0]
+        t_text, t_image = _teacher_embeddings(teacher, student_text)
+        scale = torch.as_tensor(teacher.logit_scale, dtype=t_text.dtype, device=t_text.device).detach()
+        mask = _same_image_mask(image_ids, student_text.shape[0], student_text.device)
+        parts = {}
+        if "student-query" in self.modes:
+            s_text = self.projections(student_text, 0)
+            parts["student-query"] = ((s_text - t_text).pow(2).sum(-1).mean()
+                                      + _cross_entropy_rows(scale * s_text @ t_image.T, mask)) / 2
+        if "student-index" in self.modes:
+            s_image = self.projections(student_image, 0)
+            parts["student-index"] = ((s_image - t_image).pow(2).sum(-1).mean()
+                                      + _cross_entropy_rows(scale * t_text @ s_image.T, mask)) / 2
+        return parts
+
+
+def cross_space_distance(student_text: Tensor, student_image: Tensor, teacher_text: Tensor,
+                         teacher_image: Tensor) -> dict[str, float]:
+    """Mean squared distance (2 − 2·cos) between projected student vectors and the teacher's, per
+    side: "text" is what student-query replaces, "image" what student-index replaces."""
+    def distance(a: Tensor, b: Tensor) -> float:
+        a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
+        return float((a - b).pow(2).sum(-1).mean())
+
+    return {"text": distance(student_text, teacher_text), "image": distance(student_image, teacher_image)}
+
+
 @dataclass
 class LossOutput:
     total: Tensor  # what to back-propagate
@@ -273,7 +335,8 @@ class DistillationLoss(nn.Module):
     """
 
     def __init__(self, *, kd_types: Sequence[str], distillation_weight: float, temperature: float,
-                 use_distillation: bool, student_dim: int, teacher_dims: Sequence[int]) -> None:
+                 use_distillation: bool, student_dim: int, teacher_dims: Sequence[int],
+                 train_modes: Sequence[str] = ()) -> None:
         super().__init__()
         kd_types = tuple(kd_types)
         unknown = [t for t in kd_types if t not in KD_LOSS_TYPES]
@@ -290,14 +353,20 @@ class DistillationLoss(nn.Module):
         if self.use_distillation:
             # feature_mse and icl share one projection per teacher: both ask it to map the student's
             # space onto that teacher's, so one map gets twice the signal.
-            shared = (TeacherProjections(student_dim, teacher_dims)
-                      if {"feature_mse", "icl"} & set(kd_types) else None)
+            train_modes = tuple(train_modes)
+            shared = (TeacherProjections(student_dim, teacher_dims, learned=bool(train_modes))
+                      if {"feature_mse", "icl"} & set(kd_types) or train_modes else None)
             build = {"kl_divergence": lambda: KLDivergenceLoss(temperature),
                      "feature_mse": lambda: FeatureMSELoss(student_dim, teacher_dims, shared),
                      "icl": lambda: ICLLoss(student_dim, teacher_dims, shared),
                      "similarity_mse": SimilarityMSELoss}
             for name in kd_types:
                 self.kd[name] = build[name]()
+            # the asymmetric search modes' terms: KD terms too (under w), logged one per mode
+            self.modes = AsymmetricModeLoss(train_modes, shared) if train_modes else None
+            self.projections = shared
+        else:
+            self.modes, self.projections = None, None
         self.distillation_weight = distillation_weight
         self.temperature = temperature
 
@@ -343,5 +412,9 @@ class DistillationLoss(nn.Module):
                 value = term(student_text, student_image, teachers)
             parts[name] = value.detach()
             kd = kd + value
+        if self.modes is not None:
+            for mode, value in self.modes(student_text, student_image, teachers, image_ids).items():
+                parts[mode] = value.detach()
+                kd = kd + value
         w = self._distillation_weight
         return LossOutput(total=(1 - w) * ce + w * kd, parts=parts)

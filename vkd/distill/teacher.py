@@ -4,25 +4,33 @@ student (online distillation).
 Teacher cache
 -------------
 A frozen teacher gives a training sample the same embeddings every time, so they are stored
-once: ``<cache_dir>/<teacher fingerprint>.arrow`` is an Arrow IPC file with one row per
-sample, columns ``key`` (string), ``text`` and ``image`` (``FixedSizeList<float32>[dim]``,
-L2-normalised), and schema metadata naming the format version, the teacher, its fingerprint,
-dimension and logit scale. The fingerprint hashes the teacher's weights and preprocessing,
-and ``key`` (:func:`cache_key`) hashes the sha256 of the image file's bytes and the caption:
-a row answers for the same teacher on the same content, wherever the image lies and whatever
-it is called. Two data sets with the same file names and captions (every ``vkd data synth``
-output) share no rows unless their images are the same bytes, an image edited in place misses
-the cache, and a copy of an image elsewhere hits it. Other runs, stages and epochs reuse the
-file. Embeddings are kept in float32 so a cached run trains exactly as an uncached one.
+once, in ``<cache_dir>/<teacher fingerprint>/``: a folder of **segments**, each an Arrow IPC
+file with one record batch, columns ``key`` (string), ``text`` and ``image``
+(``FixedSizeList<float32>[dim]``, L2-normalised), and schema metadata naming the format
+version, the teacher, its fingerprint, dimension and logit scale. The fingerprint hashes the
+teacher's weights and preprocessing, and ``key`` (:func:`cache_key`) hashes the sha256 of the
+image file's bytes and the caption: a row answers for the same teacher on the same content,
+wherever the image lies and whatever it is called. Two data sets with the same file names and
+captions (every ``vkd data synth`` output) share no rows unless their images are the same
+bytes, an image edited in place misses the cache, and a copy of an image elsewhere hits it.
+Other runs, stages and epochs reuse the rows. Embeddings are kept in float32 so a cached run
+trains exactly as an uncached one.
 
-Version 1 files keyed rows by the image path as written; they are ignored with a warning and
-replaced at the next flush (the teacher recomputes their rows once).
+Writing is append-only, one writer per process (per rank): :meth:`TeacherCache.flush` (the
+trainer calls it at the end of each epoch and before each checkpoint, on every rank) writes
+this process's new rows as a new segment, named by host, pid, rank and a counter, to a
+temporary name that is fsynced and renamed into the folder. No file is ever rewritten and
+no rank sends its rows to another, so two ranks, or two runs sharing a cache directory,
+cannot lose each other's rows: each only adds files. After writing, ranks meet at a barrier
+and every rank reads the segments it has not read yet, so the next epoch's snapshot holds
+every rank's rows. A reader reads every segment (in name order; a key found twice, computed
+by two runs at once, answers with its first row) and maps each one: its vectors are not
+copied into memory.
 
-New rows are collected in memory and written by :meth:`TeacherCache.flush` (the trainer calls
-it at the end of each epoch and before each checkpoint): the file on disk is read again, the
-new rows appended, and the whole written beside it and renamed over it, so the file is always
-complete, and two runs sharing a cache directory only ever add rows. With several processes
-the rows of every rank are gathered and the main process writes.
+Version 2 kept a single file ``<cache_dir>/<teacher fingerprint>.arrow``, rewritten whole at
+each flush; it is still read (as the first segment) and never written again. Version 1 files
+keyed rows by the image path as written; they are ignored with a warning and removed at the
+next flush (the teacher recomputes their rows once).
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import socket
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,12 +58,15 @@ if TYPE_CHECKING:
     from vkd.models.base import TorchEncoder
 
 CACHE_FORMAT = "vkd-teacher-cache"
-CACHE_VERSION = 2
+CACHE_VERSION = 3
+#: the single-file format (``<fingerprint>.arrow``) still read, never written
+LEGACY_VERSION = 2
+SEGMENT_SUFFIX = ".arrow"
 
 
 def cache_key(image_sha256: str, caption: str) -> str:
     """The row key of one training sample: a hash of the image file's content hash and the
-    caption. The teacher is named by the cache file (its fingerprint), not by the key."""
+    caption. The teacher is named by the cache folder (its fingerprint), not by the key."""
     return hashlib.sha256(f"{image_sha256}\n{caption}".encode()).hexdigest()[:32]
 
 
@@ -61,18 +74,28 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _rank() -> int:
+    return dist.get_rank() if _distributed() else 0
+
+
 class TeacherCache:
     """Embeddings of one teacher, keyed by :func:`cache_key`; see the module docstring for the format."""
 
     def __init__(self, directory: str | os.PathLike[str], *, fingerprint: str, dim: int,
                  logit_scale: float, teacher: str) -> None:
-        self.path = Path(directory) / f"{fingerprint}.arrow"
+        #: the segment folder this process writes into
+        self.path = Path(directory) / fingerprint
+        #: the version 2 single file, read if present
+        self.legacy_path = Path(directory) / f"{fingerprint}{SEGMENT_SUFFIX}"
         self.fingerprint, self.dim, self.logit_scale, self.teacher = fingerprint, int(dim), float(logit_scale), teacher
         self.hits = 0
         self.misses = 0
         self._pending: list[tuple[list[str], np.ndarray, np.ndarray]] = []
-        self._rows: dict[str, int] = {}
-        self._text = self._image = np.zeros((0, self.dim), dtype=np.float32)
+        self._rows: dict[str, tuple[int, int]] = {}  # key -> (segment number, row)
+        self._segments: list[tuple[np.ndarray, np.ndarray]] = []  # (text, image) views of mapped files
+        self._loaded: set[str] = set()
+        self._written = 0
+        self._stale_v1 = False
         self._warned = False
         self.reload()
 
@@ -80,54 +103,77 @@ class TeacherCache:
         return len(self._rows)
 
     def keys(self) -> frozenset[str]:
-        """Keys the file holds (rows added since the last flush are not included)."""
+        """Keys the segments read so far hold (rows added since the last flush are not included)."""
         return frozenset(self._rows)
 
-    def _read(self) -> pa.Table | None:
-        if not self.path.is_file():
-            return None
-        with pa.memory_map(str(self.path)) as source:
+    def segment_files(self) -> list[Path]:
+        """Every segment on disk, in the order they are read (the version 2 file first)."""
+        files = [self.legacy_path] if self.legacy_path.is_file() else []
+        if self.path.is_dir():
+            files += sorted(p for p in self.path.iterdir()
+                            if p.suffix == SEGMENT_SUFFIX and not p.name.startswith("."))
+        return files
+
+    def _read(self, path: Path) -> pa.Table | None:
+        with pa.memory_map(str(path)) as source:
             table = pa.ipc.open_file(source).read_all()
         meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
         if meta.get("format") != CACHE_FORMAT or int(meta.get("dim", -1)) != self.dim:
             raise ValueError(
-                f"{self.path}: not a teacher cache for a {self.dim}-d teacher (metadata {meta}); "
+                f"{path}: not a teacher cache for a {self.dim}-d teacher (metadata {meta}); "
                 "delete the file or point teacher_cache_dir elsewhere"
             )
         version = meta.get("version")
-        if version != str(CACHE_VERSION):
+        if version not in (str(CACHE_VERSION), str(LEGACY_VERSION)):
             # Its keys mean something else (v1: the image path as written): reading them
-            # would hand an edited image its old vector. Treated as empty, replaced at flush.
+            # would hand an edited image its old vector. Treated as empty, removed at flush.
             if not self._warned:
                 warnings.warn(
-                    f"{self.path}: teacher cache format version {version} (rows keyed by image path); this "
+                    f"{path}: teacher cache format version {version} (rows keyed by image path); this "
                     f"vkd keys rows by image content (version {CACHE_VERSION}). The file is ignored and "
                     "replaced at the next flush; the teacher computes its rows once more.",
                     UserWarning, stacklevel=3,
                 )
                 self._warned = True
+            self._stale_v1 = path == self.legacy_path
             return None
         if meta.get("fingerprint") != self.fingerprint:
             raise ValueError(
-                f"{self.path}: holds the rows of teacher fingerprint {meta.get('fingerprint')}, not "
+                f"{path}: holds the rows of teacher fingerprint {meta.get('fingerprint')}, not "
                 f"{self.fingerprint} (a renamed or copied file?); delete it or point teacher_cache_dir elsewhere"
             )
         return table
 
     def reload(self) -> None:
-        """Read the file again (after this or another process flushed)."""
-        table = self._read()
-        if table is None or table.num_rows == 0:
-            return
-        self._rows = {key: i for i, key in enumerate(table.column("key").to_pylist())}
-        self._text = _matrix(table.column("text"), self.dim)
-        self._image = _matrix(table.column("image"), self.dim)
+        """Read the segments not read yet (this or another process flushed since)."""
+        for path in self.segment_files():
+            if path.name in self._loaded:
+                continue
+            self._loaded.add(path.name)
+            table = self._read(path)
+            if table is None or table.num_rows == 0:
+                continue
+            number = len(self._segments)
+            self._segments.append((_matrix(table.column("text"), self.dim), _matrix(table.column("image"), self.dim)))
+            for row, key in enumerate(table.column("key").to_pylist()):
+                self._rows.setdefault(key, (number, row))  # first come answers: segments are read in name order
 
     def lookup(self, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(text, image) float32 [n, dim] for keys the file holds; counts them as hits."""
-        rows = np.fromiter((self._rows[key] for key in keys), dtype=np.int64, count=len(keys))
-        self.hits += len(rows)
-        return self._text[rows], self._image[rows]
+        """(text, image) float32 [n, dim] for keys the segments hold; counts them as hits."""
+        text = np.empty((len(keys), self.dim), dtype=np.float32)
+        image = np.empty((len(keys), self.dim), dtype=np.float32)
+        where = [self._rows[key] for key in keys]
+        # one gather per segment: rows of a segment are read from its mapped file together
+        by_segment: dict[int, list[int]] = {}
+        for position, (segment, _row) in enumerate(where):
+            by_segment.setdefault(segment, []).append(position)
+        for segment, positions in by_segment.items():
+            rows = np.fromiter((where[p][1] for p in positions), dtype=np.int64, count=len(positions))
+            seg_text, seg_image = self._segments[segment]
+            text[positions] = seg_text[rows]
+            image[positions] = seg_image[rows]
+        self.hits += len(keys)
+        return text, image
 
     def add(self, keys: Sequence[str], text: np.ndarray, image: np.ndarray) -> None:
         """Rows computed by the teacher; counted as misses, written at the next flush."""
@@ -135,17 +181,16 @@ class TeacherCache:
         self._pending.append((list(keys), np.asarray(text, np.float32), np.asarray(image, np.float32)))
 
     def flush(self) -> int:
-        """Write every process's new rows into the file (collective with several processes);
-        returns the number of rows added."""
+        """Write this process's new rows as a segment of its own, then read every segment written
+        since (collective with several processes: they meet at a barrier in between, and no rows
+        travel between them); returns the number of rows this process added."""
         pending = self._pending
         self._pending = []
-        if _distributed():
-            everyone: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(everyone, pending)
-            pending = [part for rank_parts in everyone for part in rank_parts]
-        added = 0
-        if not _distributed() or dist.get_rank() == 0:
-            added = self._write(pending)
+        self.reload()  # rows another rank or run wrote meanwhile need not be written twice
+        added = self._write(pending)
+        if self._stale_v1:
+            self.legacy_path.unlink(missing_ok=True)
+            self._stale_v1 = False
         if _distributed():
             dist.barrier()
         self.reload()
@@ -154,8 +199,7 @@ class TeacherCache:
     def _write(self, pending: list[tuple[list[str], np.ndarray, np.ndarray]]) -> int:
         if not pending:
             return 0
-        existing = self._read()  # again: another run may have added rows since we loaded
-        known = set(existing.column("key").to_pylist()) if existing is not None else set()
+        known = set(self._rows)
         all_keys = [key for part_keys, _, _ in pending for key in part_keys]
         keep = []
         for row, key in enumerate(all_keys):
@@ -171,36 +215,91 @@ class TeacherCache:
                 "teacher": self.teacher, "dim": str(self.dim), "logit_scale": repr(self.logit_scale)}
         vector = pa.list_(pa.float32(), self.dim)
         schema = pa.schema([("key", pa.string()), ("text", vector), ("image", vector)], metadata=meta)
-        new = pa.table({
+        table = pa.table({
             "key": pa.array(keys, pa.string()),
             "text": _fixed_list(texts, self.dim),
             "image": _fixed_list(images, self.dim),
         }, schema=schema)
-        table = new if existing is None else pa.concat_tables([existing.replace_schema_metadata(meta), new])
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self.path.mkdir(parents=True, exist_ok=True)
+        # unique without coordination: host and pid tell runs apart, rank and counter a run's writes
+        # fields are separated by "-", so the host name keeps letters, digits and "_" only
+        host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40] or "host"
+        self._written += 1
+        name = f"{time.time_ns():020d}-{host}-{os.getpid()}-r{_rank()}-{self._written:06d}{SEGMENT_SUFFIX}"
+        target = self.path / name
+        temporary = self.path / f".{name}.tmp"
         try:
             with pa.OSFile(str(temporary), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
                 # one record batch: readers get single-chunk columns, viewed without copies
                 writer.write_table(table.combine_chunks())
             with open(temporary, "rb") as handle:
                 os.fsync(handle.fileno())
-            os.replace(temporary, self.path)
+            os.replace(temporary, target)
+            _fsync_dir(self.path)  # the new name survives a power cut
         finally:
             temporary.unlink(missing_ok=True)
         return len(keys)
 
     def describe(self) -> dict[str, Any]:
-        return {"path": str(self.path), "rows": len(self), "hits": self.hits, "misses": self.misses}
+        return {"path": str(self.path), "rows": len(self), "segments": len(self._segments), "hits": self.hits,
+                "misses": self.misses}
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        handle = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass  # some file systems refuse fsync on a directory; the rename itself is atomic
+    finally:
+        os.close(handle)
 
 
 def _matrix(column: pa.ChunkedArray, dim: int) -> np.ndarray:
-    values = column.combine_chunks().flatten()  # flatten, not .values: honours a slice's offset
-    return values.to_numpy(zero_copy_only=False).reshape(-1, dim)
+    # one chunk (one record batch per segment): a view of the mapped file, no copy
+    values = column.chunk(0).flatten() if column.num_chunks == 1 else column.combine_chunks().flatten()
+    return values.to_numpy(zero_copy_only=False).reshape(-1, dim)  # flatten, not .values: honours an offset
 
 
 def _fixed_list(matrix: np.ndarray, dim: int) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1), pa.float32()), dim)
+
+
+def fsdp_requested() -> bool:
+    """Whether this process runs under an FSDP launch (``accelerate launch`` with a config of
+    ``distributed_type: FSDP``, e.g. deploy/accelerate/fsdp.yaml, exports ACCELERATE_USE_FSDP)
+    with more than one process: then each frozen teacher is sharded across the ranks."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") and _distributed()
+
+
+def shard_teacher(encoder: TorchEncoder) -> int:
+    """Shard a frozen teacher's weights over every rank with FSDP2 (``fully_shard``): each rank
+    keeps 1/world of every parameter; a forward gathers one transformer layer at a time and
+    frees it after (``reshard_after_forward``), so a rank holds its shard plus one layer.
+    The teacher has no gradients and no optimizer state: nothing else is sharded or kept.
+    Returns the parameters this rank holds. A forward is then collective: see ``Teacher.output``."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    encoder.fingerprint  # noqa: B018  (hashed while the weights are whole, then cached)
+    model = encoder.model
+    mesh = init_device_mesh(encoder.device.type, (dist.get_world_size(),))
+    # every layer of every stack (vision and text towers, decoder): a ModuleList's children
+    for stack in [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]:
+        for layer in stack:
+            if any(True for _ in layer.parameters()):
+                fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+    # scalars (CLIP's logit scale and bias) cannot be sharded, and weigh nothing: kept whole
+    scalars = {p for p in model.parameters() if p.ndim == 0}
+    fully_shard(model, mesh=mesh, reshard_after_forward=True, ignored_params=scalars or None)
+    # the encoders call these rather than forward(): they must gather the root's own weights too
+    for method in ("get_text_features", "get_image_features"):
+        if hasattr(model, method):
+            register_fsdp_forward_method(model, method)
+    return sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
 
 
 @dataclass
@@ -213,10 +312,35 @@ class Teacher:
     forward_rows: int = 0
     forward_calls: int = 0
     name: str = field(default="")
+    #: sharded with FSDP (``shard_teacher``): every rank must run the same number of forwards
+    sharded: bool = False
+    #: parameters this rank holds (all of them unless sharded)
+    local_parameters: int = 0
 
     def __post_init__(self) -> None:
         self.name = self.name or self.encoder.name
         self.encoder.model.eval().requires_grad_(False)
+
+    def _padding_forwards(self, text_chunks: int, image_chunks: int) -> None:
+        """Sharded: a forward gathers weights from every rank, so every rank runs as many as the
+        rank with the most cache misses; this rank's extra ones run on a one-row input and are
+        dropped. Unsharded: nothing to do."""
+        if not self.sharded:
+            return
+        counts = torch.tensor([text_chunks, image_chunks], dtype=torch.int64,
+                              device=self.encoder.device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+        most_text, most_image = (int(v) for v in counts.tolist())
+        if most_text > text_chunks:
+            dummy = self.encoder.tokenize(["NULL"])
+            for _ in range(most_text - text_chunks):
+                self.encoder.embed_text(dummy)
+        if most_image > image_chunks:
+            from PIL import Image
+
+            dummy = self.encoder.preprocess([Image.new("RGB", (64, 64), "white")])
+            for _ in range(most_image - image_chunks):
+                self.encoder.embed_images(dummy)
 
     @torch.no_grad()
     def output(self, keys: Sequence[str] | None, inputs: TeacherInputs | None, device: torch.device) -> TeacherOutput:
@@ -245,6 +369,8 @@ class Teacher:
             image[inputs.rows] = new_image.to(device)
             if self.cache is not None:
                 self.cache.add([keys[i] for i in inputs.rows], new_text.cpu().numpy(), new_image.cpu().numpy())
+        self._padding_forwards(len(inputs.text_chunks) if inputs is not None else 0,
+                               len(inputs.image_chunks) if inputs is not None else 0)
         return TeacherOutput(text=text, image=image, logit_scale=float(self.encoder.logit_scale), weight=self.weight)
 
     def describe(self) -> dict[str, Any]:
@@ -253,6 +379,7 @@ class Teacher:
             "parameters": self.encoder.num_parameters(), "weight": self.weight,
             "fingerprint": self.encoder.fingerprint,
             "forward_calls": self.forward_calls, "forward_rows": self.forward_rows,
+            "sharded": self.sharded, "local_parameters": self.local_parameters,
         }
         if self.cache is not None:
             info["cache"] = self.cache.describe()
@@ -309,9 +436,11 @@ def make_teachers(
     names: Sequence[str],
     weights: Sequence[float] | None,
     cache_dir: str | os.PathLike[str] | None,
+    shard: bool = False,
 ) -> list[Teacher]:
     """The frozen part of the ensemble: one ``Teacher`` per encoder, each with its weight
-    (equal without ``weights``) and, when ``cache_dir`` is given, its cache file there."""
+    (equal without ``weights``) and, when ``cache_dir`` is given, its cache there; ``shard``
+    (several processes): each teacher's weights sharded across them (``shard_teacher``)."""
     if weights is not None and len(weights) != len(encoders):
         raise ValueError(f"teacher_weights has {len(weights)} entries for {len(encoders)} teachers; "
                          "give one weight per teacher")
@@ -321,8 +450,11 @@ def make_teachers(
         if cache_dir is not None:
             cache = TeacherCache(cache_dir, fingerprint=encoder.fingerprint, dim=encoder.dim,
                                  logit_scale=float(encoder.logit_scale), teacher=encoder.name)
+        # the fingerprint is taken before sharding: the fingerprint and the cache name the whole teacher
+        local = shard_teacher(encoder) if shard else sum(p.numel() for p in encoder.model.parameters())
         teachers.append(Teacher(encoder, weight=float(weights[k]) if weights else 1.0, cache=cache,
-                                name=names[k] if k < len(names) else encoder.name))
+                                name=names[k] if k < len(names) else encoder.name, sharded=shard,
+                                local_parameters=local))
     return teachers
 
 

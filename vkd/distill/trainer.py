@@ -28,7 +28,8 @@ Output directory::
                         weights model/ holds and why, wall time, steps, teacher-cache
                         hits/misses, teacher forward counts
       checkpoints/step-NNNNNN/   every save_steps and at the end (see Trainer.save_checkpoint)
-      teacher_cache/    <teacher fingerprint>.arrow, unless teacher_cache_dir points elsewhere
+      teacher_cache/    <teacher fingerprint>/ segments (one per rank and flush), unless teacher_cache_dir
+                        points elsewhere
 
 ``max_steps`` stops the run early without changing the schedule (warm-up and decay stay
 planned over the stages' epochs), so a run cut at step k and resumed continues exactly the
@@ -69,10 +70,12 @@ from vkd.distill.data import Collator, epoch_batches, make_loader, steps_per_epo
 from vkd.distill.gradcache import all_reduce_gradients, cached_step
 from vkd.distill.lora import apply_lora, merge, save_adapter
 from vkd.distill.losses import DistillationLoss, LossOutput, TeacherOutput, gather_with_local_grad
-from vkd.distill.teacher import EmaTeacher, Teacher, cache_summary, make_teachers
+from vkd.distill.teacher import EmaTeacher, Teacher, cache_summary, fsdp_requested, make_teachers
 from vkd.models.base import TorchEncoder
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
+# the projection's entry in the best weights (train_modes): not a student parameter name
+PROJECTION_KEY = "vkd_projection.weight"
 # what report.json shows of each evaluation (the metrics best_metric can choose from)
 VAL_KEYS = ("rsum", *(f"{d}_R@{k}" for d in ("t2i", "i2t") for k in (1, 5, 10)))
 
@@ -230,8 +233,10 @@ class Trainer:
         self.loss = DistillationLoss(
             kd_types=config.loss_types, distillation_weight=self.stages[0].distillation_weight,
             temperature=self.stages[0].temperature, use_distillation=config.use_distillation,
-            student_dim=self.student.dim, teacher_dims=teacher_dims,
+            student_dim=self.student.dim, teacher_dims=teacher_dims, train_modes=config.train_modes or (),
         ).to(self.device)
+        self._teacher_val: tuple[np.ndarray, np.ndarray] | None = None  # the first teacher's val vectors
+        self.cross_space: dict[str, dict[str, float]] = {}  # "start"/"end" -> distances (train_modes)
 
         self.trainable = [(n, p) for n, p in self.student.model.named_parameters() if p.requires_grad]
         self._broadcast_initial_weights()
@@ -308,7 +313,13 @@ class Trainer:
         cache_dir = None
         if config.teacher_cache:
             cache_dir = Path(config.teacher_cache_dir) if config.teacher_cache_dir else self.out / "teacher_cache"
-        return make_teachers(encoders, names=config.teachers, weights=config.teacher_weights, cache_dir=cache_dir)
+        shard = fsdp_requested()
+        if shard and config.train_modes:
+            # the cross-space check runs the teacher on the main process alone: a sharded forward needs every rank
+            raise ValueError("train_modes with an FSDP launch: the sharded teacher cannot encode the validation "
+                             "set on one process; launch with deploy/accelerate/ddp.yaml, or leave out train_modes")
+        return make_teachers(encoders, names=config.teachers, weights=config.teacher_weights, cache_dir=cache_dir,
+                             shard=shard)
 
     def _broadcast_initial_weights(self) -> None:
         # Without DDP nothing else makes the ranks start from the same weights; the seed
@@ -410,6 +421,9 @@ class Trainer:
         """Run (or continue) every stage, then write the outputs."""
         self._resume()
         self._open_outputs()
+        if self.global_step == 0 and self.config.train_modes:
+            # the baseline the report compares against: the projection before any step
+            self.cross_space["start"] = self.cross_space_distance()
         progress = tqdm(total=self.total_steps, initial=self.global_step, desc="distill", unit="step",
                         disable=not self.is_main, dynamic_ncols=True)
         stopped = self.global_step >= self.total_steps
@@ -497,7 +511,7 @@ class Trainer:
             if choose_best([current, row] if current is not None else [row], metric) is row:
                 self.best = {"step": row["step"], "epoch": row["epoch"], "metric": metric, "value": row[metric],
                              **{key: row[key] for key in VAL_KEYS}}
-                self.best_state = self._trainable_state()
+                self.best_state = {**self._trainable_state(), **self._projection_state()}
             row["best"] = self.best is not None and self.best["step"] == self.global_step
             self.evaluations.append(row)
             self._write_row(row)
@@ -571,6 +585,39 @@ class Trainer:
         for teacher in self.teachers:
             if teacher.cache is not None:
                 teacher.cache.flush()
+
+    def _projection_state(self) -> dict[str, torch.Tensor]:
+        """The projection the asymmetric modes ship, kept with the best weights so that model/
+        holds a student and a projection of the same step."""
+        if not self.config.train_modes or self.loss.projections is None:
+            return {}
+        return {PROJECTION_KEY: self.loss.projections.weight(0).detach().to("cpu", torch.float32, copy=True)}
+
+    def cross_space_distance(self) -> dict[str, float]:
+        """On the validation pairs (main process): mean 2 − 2·cos between the projected student's
+        text / image vectors and the first teacher's (``losses.cross_space_distance``)."""
+        from vkd.distill.losses import cross_space_distance
+
+        if self.val_pairs is None or not self.is_main or self.loss.projections is None:
+            return {}
+        texts, images = self.val_pairs.texts(), [str(p) for p in self.val_pairs.images()]
+        rows = torch.as_tensor(self.val_pairs.text_to_image)
+        if self._teacher_val is None:
+            teacher = self.teachers[0].encoder
+            self._teacher_val = (teacher.encode_text(texts, batch_size=self.config.batch_size),
+                                 teacher.encode_images(images, batch_size=self.config.batch_size))
+        self.student.model.eval()
+        try:
+            with torch.no_grad(), self.accelerator.autocast():
+                s_text = torch.as_tensor(self.student.encode_text(texts, batch_size=self.config.batch_size))
+                s_image = torch.as_tensor(self.student.encode_images(images, batch_size=self.config.batch_size))
+        finally:
+            self.student.model.train()
+        weight = self.loss.projections.weight(0).detach().float().cpu()
+        t_text, t_image = (torch.as_tensor(x) for x in self._teacher_val)
+        # every caption against its own image's teacher vector too: the cross-modal side each mode meets
+        distances = cross_space_distance(s_text @ weight.T, s_image @ weight.T, t_text, t_image)
+        return {key: round(value, 6) for key, value in distances.items()} | {"captions": int(rows.numel())}
 
     def _trainable_state(self) -> dict[str, torch.Tensor]:
         return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in self.trainable}
@@ -736,6 +783,24 @@ class Trainer:
                        f"'{self.config.eval_strategy}' had not reached")
         return reason
 
+    def _write_projection(self, model_dir: Path) -> dict[str, Any] | None:
+        """With train_modes: the projection (of the weights model/ holds) into the first teacher's
+        space, written into model_dir (``vkd.models.projection``); the val distances before and after."""
+        if not self.config.train_modes or self.loss.projections is None:
+            return None
+        from vkd.indexer.manifest import model_record
+        from vkd.models.projection import write_projection
+
+        weight = (self.best_state or {}).get(PROJECTION_KEY)
+        if weight is not None:
+            with torch.no_grad():
+                self.loss.projections.weight(0).copy_(weight)
+        self.cross_space["end"] = self.cross_space_distance()
+        teacher = model_record(self.teachers[0].encoder.describe())
+        path = write_projection(model_dir, self.loss.projections.weight(0).detach().float().cpu().numpy(),
+                                teacher, self.config.train_modes)
+        return _projection_report(self, path)
+
     def _finish(self, wall_time: float) -> DistillResult:
         counters = self._counters()
         if self.best_state is not None:
@@ -762,6 +827,7 @@ class Trainer:
                 merge(self.student, self.peft)
             shutil.rmtree(model_dir, ignore_errors=True)
             self.student.save(model_dir)
+            projection = self._write_projection(model_dir)
             total = self.student.num_parameters()
             distilling = self.config.use_distillation
             # A CE-only run has no temperature or distillation weight: leaving them out keeps
@@ -795,6 +861,7 @@ class Trainer:
                 "final_model_reason": self._final_model_reason(),
                 "wall_time_s": round(wall_time, 3),
                 "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+                "projection": projection,
                 "outputs": {"model": str(model_dir), "adapter": str(adapter_dir) if adapter_dir else None,
                             "metrics": str(self.out / "metrics.jsonl"), "config": str(self.out / "config.yaml")},
             }
@@ -807,6 +874,12 @@ class Trainer:
             config_path=self.out / "config.yaml", metrics_path=self.out / "metrics.jsonl",
             report_path=self.out / "report.json", report=report,
         )
+
+
+def _projection_report(trainer: Trainer, path: Path) -> dict[str, Any]:
+    return {"file": str(path), "modes": list(trainer.config.train_modes or ()),
+            "teacher": trainer.teachers[0].encoder.describe()["fingerprint"],
+            "val_cross_space_distance": trainer.cross_space or None}
 
 
 def latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:

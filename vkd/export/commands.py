@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from vkd.export.int8 import DEFAULT_CANDIDATES, INT8_TARGET_COSINE, RECIPES
@@ -90,14 +92,26 @@ def export(model_dir: str, out: str | None, int8: str, calibration: str | None, 
     elif image:
         lines.append(("image", image, parity["towers"]["image"]))
     label_width = max(len(label) for label, _, _ in lines)
-    file_width = max(16, *(len(entry[p]) for _, entry, _ in lines for p in ("fp32", "int8") if entry.get(p)))
+
+
+    def files(entry: dict[str, Any], precision: str) -> str:
+        # a graph over the protobuf limit has its weights in name.onnx.data; the size counts both
+        return entry[precision] + (" + .data" if (entry.get("data") or {}).get(precision) else "")
+
+    file_width = max(16, *(len(files(entry, p)) for _, entry, _ in lines for p in ("fp32", "int8") if entry.get(p)))
     for label, entry, by_precision in lines:
         for precision, numbers in by_precision.items():
             size = entry["bytes"][precision] / 1e6
             recipe = f"   recipe {entry['int8_recipe']}" if precision == "int8" and entry.get("int8_recipe") else ""
-            click.echo(f"  {label:<{label_width}} {precision:<4} {entry[precision]:<{file_width}} {size:8.2f} MB   "
+            click.echo(f"  {label:<{label_width}} {precision:<4} {files(entry, precision):<{file_width}} {size:8.2f} MB   "
                        f"cosine vs torch: min {numbers['min']:.6f} mean {numbers['mean']:.6f} "
                        f"(>= {PARITY_MIN_COSINE[precision]}){recipe}")
+    language = (image or {}).get("language_model")
+    if language:  # its vectors are the buckets' lines above: each bucket runs through it
+        for precision in ("fp32", "int8"):
+            if language.get(precision):
+                click.echo(f"  {'image':<{label_width}} {precision:<4} {files(language, precision):<{file_width}} "
+                           f"{language['bytes'][precision] / 1e6:8.2f} MB   the language model every bucket shares")
     if manifest.get("image_unsupported"):
         click.echo(f"  image tower not exported: {manifest['image_unsupported']}", err=True)
 

@@ -59,11 +59,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from vkd.export.layout import SINGLE_FILE_MAX_BYTES, external_files, graph_bytes, relayout
 
 #: The INT8 copy the export prefers must stay at least this close to torch (min cosine over
 #: the parity samples); the export's hard INT8 gate stays PARITY_MIN_COSINE["int8"].
@@ -153,7 +154,7 @@ def quiet_quantizer() -> Iterator[None]:
 # -- graph rewrites ----------------------------------------------------------------------
 
 
-def patch_conv_as_matmul(model: Any) -> int:
+def patch_conv_as_matmul(model: Any, base_dir: str | os.PathLike[str] | None = None) -> int:
     """Rewrite each patch-embedding Conv (kernel = stride, no padding, no dilation, one group,
     constant weights, static C/H/W) of ``model`` (an onnx ModelProto, changed in place) as
 
@@ -162,7 +163,8 @@ def patch_conv_as_matmul(model: Any) -> int:
         -> Reshape [B, gh, gw, D] -> Transpose [B, D, gh, gw]
 
     which is the Conv's output exactly (each output pixel is one patch's dot products).
-    Returns how many Convs were rewritten."""
+    Returns how many Convs were rewritten. ``base_dir``: where the graph's external data
+    lives, when it was loaded without it (a Conv's weight is then read from there)."""
     import numpy as np
     import onnx
     from onnx import helper, numpy_helper, shape_inference
@@ -179,7 +181,7 @@ def patch_conv_as_matmul(model: Any) -> int:
         if node.op_type != "Conv" or node.input[1] not in initializers:
             continue
         attrs = {attr.name: helper.get_attribute_value(attr) for attr in node.attribute}
-        weight = numpy_helper.to_array(initializers[node.input[1]])
+        weight = numpy_helper.to_array(initializers[node.input[1]], base_dir=str(base_dir or ""))
         if weight.ndim != 4:
             continue
         out_dim, channels, kh, kw = weight.shape
@@ -227,7 +229,8 @@ def patch_conv_as_matmul(model: Any) -> int:
         for tensor in list(model.graph.initializer):
             if tensor.name not in still_used:
                 model.graph.initializer.remove(tensor)
-        onnx.checker.check_model(model)
+        if base_dir is None:  # with external data the checker needs the saved file's path (the caller's)
+            onnx.checker.check_model(model)
     return rewritten
 
 
@@ -252,30 +255,52 @@ def quantize_int8(
     tower: str = "text",
     heads: int = 0,
     hidden: int = 0,
+    max_single_bytes: int = SINGLE_FILE_MAX_BYTES,
 ) -> dict[str, Any]:
     """Write the INT8 copy of ``fp32`` to ``int8`` with ``recipe``; returns what was done
-    (rewrites made, op counts of the result)."""
+    (rewrites made, op counts of the result).
+
+    ``fp32`` may keep its weights in external data (``vkd.export.layout``); the copy is
+    written as one file when its tensors total at most ``max_single_bytes``, else as
+    ``int8`` + ``int8.data``."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
     notes: dict[str, Any] = {"recipe": recipe.name}
-    source: str | os.PathLike[str] = fp32
-    with tempfile.TemporaryDirectory(prefix="vkd-int8-", dir=Path(int8).parent) as scratch:
+    fp32, int8 = Path(fp32), Path(int8)
+    external = bool(external_files(fp32))
+    large = graph_bytes(fp32) > max_single_bytes
+    source: Path = fp32
+    # A rewritten graph is saved beside fp32: with external data it keeps referring to fp32's
+    # data file (onnx refuses locations outside the graph's folder), so the weights are not
+    # copied, and with inline data it is small.
+    prepared = fp32.with_name(f".prepared-{os.getpid()}-{int8.name}")
+    try:
         if recipe.patch_matmul or recipe.fuse:
-            model = onnx.load(str(fp32))
+            model = onnx.load(str(fp32), load_external_data=not external)
             if recipe.patch_matmul:
-                notes["patch_convs_as_matmul"] = patch_conv_as_matmul(model)
-            source = Path(scratch) / "prepared.onnx"
+                notes["patch_convs_as_matmul"] = patch_conv_as_matmul(model, base_dir=fp32.parent)
+            source = prepared
             if recipe.fuse:
+                if external:
+                    raise ValueError(f"{fp32.name}: the 'fused' recipe needs the weights in memory; it does not run "
+                                     "on graphs with external data (choose another recipe)")
                 _fuse(model, source, family, tower, heads, hidden)
             else:
                 onnx.save(model, str(source))
+                onnx.checker.check_model(str(source))
         with quiet_quantizer():
             # DefaultTensorType: shape inference cannot type the outputs of fused contrib ops
             quantize_dynamic(source, int8, weight_type=QuantType.QInt8, per_channel=recipe.per_channel,
                              op_types_to_quantize=list(recipe.op_types) or None,
+                             use_external_data_format=large,
                              extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    finally:
+        prepared.unlink(missing_ok=True)
+    # onnxruntime writes every tensor to int8.data when asked for external data; small enough
+    # copies go back to one file, large ones get vkd's layout
+    relayout(int8, int8, max_single_bytes)
     notes["ops"] = op_counts(int8)
     return notes
 

@@ -5,7 +5,13 @@ An export directory (``vkd export``) holds ``text.onnx`` / ``image.onnx`` (fp32)
 model used, and ``export.json`` (the manifest read here). A Qwen3-VL export's image side is
 instead one graph per image bucket (``image-448x448.onnx`` ...; ``"kind": "buckets"`` in the
 manifest): each image is resized to the bucket nearest its aspect ratio and a batch runs
-as one call per bucket it touches. The encoder reports the torch
+as one call per bucket it touches, followed by the language model graph all buckets share
+(``image-language-model.onnx``, the manifest's ``"language_model"``), fed the bucket graph's
+outputs by name. A graph over the protobuf limit keeps its weights in
+``name.onnx.data`` beside it (its manifest entry's ``"data"``; ONNX Runtime reads it through
+the graph's path), and ``export.json``'s ``"files"`` records every graph file's size and
+sha256: a missing or truncated data file is reported before ONNX Runtime trips over it, and
+``files_digest`` / ``verify_files`` identify the bytes actually run. The encoder reports the torch
 model's fingerprint (which names the checkpoint's files, so torch in fp32 or bf16 reports
 the same one): the export's parity check is what makes vectors from either backend
 interchangeable, so an index built with torch is searchable with ONNX and back.
@@ -29,7 +35,14 @@ from vkd.models.base import Encoder
 from vkd.models.image_buckets import Bucket, format_bucket
 
 EXPORT_MANIFEST = "export.json"
-EXPORT_FORMAT = 1
+#: the graph key of a bucketed image side's shared language model (its buckets' graphs end
+#: with its inputs; exports written before the split have none and run each bucket whole)
+LANGUAGE_MODEL = "language-model"
+#: 2: a bucketed image side's graphs may end at a shared language model graph, which a reader
+#: of format 1 would not run (it would take the bucket graph's first output for the vector)
+EXPORT_FORMAT = 2
+#: formats this vkd reads: 1 (every bucket graph whole) and 2
+READ_FORMATS = (1, 2)
 PRECISIONS = ("fp32", "int8")
 
 
@@ -42,9 +55,10 @@ def read_export_manifest(onnx_dir: str | os.PathLike[str]) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON ({error}); re-run `vkd export`") from error
-    if manifest.get("format") != EXPORT_FORMAT:
+    if manifest.get("format") not in READ_FORMATS:
         raise ValueError(
-            f"{path}: format {manifest.get('format')!r}; this vkd reads format {EXPORT_FORMAT}. Re-run `vkd export`"
+            f"{path}: format {manifest.get('format')!r}; this vkd reads formats "
+            f"{', '.join(map(str, READ_FORMATS))}. Re-run `vkd export` with this vkd"
         )
     return manifest
 
@@ -137,13 +151,20 @@ class OnnxEncoder(Encoder):
                 continue
             if spec.get("kind") == "buckets":
                 graphs.update({f"image:{entry['size']}": entry for entry in spec["buckets"]})
+                if spec.get("language_model"):
+                    graphs[f"image:{LANGUAGE_MODEL}"] = spec["language_model"]
             else:
                 graphs[tower] = spec
         return graphs
 
-    def model_path(self, tower: str, bucket: Bucket | None = None) -> Path:
+    @property
+    def shares_language_model(self) -> bool:
+        """Whether the bucket graphs end at the language model's inputs (one shared graph)."""
+        return f"image:{LANGUAGE_MODEL}" in self._graph_specs()
+
+    def model_path(self, tower: str, bucket: Bucket | str | None = None) -> Path:
         """The ONNX file of ``tower`` at this encoder's precision; a bucketed image side needs
-        ``bucket`` (default: the first)."""
+        ``bucket`` (default: the first), or ``LANGUAGE_MODEL`` for the graph they share."""
         spec = self.manifest.get(tower)
         if not spec:
             reason = self.manifest.get("image_unsupported") or "it was not exported"
@@ -152,7 +173,12 @@ class OnnxEncoder(Encoder):
                 f"model instead (load_encoder({self.name!r}, prefer='torch'); CLI: --prefer torch)"
             )
         key = tower
-        if spec.get("kind") == "buckets":
+        if spec.get("kind") == "buckets" and bucket == LANGUAGE_MODEL:
+            if not self.shares_language_model:
+                raise ValueError(f"{self.dir}: this export's bucket graphs hold the language model themselves")
+            key = f"image:{LANGUAGE_MODEL}"
+        elif spec.get("kind") == "buckets":
+            assert not isinstance(bucket, str)
             buckets = self.image_buckets or ()
             chosen = bucket or buckets[0]
             if chosen not in buckets:
@@ -161,12 +187,52 @@ class OnnxEncoder(Encoder):
             key = f"image:{format_bucket(chosen)}"
         return self.dir / self._graph_specs()[key][self.precision]
 
-    def model_files(self) -> list[Path]:
-        """Every ONNX file this encoder runs at its precision (bucketed exports: one per bucket)."""
-        return [self.dir / spec[self.precision] for spec in self._graph_specs().values()]
+    def _files_of(self, spec: dict[str, Any]) -> list[Path]:
+        data = (spec.get("data") or {}).get(self.precision)
+        return [self.dir / spec[self.precision], *([self.dir / data] if data else [])]
 
-    def _session(self, tower: str, bucket: Bucket | None = None) -> Any:
-        key = tower if bucket is None else f"{tower}:{format_bucket(bucket)}"
+    def model_files(self) -> list[Path]:
+        """Every file this encoder runs at its precision: each ONNX graph (bucketed exports: one
+        per bucket) and its external-data file, if it has one."""
+        return [path for spec in self._graph_specs().values() for path in self._files_of(spec)]
+
+    def files_digest(self) -> str:
+        """sha256 over the names and contents of ``model_files()`` (cached per file by size and
+        mtime, like checkpoint hashes): what identifies the bytes this encoder runs, external
+        data included. The fingerprint stays the torch model's, which the parity check ties to."""
+        from vkd.models.checkpoint import files_digest
+
+        return files_digest(self.dir, self.model_files())
+
+    def verify_files(self) -> None:
+        """Raise ValueError naming each of ``model_files()`` whose content is not what the export
+        wrote (sha256 in ``export.json``); exports older than that record are not checked."""
+        from vkd.models.checkpoint import file_hashes
+
+        recorded = self.manifest.get("files") or {}
+        files = [path for path in self.model_files() if path.name in recorded]
+        self._check_sizes(files)
+        wrong = [path.name for path, sha in zip(files, file_hashes(files), strict=True)
+                 if sha != recorded[path.name].get("sha256")]
+        if wrong:
+            raise ValueError(f"{self.dir}: {', '.join(wrong)} changed since the export wrote them (sha256 differs "
+                             "from export.json); re-run `vkd export` to write a consistent export")
+
+    def _check_sizes(self, files: Sequence[Path]) -> None:
+        # Cheap (a stat per file), so done at every session open: ONNX Runtime's own error for a
+        # missing or short external-data file names neither the file nor the fix.
+        recorded = self.manifest.get("files") or {}
+        for path in files:
+            if not path.is_file():
+                raise ValueError(f"{self.dir}: {path.name} is missing; an export's name.onnx.data files must stay "
+                                 "beside their name.onnx (copy the whole folder), or re-run `vkd export`")
+            size = (recorded.get(path.name) or {}).get("bytes")
+            if size is not None and path.stat().st_size != int(size):
+                raise ValueError(f"{self.dir}: {path.name} has {path.stat().st_size} bytes where the export wrote "
+                                 f"{size}; it was truncated or replaced. Re-run `vkd export`")
+
+    def _session(self, tower: str, bucket: Bucket | str | None = None) -> Any:
+        key = tower if bucket is None else f"{tower}:{bucket if isinstance(bucket, str) else format_bucket(bucket)}"
         session = self._sessions.get(key)
         if session is None:
             with self._lock:
@@ -174,13 +240,15 @@ class OnnxEncoder(Encoder):
                 if session is None:
                     import onnxruntime as ort
 
+                    path = self.model_path(tower, bucket)
+                    spec = next(spec for spec in self._graph_specs().values() if spec[self.precision] == path.name)
+                    self._check_sizes(self._files_of(spec))
                     options = ort.SessionOptions()
                     options.log_severity_level = 3
                     if self.threads:
                         options.intra_op_num_threads = int(self.threads)
-                    session = ort.InferenceSession(
-                        str(self.model_path(tower, bucket)), sess_options=options, providers=self.providers
-                    )
+                    # by path, so that ONNX Runtime finds external data beside the graph
+                    session = ort.InferenceSession(str(path), sess_options=options, providers=self.providers)
                     self._sessions[key] = session
         return session
 
@@ -233,8 +301,21 @@ class OnnxEncoder(Encoder):
             return self._session("image").run(None, self.image_inputs(images))[0]
         out = np.empty((len(images), self.dim), dtype=np.float32)
         for bucket, (rows, pixels) in preprocessor.group(images).items():
-            out[rows] = self._session("image", bucket).run(None, {"pixel_values": pixels})[0]
+            out[rows] = self.run_image_graphs(bucket, {"pixel_values": pixels})
         return out
+
+    def run_image_graphs(self, bucket: Bucket, feed: dict[str, np.ndarray], session: Any = None,
+                         language_session: Any = None) -> np.ndarray:
+        """Embeddings of one bucket's pixels: its graph, then the shared language model graph
+        on its outputs (when the export has one). ``session`` / ``language_session`` replace
+        this encoder's own (the export's INT8 trials run through here)."""
+        vision = session or self._session("image", bucket)
+        outputs = vision.run(None, feed)
+        if not self.shares_language_model:
+            return outputs[0]
+        language = language_session or self._session("image", LANGUAGE_MODEL)
+        named = {output.name: value for output, value in zip(vision.get_outputs(), outputs, strict=True)}
+        return language.run(None, {name.name: named[name.name] for name in language.get_inputs()})[0]
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "backend": "onnx", "precision": self.precision, "dir": str(self.dir)}

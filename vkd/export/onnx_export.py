@@ -5,6 +5,10 @@
     text.onnx  text.int8.onnx  image.onnx  image.int8.onnx
     tokenizer.json  preprocessor_config.json  export.json
 
+A graph whose weights exceed the 2 GiB protobuf limit (``max_single_file_bytes``) keeps them
+in ``name.onnx.data`` beside it (``vkd.export.layout``; fp32 and INT8 alike); ``export.json``
+lists those files per graph and records every graph file's size and sha256.
+
 Qwen3-VL-Embedding's image side has no fixed shape (see ``vkd.export.qwen_image``); with
 ``image_buckets`` it is exported as one graph per image size, ``image-448x448.onnx`` (+
 ``.int8.onnx``) and so on, and ``export.json`` records the buckets and the policy that
@@ -30,12 +34,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import gc
 import json
 import os
 import shutil
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,7 +57,15 @@ from vkd.export.int8 import (
     quantize_int8,
     quiet_quantizer,
 )
-from vkd.export.onnx_encoder import EXPORT_FORMAT, EXPORT_MANIFEST, OnnxEncoder
+from vkd.export.layout import (
+    SINGLE_FILE_MAX_BYTES,
+    data_file,
+    graph_bytes,
+    move_graph,
+    relayout,
+    remove_graph,
+)
+from vkd.export.onnx_encoder import EXPORT_FORMAT, EXPORT_MANIFEST, LANGUAGE_MODEL, OnnxEncoder
 from vkd.export.preprocess import TEXT_INPUTS, BucketImagePreprocessor, ImagePreprocessor
 from vkd.models.base import load_rgb
 from vkd.models.image_buckets import (
@@ -326,8 +339,27 @@ def _tower_modules(encoder: TorchEncoder, text_inputs: Sequence[str]) -> tuple[A
 
 
 def _torch_export(module: Any, args: tuple[Any, ...], path: Path, input_names: list[str],
-                  dynamic_axes: dict[str, dict[int, str]], opset: int) -> None:
-    import onnx
+                  dynamic_axes: dict[str, dict[int, str]], opset: int,
+                  max_single_bytes: int = SINGLE_FILE_MAX_BYTES,
+                  outputs: dict[str, dict[int, str]] | None = None) -> None:
+    """Export ``module`` to ``path`` (+ its data file over ``max_single_bytes``); ``outputs``:
+    output names and their dynamic axes (default: one "embedding" [batch, dim])."""
+    # Into a folder of its own: over 2 GiB the exporter writes one external file per tensor,
+    # named after the tensor, and two graphs of one model share tensor names.
+    scratch = path.with_name(f".torch-{path.name}")
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    try:
+        _torch_export_raw(module, args, scratch / path.name, input_names, dynamic_axes, opset,
+                          outputs or {"embedding": {0: "batch"}})
+        relayout(scratch / path.name, path, max_single_bytes)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _torch_export_raw(module: Any, args: tuple[Any, ...], path: Path, input_names: list[str],
+                      dynamic_axes: dict[str, dict[int, str]], opset: int,
+                      outputs: dict[str, dict[int, str]]) -> None:
     import torch
 
     with warnings.catch_warnings(), torch.no_grad():
@@ -336,21 +368,17 @@ def _torch_export(module: Any, args: tuple[Any, ...], path: Path, input_names: l
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(
-                module, args, str(path), input_names=input_names, output_names=["embedding"],
-                dynamic_axes={**dynamic_axes, "embedding": {0: "batch"}}, opset_version=opset,
+                module, args, str(path), input_names=input_names, output_names=list(outputs),
+                dynamic_axes={**dynamic_axes, **outputs}, opset_version=opset,
                 do_constant_folding=True, dynamo=False,
             )
         except Exception as error:  # the exporter raises many types; all mean this tower failed
             raise ExportError(f"{path.name}: torch.onnx.export (opset {opset}) failed: {type(error).__name__}: "
                               f"{error}. Opsets {MIN_OPSET}-{MAX_OPSET} are supported; {DEFAULT_OPSET} is tested") from error
-    model = onnx.load(str(path), load_external_data=False)
-    external = [t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
-    if external:
-        raise ExportError(f"{path.name}: {len(external)} weights were written as external data (model over "
-                          "the 2 GB protobuf limit); vkd exports single-file models only")
 
 
-def _quantize_static(fp32: Path, int8: Path, feeds: list[dict[str, np.ndarray]]) -> None:
+def _quantize_static(fp32: Path, int8: Path, feeds: list[dict[str, np.ndarray]],
+                     max_single_bytes: int = SINGLE_FILE_MAX_BYTES) -> None:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class FeedReader(CalibrationDataReader):
@@ -366,7 +394,9 @@ def _quantize_static(fp32: Path, int8: Path, feeds: list[dict[str, np.ndarray]])
         # where the time goes anyway.
         quantize_static(fp32, int8, FeedReader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        op_types_to_quantize=["MatMul", "Gemm"])
+                        op_types_to_quantize=["MatMul", "Gemm"],
+                        use_external_data_format=graph_bytes(fp32) > max_single_bytes)
+    relayout(int8, int8, max_single_bytes)
 
 
 def _load_calibration(path: str | os.PathLike[str], limit: int) -> tuple[list[str], list[Path]]:
@@ -407,6 +437,7 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     image_buckets: str | Sequence[Any] | None = None,
     int8_recipe: str | None = None,
+    max_single_file_bytes: int = SINGLE_FILE_MAX_BYTES,
     **load_options: Any,
 ) -> ExportResult:
     """Export ``model_dir``'s towers to ONNX with an INT8 copy and a parity check.
@@ -423,6 +454,11 @@ def export_onnx(
     ``image_buckets`` (Qwen3-VL only): None exports the image side for the buckets the model
     was saved with, if any (else the text tower alone); "default" for ``DEFAULT_BUCKETS``;
     "WxH,WxH" or a list for those sizes; "none" for the text tower alone.
+
+    ``max_single_file_bytes``: a graph whose tensors total more is written as ``name.onnx`` +
+    ``name.onnx.data`` (external data, ``vkd.export.layout``), fp32 and INT8 alike; the
+    default keeps every graph under the 2 GiB protobuf limit a single file. Tests lower it
+    to put a tiny model's weights in external data.
     """
     from vkd.models import load_encoder
 
@@ -461,6 +497,7 @@ def export_onnx(
         manifest = _write_export(
             encoder, staging, tokenizer, text_spec, image_config, image_unsupported,
             int8=int8, int8_recipe=int8_recipe, opset=opset, calib_texts=calib_texts, calib_images=calib_images,
+            max_single_bytes=max_single_file_bytes,
         )
         manifest["export_seconds"] = round(time.perf_counter() - started, 2)
         (staging / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -527,6 +564,7 @@ def _write_export(
     opset: int,
     calib_texts: list[str],
     calib_images: list[Path],
+    max_single_bytes: int = SINGLE_FILE_MAX_BYTES,
 ) -> dict[str, Any]:
     import vkd
 
@@ -540,15 +578,15 @@ def _write_export(
     # attention-mask path rather than a shortcut taken only for unpadded input.
     traced = encoder.tokenize(["a photo of a dog running on the beach", "a cat"])
     _torch_export(text_module, tuple(traced[name] for name in text_inputs), staging / "text.onnx", text_inputs,
-                  {name: {0: "batch", 1: "sequence"} for name in text_inputs}, opset)
+                  {name: {0: "batch", 1: "sequence"} for name in text_inputs}, opset, max_single_bytes)
     towers: dict[str, Any] = {"text": {"fp32": "text.onnx", "int8": None, **text_spec}, "image": None}
     if image_config is not None and image_config.get("kind") == "buckets":
-        towers["image"] = _export_buckets(encoder, staging, image_config, opset)
+        towers["image"] = _export_buckets(encoder, staging, image_config, opset, max_single_bytes)
     elif image_config is not None:
         pixels = encoder.preprocess(sample_images(2))["pixel_values"]
         with _explicit_attention(encoder.model):
             _torch_export(image_module, (pixels,), staging / "image.onnx", ["pixel_values"],
-                          {"pixel_values": {0: "batch"}}, opset)
+                          {"pixel_values": {0: "batch"}}, opset, max_single_bytes)
         towers["image"] = {"fp32": "image.onnx", "int8": None, "preprocessor": "preprocessor_config.json"}
 
     manifest: dict[str, Any] = {
@@ -577,30 +615,40 @@ def _write_export(
 
     samples = _parity_samples(manifest, calib_texts, calib_images)
     reference = _torch_reference(encoder, samples)
+    # Everything from here on reads the ONNX graphs, and onnxruntime's quantizer holds ~3.6x a
+    # graph's bytes (11.8 GB for a 3.3 GB graph): the torch weights go now, not at the end.
+    _release_torch_weights(encoder)
     int8_parity: dict[str, dict[str, Any]] = {}
     if int8 != "none":
         fp32_encoder = OnnxEncoder(staging, precision="fp32", batch_size=4)
-        for tower, bucket, entry in _graphs(manifest):
+        for tower, part, entry in _graphs(manifest):
             int8_name = entry["fp32"].replace(".onnx", ".int8.onnx")
-            key = tower if bucket is None else f"image {format_bucket(bucket)}"
-            feeds, rows = _graph_feeds(fp32_encoder, tower, bucket, samples)
+            key = tower if part is None else f"image {part if isinstance(part, str) else format_bucket(part)}"
+            # A bucket's graph is measured through the fp32 language model, the language model
+            # on the fp32 bucket graphs' outputs: each copy's own error, against torch.
+            run = _graph_run(fp32_encoder, tower, part, samples)
             if int8 == "static":
-                calibration = _calibration_feeds(fp32_encoder, tower, calib_texts, calib_images, bucket=bucket)
-                _quantize_static(staging / entry["fp32"], staging / int8_name, calibration)
+                calibration = _calibration_feeds(fp32_encoder, tower, calib_texts, calib_images, part=part)
+                _quantize_static(staging / entry["fp32"], staging / int8_name, calibration, max_single_bytes)
                 entry["int8_recipe"] = "static"
-                int8_parity[key] = _graph_cosines(staging / int8_name, feeds, reference[tower][rows])
+                int8_parity[key] = _graph_cosines(staging / int8_name, run, reference[tower])
             else:
                 entry["int8_recipe"], entry["int8_tried"], int8_parity[key] = _choose_recipe(
-                    encoder, staging, tower, entry["fp32"], int8_name, feeds, reference[tower][rows],
-                    [int8_recipe] if int8_recipe else list(DEFAULT_CANDIDATES),
+                    encoder, staging, "text" if part == LANGUAGE_MODEL else tower, entry["fp32"], int8_name, run,
+                    reference[tower], [int8_recipe] if int8_recipe else list(DEFAULT_CANDIDATES), max_single_bytes,
                 )
             entry["int8"] = int8_name
         (staging / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        shared = fp32_encoder.shares_language_model
+        del fp32_encoder  # its sessions hold the fp32 weights; the checks below open their own
+        if shared:
+            # what a user runs is both INT8 copies in a row: that is the image side's INT8 figure
+            for key in [key for key in int8_parity if key.startswith("image ")]:
+                manifest["image"].setdefault("int8_alone", {})[key.removeprefix("image ")] = int8_parity.pop(key)
+            int8_parity.update(_chained_int8_parity(staging, samples, reference))
 
     manifest["parity"] = parity = _parity(staging, manifest, samples, reference, int8_parity)
-    for _tower, _bucket, entry in _graphs(manifest):
-        entry["bytes"] = {precision: (staging / entry[precision]).stat().st_size
-                          for precision in ("fp32", "int8") if entry[precision]}
+    manifest["files"] = _record_files(staging, manifest)
     checked = [(tower, numbers) for tower, numbers in parity["towers"].items()]
     checked += [(f"image {size}", numbers) for size, numbers in parity.get("image_buckets", {}).items()]
     failures = [
@@ -619,9 +667,46 @@ def _write_export(
     return manifest
 
 
+def _record_files(staging: Path, manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per graph entry, its external-data file names (``"data"``) and bytes on disk with them
+    (``"bytes"``); returns every file's size and sha256 for the manifest's ``"files"``, which
+    readers without the onnx package (the slim server) check an export against."""
+    from vkd.models.checkpoint import sha256_file
+
+    files: dict[str, dict[str, Any]] = {}
+    for _tower, _bucket, entry in _graphs(manifest):
+        entry["bytes"], data = {}, {}
+        for precision in ("fp32", "int8"):
+            if not entry[precision]:
+                continue
+            names = [entry[precision]]
+            if data_file(staging / entry[precision]).is_file():
+                data[precision] = names[-1] + ".data"
+                names.append(data[precision])
+            entry["bytes"][precision] = sum((staging / name).stat().st_size for name in names)
+            files.update({name: {"bytes": (staging / name).stat().st_size} for name in names})
+        if data:
+            entry["data"] = data
+        else:
+            entry.pop("data", None)
+    for name, record in files.items():
+        # hashed once here: a changed or truncated weights file is then told from the export's own
+        record["sha256"] = sha256_file(staging / name)
+    return files
+
+
+def _release_torch_weights(encoder: TorchEncoder) -> None:
+    """Free the export's own torch model's tensors (the encoder is loaded for the export and
+    dropped after it; its config and fingerprint stay readable)."""
+    encoder.fingerprint  # computed (and cached) while the weights are there  # noqa: B018
+    encoder.model.to("meta")
+    gc.collect()
+
+
 def _choose_recipe(encoder: TorchEncoder, staging: Path, tower: str, fp32_name: str, int8_name: str,
-                   feeds: list[dict[str, np.ndarray]], reference: np.ndarray,
-                   candidates: list[str]) -> tuple[str, list[dict[str, Any]], dict[str, Any]]:
+                   run: _GraphRun, reference: np.ndarray,
+                   candidates: list[str], max_single_bytes: int = SINGLE_FILE_MAX_BYTES,
+                   ) -> tuple[str, list[dict[str, Any]], dict[str, Any]]:
     """Quantise one graph with each candidate recipe in turn (fastest first) and keep the first
     whose vectors are within INT8_TARGET_COSINE of torch; when none is, the closest.
     Returns (recipe name, what was tried, the kept copy's cosines)."""
@@ -640,20 +725,20 @@ def _choose_recipe(encoder: TorchEncoder, staging: Path, tower: str, fp32_name: 
         seen.add(name)
         trial = staging / f".trial-{name}-{int8_name}"
         quantize_int8(staging / fp32_name, trial, recipe, family=str(encoder.family), tower=tower,
-                      heads=heads, hidden=hidden)
-        cosines = _graph_cosines(trial, feeds, reference)
+                      heads=heads, hidden=hidden, max_single_bytes=max_single_bytes)
+        cosines = _graph_cosines(trial, run, reference)
         tried.append({"recipe": name, "min_cosine": cosines["min"], "mean_cosine": cosines["mean"]})
         if best is None or cosines["min"] > best[0]:
             if best is not None:
-                best[2].unlink()
+                remove_graph(best[2])
             best = (cosines["min"], name, trial, cosines)
         else:
-            trial.unlink()
+            remove_graph(trial)
         if cosines["min"] >= INT8_TARGET_COSINE:
             break
     assert best is not None
     _, name, trial, cosines = best
-    trial.rename(staging / int8_name)
+    move_graph(trial, staging / int8_name)
     return name, tried, cosines
 
 
@@ -661,62 +746,135 @@ def _has_conv(path: Path) -> bool:
     return "Conv" in op_counts(path, interesting=("Conv",))
 
 
-def _graph_cosines(path: Path, feeds: list[dict[str, np.ndarray]], reference: np.ndarray) -> dict[str, Any]:
+@dataclass
+class _GraphRun:
+    """How one graph's copies are measured: feeds (the parity samples it serves, in batches),
+    their rows in ``samples[tower]``, and how a session of the graph turns a feed into
+    embeddings (a bucket graph through the shared language model, when there is one)."""
+
+    feeds: list[dict[str, np.ndarray]]
+    rows: list[int]
+    embed: Callable[[Any, dict[str, np.ndarray]], np.ndarray] = lambda session, feed: session.run(None, feed)[0]
+
+
+def _graph_cosines(path: Path, run: _GraphRun, reference: np.ndarray) -> dict[str, Any]:
+    """Cosines to ``reference[run.rows]`` of the vectors a copy of one graph gives."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-    got = np.concatenate([session.run(None, feed)[0] for feed in feeds])
-    return _cosines(reference, got)
+    got = np.concatenate([run.embed(session, feed) for feed in run.feeds])
+    return _cosines(reference[run.rows], got)
 
 
-def _graphs(manifest: dict[str, Any]) -> list[tuple[str, Bucket | None, dict[str, Any]]]:
-    """(tower, bucket or None, manifest entry with the "fp32"/"int8" file names) per ONNX graph."""
-    graphs: list[tuple[str, Bucket | None, dict[str, Any]]] = []
+def _graph_run(encoder: OnnxEncoder, tower: str, part: Bucket | str | None,
+               samples: dict[str, list[Any]]) -> _GraphRun:
+    if part == LANGUAGE_MODEL:
+        feeds, rows = [], []
+        for bucket in encoder.image_buckets or ():
+            bucket_feeds, bucket_rows = _graph_feeds(encoder, tower, bucket, samples)
+            feeds += [_language_inputs(encoder, bucket, feed) for feed in bucket_feeds]
+            rows += bucket_rows
+        return _GraphRun(feeds, rows)
+    assert not isinstance(part, str)
+    feeds, rows = _graph_feeds(encoder, tower, part, samples)
+    if part is not None and encoder.shares_language_model:
+        return _GraphRun(feeds, rows, lambda session, feed: encoder.run_image_graphs(part, feed, session=session))
+    return _GraphRun(feeds, rows)
+
+
+def _language_inputs(encoder: OnnxEncoder, bucket: Bucket, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The shared language model's feed: ``bucket``'s fp32 graph's outputs on ``feed``."""
+    session = encoder._session("image", bucket)
+    return {output.name: value for output, value in zip(session.get_outputs(), session.run(None, feed), strict=True)}
+
+
+def _chained_int8_parity(staging: Path, samples: dict[str, list[Any]],
+                         reference: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+    """Per bucket, cosines to torch of the INT8 bucket graph followed by the INT8 language model."""
+    int8_encoder = OnnxEncoder(staging, precision="int8", batch_size=4)
+    preprocessor = int8_encoder.image_preprocessor
+    assert isinstance(preprocessor, BucketImagePreprocessor)
+    got = int8_encoder.encode_images(samples["image"])
+    return {f"image {format_bucket(bucket)}": _cosines(reference["image"][rows], got[rows])
+            for bucket, (rows, _) in preprocessor.group(samples["image"]).items()}
+
+
+def _graphs(manifest: dict[str, Any]) -> list[tuple[str, Bucket | str | None, dict[str, Any]]]:
+    """(tower, part, manifest entry with the "fp32"/"int8" file names) per ONNX graph; part is
+    None (a whole tower), a bucket, or ``LANGUAGE_MODEL`` (the graph the buckets share)."""
+    graphs: list[tuple[str, Bucket | str | None, dict[str, Any]]] = []
     for tower in ("text", "image"):
         spec = manifest.get(tower)
         if not spec:
             continue
         if spec.get("kind") == "buckets":
+            # the language model first: its INT8 trials run on the small bucket graphs, so the
+            # fp32 language model's session (which the bucket graphs' trials need) opens later
+            if spec.get("language_model"):
+                graphs.append((tower, LANGUAGE_MODEL, spec["language_model"]))
             graphs += [(tower, (int(entry["width"]), int(entry["height"])), entry) for entry in spec["buckets"]]
         else:
             graphs.append((tower, None, spec))
     return graphs
 
 
-def _export_buckets(encoder: TorchEncoder, staging: Path, config: dict[str, Any], opset: int) -> dict[str, Any]:
-    """One image graph per bucket; the manifest's image entry."""
+def _export_buckets(encoder: TorchEncoder, staging: Path, config: dict[str, Any], opset: int,
+                    max_single_bytes: int = SINGLE_FILE_MAX_BYTES) -> dict[str, Any]:
+    """One vision graph per bucket and one language model graph for all of them
+    (``vkd.export.qwen_image``); the manifest's image entry."""
     import torch
 
-    from vkd.export.qwen_image import QwenBucketImageTower
+    from vkd.export.qwen_image import QwenBucketImageTower, QwenBucketVision, QwenLanguageModel
 
     preprocessor = BucketImagePreprocessor({**config["preprocess"], "buckets": bucket_names(config["buckets"])})
     entries = []
+    language: tuple[Any, tuple[Any, ...]] | None = None
     for bucket in config["buckets"]:
         size = format_bucket(bucket)
         try:
-            module = QwenBucketImageTower(encoder, bucket).eval()
+            tower = QwenBucketImageTower(encoder, bucket).eval()
         except (ValueError, ImportError, AttributeError) as error:
             raise ExportError(f"image bucket {size}: cannot build its fixed-size graph: {error}") from error
         # two images: the graph is traced with a batch, and the batch axis is marked dynamic
         pixels = torch.from_numpy(np.stack([preprocessor.one(image, bucket) for image in sample_images(2)]))
+        names = tower.vision_outputs
         name = f"image-{size}.onnx"
-        _torch_export(module, (pixels,), staging / name, ["pixel_values"], {"pixel_values": {0: "batch"}}, opset)
-        entries.append({"size": size, "width": bucket[0], "height": bucket[1], "image_tokens": module.tokens,
-                        "sequence_length": module.length, "fp32": name, "int8": None})
-    return {"kind": "buckets", "policy": BUCKET_POLICY, "preprocess": config["preprocess"], "buckets": entries}
+        _torch_export(QwenBucketVision(tower).eval(), (pixels,), staging / name, ["pixel_values"],
+                      {"pixel_values": {0: "batch"}}, opset, max_single_bytes,
+                      outputs={output: {1 if output == "deepstack" else 0: "batch"} for output in names})
+        entries.append({"size": size, "width": bucket[0], "height": bucket[1], "image_tokens": tower.tokens,
+                        "sequence_length": tower.length, "fp32": name, "int8": None})
+        if language is None:
+            with torch.no_grad():
+                language = (tower, tower.vision(pixels))
+    assert language is not None
+    tower, traced = language
+    names = tower.vision_outputs
+    # traced at the first bucket's sequence length; the axis is dynamic, so every bucket runs it
+    axes = {output: ({1: "batch", 2: "sequence"} if output == "deepstack" else {0: "batch", 1: "sequence"})
+            for output in names}
+    _torch_export(QwenLanguageModel(tower).eval(), traced, staging / "image-language-model.onnx", names, axes,
+                  opset, max_single_bytes)
+    language_model = {"fp32": "image-language-model.onnx", "int8": None, "inputs": names}
+    return {"kind": "buckets", "policy": BUCKET_POLICY, "preprocess": config["preprocess"],
+            "language_model": language_model, "buckets": entries}
 
 
 def _calibration_feeds(encoder: OnnxEncoder, tower: str, texts: list[str], images: list[Path],
-                       batch: int = 8, bucket: Bucket | None = None) -> list[dict[str, np.ndarray]]:
+                       batch: int = 8, part: Bucket | str | None = None) -> list[dict[str, np.ndarray]]:
     items: Sequence[Any] = texts if tower == "text" else images
     if not items:
         raise ExportError(f"static INT8 of the {tower} tower needs calibration {tower}s; the calibration file has none")
     if tower == "text":
         return [encoder.text_inputs(items[start : start + batch]) for start in range(0, len(items), batch)]
+    if part == LANGUAGE_MODEL:  # on every bucket graph's outputs
+        return [_language_inputs(encoder, bucket, feed) for bucket in encoder.image_buckets or ()
+                for feed in _calibration_feeds(encoder, tower, texts, images, batch, part=bucket)]
+    assert not isinstance(part, str)
     # a bucket's graph is calibrated on every calibration image, resized to that bucket
-    return [encoder.image_inputs(items[start : start + batch], bucket=bucket) for start in range(0, len(items), batch)]
+    return [encoder.image_inputs(items[start : start + batch], bucket=part) for start in range(0, len(items), batch)]
 
 
 def _bucket_samples(buckets: Sequence[Bucket]) -> list[Any]:

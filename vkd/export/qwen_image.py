@@ -14,7 +14,15 @@ that size, and runs the whole image path batched:
 
 Every prompt of a bucket has the same tokens (an image-only input with the document
 instruction), so there is no padding: the last real token is the last position and the
-attention mask is the causal one. Differences from the torch code that do not change the
+attention mask is the causal one.
+
+The export splits that path where the bucket stops mattering: ``QwenBucketVision`` (one graph
+per bucket) ends with the language model's inputs — the prompt's embeddings with the image
+tokens in place, the rotary (cos, sin) of its multimodal positions and the DeepStack features
+padded to the prompt's length — and ``QwenLanguageModel`` (one graph for every bucket, its
+sequence axis dynamic, the causal mask built from it) takes them to the embedding. The
+language model, most of the weights (~1.4 B of the 2B's parameters), is then stored once
+instead of once per bucket. Differences from the torch code that do not change the
 numbers beyond float rounding: the patch embedding's Conv3d over two identical frames is a
 Conv2d with the two temporal kernel slices summed (what the processor's frame duplication
 amounts to), and the vision attention runs per image as a batch rather than over a packed
@@ -93,9 +101,6 @@ class QwenBucketImageTower(torch.nn.Module):
             cos_t, sin_t = model.language_model.rotary_emb(embeds, position_ids)
             self.register_buffer("text_cos", cos_t.detach().clone())
             self.register_buffer("text_sin", sin_t.detach().clone())
-            # Causal, no padding: every prompt of the bucket has the same length.
-            blocked = torch.full((self.length, self.length), torch.finfo(embeds.dtype).min, dtype=embeds.dtype)
-            self.register_buffer("causal_mask", torch.triu(blocked, diagonal=1)[None, None])
 
     @staticmethod
     def _vision_positions(visual: Any, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -127,6 +132,11 @@ class QwenBucketImageTower(torch.nn.Module):
         return x + block.mlp(block.norm2(x))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.language(*self.vision(pixel_values))
+
+    def vision(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(inputs_embeds [B, L, D], cos [B, L, d], sin [B, L, d]) and, when the model has
+        DeepStack taps, their features [k, B, L, D], zero outside the image tokens."""
         m = self.merge
         x = F.conv2d(pixel_values, self.patch_weight, self.patch_bias, stride=self.patch)  # [B, D, gh, gw]
         # the processor's patch order: 2x2 merge blocks row by row, raster order inside a block
@@ -141,9 +151,53 @@ class QwenBucketImageTower(torch.nn.Module):
         image = self.visual.merger(x).reshape(-1, self.tokens, self.text_dim)
         batch = image.shape[0]
         hidden = torch.cat([self.prefix.expand(batch, -1, -1), image, self.suffix.expand(batch, -1, -1)], dim=1)
+        # per image, not [1, L, d]: an output computed from the input, never a bare constant
+        outputs = (hidden, self.text_cos.expand(batch, -1, -1), self.text_sin.expand(batch, -1, -1))
+        if deepstack:
+            # adding zeros outside the image tokens is exact, and keeps the language model
+            # graph free of the bucket's token positions
+            outputs += (torch.stack([F.pad(features, (0, 0, self.prefix_len, self.suffix_len))
+                                     for features in deepstack]),)
+        return outputs
+
+    def language(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 deepstack: torch.Tensor | None = None) -> torch.Tensor:
+        """The embedding [B, dim] from ``vision``'s outputs, for any sequence length."""
+        # causal, no padding (every prompt of a bucket has the same length), sized from the input
+        length = hidden.shape[1]
+        blocked = torch.full((length, length), torch.finfo(hidden.dtype).min, dtype=hidden.dtype)
+        causal_mask = torch.triu(blocked, diagonal=1)[None, None]
         for index, layer in enumerate(self.language_model.layers):
-            hidden = layer(hidden, attention_mask=self.causal_mask, position_embeddings=(self.text_cos, self.text_sin))
-            if index < len(deepstack):
-                hidden = hidden + F.pad(deepstack[index], (0, 0, self.prefix_len, self.suffix_len))
+            hidden = layer(hidden, attention_mask=causal_mask, position_embeddings=(cos, sin))
+            if deepstack is not None and index < deepstack.shape[0]:
+                hidden = hidden + deepstack[index]
         last = self.language_model.norm(hidden[:, -1])
         return F.normalize(last[:, : self.dim].float(), dim=-1)
+
+    @property
+    def vision_outputs(self) -> list[str]:
+        """Names of ``vision``'s outputs, which are the language model graph's inputs."""
+        return ["inputs_embeds", "cos", "sin"] + (["deepstack"] if self.deepstack else [])
+
+
+class QwenBucketVision(torch.nn.Module):
+    """``forward(pixel_values) -> language model inputs`` for one bucket (``QwenBucketImageTower.vision``)."""
+
+    def __init__(self, tower: QwenBucketImageTower) -> None:
+        super().__init__()
+        self.tower = tower
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.tower.vision(pixel_values)
+
+
+class QwenLanguageModel(torch.nn.Module):
+    """``forward(*language model inputs) -> [B, dim]``, shared by every bucket (``QwenBucketImageTower.language``)."""
+
+    def __init__(self, tower: QwenBucketImageTower) -> None:
+        super().__init__()
+        self.language_model = tower.language_model  # its weights only, not the vision tower's
+        self._language = tower.language
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self._language(*inputs)

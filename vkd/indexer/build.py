@@ -330,6 +330,44 @@ def _check_compatible(index_dir: Path, manifest: dict[str, Any], root: Path, stu
             f"{index_dir}: this index was built from {manifest['images_root']}, not {root}; {fix}")
 
 
+def _projection_of(index_dir: Path, student: Encoder, projected: bool | None,
+                   rebuild: bool) -> tuple[Any, dict[str, Any] | None]:
+    """(projection, manifest ``vectors.projected_vec`` entry), or (None, None) when the index is
+    not to hold projected vectors. None follows the committed index (off for a new one)."""
+    from vkd.indexer.manifest import projected_record, vector_spaces
+    from vkd.models.projection import ProjectionError, projection_for
+
+    if projected is None:
+        projected = False
+        if not rebuild and (index_dir / MANIFEST_NAME).is_file():
+            with contextlib.suppress(ManifestError):
+                projected = "projected_vec" in vector_spaces(read_manifest(index_dir))
+    if not projected:
+        return None, None
+    base = getattr(student, "base", student)  # a student named with space=teacher: its own model
+    try:
+        projection = projection_for(base.name, "teacher")
+    except ProjectionError as error:
+        raise ProjectionError(f"--projected (projected student vectors for student-index search): {error}") from None
+    return projection, projected_record(projection)
+
+
+def _check_projected(index_dir: Path, manifest: dict[str, Any], info: dict[str, Any] | None) -> None:
+    from vkd.indexer.manifest import vector_spaces
+
+    old = vector_spaces(manifest).get("projected_vec")
+    fix = f"pass --rebuild to re-index everything into {index_dir}"
+    if old is None and info is not None:
+        raise IndexMismatchError(f"{index_dir}: this index holds no projected student vectors; to store them "
+                                 f"(--projected), {fix}")
+    if old is not None and info is None:
+        raise IndexMismatchError(f"{index_dir}: this index holds projected student vectors (student-index "
+                                 f"search); pass --projected to add to it, or {fix}")
+    if old is not None and old.get("projection_sha256") != info.get("projection_sha256"):
+        raise IndexMismatchError(f"{index_dir}: the student's projection is not the one this index's projected "
+                                 f"vectors were made with (distilled again?): {fix}")
+
+
 def _check_out_dir(index_dir: Path) -> None:
     """Refuse to turn a folder with other content into an index (--rebuild deletes shard files)."""
     if not index_dir.is_dir():
@@ -431,6 +469,7 @@ def build_index(
     student_options: dict[str, Any] | None = None,
     teacher_options: dict[str, Any] | None = None,
     prefer: str | None = None,
+    projected: bool | None = None,
 ) -> BuildResult:
     """Index the images under ``images_dir`` into ``out_dir`` (default: ``<images_dir>.vkd``).
 
@@ -449,6 +488,9 @@ def build_index(
     ``prefer`` ("onnx", "torch", or None) picks the backend of each model given by name:
     None takes the model's ONNX export (``<model>/onnx``, with an image tower) on a CPU and
     torch on CUDA; the run's ``student_backend``/``teacher_backend`` say what ran.
+    ``projected`` also stores each row's student vector through the student's projection into
+    its teacher's space (``projected_vec``: the student-index search mode, no teacher needed at
+    index time); None keeps what the index has (off for a new one).
     Raises ``IndexMismatchError`` when ``out_dir`` holds an index of other models or folder.
     """
     root = Path(images_dir).expanduser().resolve()
@@ -476,6 +518,7 @@ def build_index(
                         teacher_options=teacher_options, prefer=prefer)
     started = time.perf_counter()  # after loading the models: the run's own cost
     student_info = model_record(stage.student.describe())
+    projection, projected_info = _projection_of(index_dir, stage.student, projected, rebuild)
     teacher_info = model_record(stage.teacher.describe()) if stage.teacher is not None else None
     build_params = {"index_type": index_type, "memory_budget": budget, "shard_size": shard_size,
                     "max_pixels": max_pixels, "follow_links": bool(follow_links)}
@@ -496,6 +539,7 @@ def build_index(
         result.removed_leftovers = remove_unlisted(index_dir, committed)
         if committed is not None and not rebuild:
             _check_compatible(index_dir, committed, root, student_info, teacher_info)
+            _check_projected(index_dir, committed, projected_info)
             manifest = committed
             repaired = repair_shards(index_dir, manifest)
             result.repaired = repaired.rebuilt_faiss + repaired.dropped_shards
@@ -505,6 +549,8 @@ def build_index(
             # a rebuild writes shards under new names and publishes them in one commit at the end:
             # until then readers, and a run that resumes after a kill, see the old index whole
             manifest = new_manifest(root, student_info, teacher_info, build_params)
+            if projected_info is not None:
+                manifest["vectors"]["projected_vec"] = projected_info
             if committed is not None:
                 manifest["next_shard"] = int(committed.get("next_shard", 0))
         manifest["build"] = build_params
@@ -563,7 +609,9 @@ def build_index(
                 teacher_vecs = np.concatenate(buffer.teacher) if buffer.teacher else None
                 metadata = {"vkd.student_fingerprint": student_info["fingerprint"],
                             "vkd.teacher_fingerprint": teacher_info["fingerprint"] if teacher_info else ""}
-                batch = make_record_batch(buffer.columns, student_vecs, teacher_vecs, metadata)
+                # derived from the student vectors (copied rows included): no model runs for it
+                projected_vecs = projection.apply(student_vecs) if projection is not None else None
+                batch = make_record_batch(buffer.columns, student_vecs, teacher_vecs, metadata, projected_vecs)
                 spec = choose_index(len(buffer), student_vecs.shape[1], share, index_type)
                 entry = write_shard(index_dir, shard_name(int(manifest["next_shard"])), batch, spec)
                 manifest["shards"].append(entry)

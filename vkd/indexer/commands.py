@@ -127,13 +127,31 @@ def index() -> None:
 @click.option("--document-instruction", default=None, metavar="TEXT",
               help="Qwen3-VL: instruction the images are encoded with.  [default: the model's own]")
 @click.option("--rebuild", is_flag=True, help="Discard the existing index at --out and start over.")
+@click.option("--projected/--no-projected", default=None,
+              help="Also store the student's image vectors projected into its teacher's space, for "
+                   "`vkd search --mode student-index` (no teacher needed here; the student must be distilled with "
+                   "train_modes: [student-index]).  [default: as the existing index; off for a new one]")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this process (decode threads, one encoder). ray: Ray Data decode tasks, a pool of "
+                   "encoder actors and shard-writing tasks, on this machine or --ray-address; needs vkd[ray]. "
+                   "Same plan, same shard files, one manifest committed by this process.")
+@click.option("--ray-address", default=None, metavar="ADDR",
+              help="--engine ray: a running Ray cluster (ray://HOST:10001, auto); images and --out must be at the "
+                   "same paths on every node.  [default: start Ray on this machine]")
+@click.option("--num-workers", type=click.IntRange(min=1), default=None,
+              help="--engine ray: encoder actors, each loading the models once.  [default: one per GPU with "
+                   "--gpus-per-worker, else one per CPU less one]")
+@click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="--engine ray: GPUs per encoder actor (0.5: two actors share a GPU).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 def build_command(images_dir: Path, student: str, teacher: str | None, out_dir: Path | None, batch_size: int,
                   workers: int | None, shard_size: int, index_type: str, memory_budget: int | None,
                   max_pixels: int, follow_links: bool, device: str | None, rebuild: bool, progress: bool,
                   as_json: bool, query_instruction: str | None = None,
-                  document_instruction: str | None = None, prefer: str | None = None) -> None:
+                  document_instruction: str | None = None, prefer: str | None = None, engine: str = "local",
+                  ray_address: str | None = None, num_workers: int | None = None,
+                  gpus_per_worker: float = 0.0, projected: bool | None = None) -> None:
     """Index IMAGES_DIR (recursively) with the student, and the teacher if given.
 
     Images are documents: a Qwen3-VL model encodes them with its document instruction; the
@@ -159,12 +177,26 @@ def build_command(images_dir: Path, student: str, teacher: str | None, out_dir: 
     try:
         student = resolve_model_option(student, "using {model} as the student")
         teacher = resolve_model_option(teacher, "using {model} as the teacher") if teacher is not None else None
-        result = build_index(images_dir, out_dir, student=student, teacher=teacher, batch_size=batch_size,
-                             workers=workers, shard_size=shard_size, index_type=index_type,
-                             memory_budget=memory_budget, rebuild=rebuild, show_progress=progress,
-                             max_pixels=max_pixels, device=device, follow_links=follow_links,
-                             student_options=instructions, teacher_options=instructions, prefer=prefer)
+        common = {"student": student, "teacher": teacher, "batch_size": batch_size, "shard_size": shard_size,
+                  "index_type": index_type, "memory_budget": memory_budget, "rebuild": rebuild,
+                  "show_progress": progress, "max_pixels": max_pixels, "device": device,
+                  "follow_links": follow_links, "student_options": instructions,
+                  "teacher_options": instructions, "prefer": prefer}
+        if engine == "ray" and projected:
+            raise click.UsageError("--projected is not supported with --engine ray yet; index with --engine local")
+        if engine == "ray":
+            from vkd.indexer.ray_engine import build_index_ray  # imports ray only when asked for
+
+            result = build_index_ray(images_dir, out_dir, ray_address=ray_address, num_workers=num_workers,
+                                     gpus_per_worker=gpus_per_worker, **common)
+        else:
+            if ray_address is not None or num_workers is not None or gpus_per_worker:
+                raise click.UsageError("--ray-address, --num-workers and --gpus-per-worker apply to --engine ray; "
+                                       "add --engine ray, or leave them out to index in this process")
+            result = build_index(images_dir, out_dir, workers=workers, projected=projected, **common)
         opened = Index.open(result.index_dir)
+    except ImportError as error:  # --engine ray without Ray installed: the message says what to install
+        raise click.ClickException(str(error)) from None
     except _library_errors() as error:
         raise _failure(error) from None
     if as_json:
@@ -231,6 +263,9 @@ def info_command(index_dir: Path, as_json: bool) -> None:
     click.echo(f"student      {_models(info['student'], None)[len('student '):]}")
     teacher = info["teacher"]
     click.echo("teacher      " + (_models(teacher, None)[len("student "):] if teacher else "none"))
+    click.echo(f"search modes {', '.join(info['search_modes'])}"
+               + ("" if "student-index" in info["search_modes"] else
+                  " (student-index: index with --projected a student distilled with train_modes)"))
     click.echo(f"on disk      {_human(info['bytes_on_disk'])}")
     click.echo(f"skipped      {info['skipped']}" + (" (see skipped.jsonl)" if info["skipped"] else ""))
     click.echo(f"updated      {info['updated']}")

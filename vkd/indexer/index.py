@@ -24,11 +24,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from vkd.indexer.faiss_index import FaissSearcher, IndexSpec, deserialize_faiss
-from vkd.indexer.manifest import MANIFEST_NAME, SKIPPED_NAME, ManifestError, read_manifest
+from vkd.indexer.manifest import (
+    MANIFEST_NAME,
+    SKIPPED_NAME,
+    ManifestError,
+    read_manifest,
+    search_modes,
+    vector_spaces,
+)
 from vkd.indexer.shards import (
     CAPTURED_COLUMN,
     META_COLUMNS,
     PATH_BYTES_COLUMN,
+    PROJECTED_COLUMN,
     STUDENT_COLUMN,
     TEACHER_COLUMN,
     open_arrow,
@@ -72,6 +80,9 @@ class Shard:
                                         if TEACHER_COLUMN in self.table.column_names else None)
         self._student = vector_view(self.table, STUDENT_COLUMN)
         self._teacher = vector_view(self.table, TEACHER_COLUMN) if self.teacher_dim else None
+        self.projected_dim: int | None = (self.table.schema.field(PROJECTED_COLUMN).type.list_size
+                                          if PROJECTED_COLUMN in self.table.column_names else None)
+        self._projected = vector_view(self.table, PROJECTED_COLUMN) if self.projected_dim else None
         self._searcher: FaissSearcher | None = None
         self._lock = threading.Lock()
         self._faiss_file, self.damage = _open_faiss(self.faiss_path, entry.get("faiss_bytes"))
@@ -150,6 +161,22 @@ class Shard:
                              "--teacher (re-index with --teacher MODEL --rebuild to store teacher vectors)")
         return self._teacher[self._rows(rows)].astype(np.float32)
 
+    def vector_block(self, column: str) -> np.ndarray:
+        """The zero-copy [rows, d] view of vector column ``column`` (float16 for teacher_vec and
+        projected_vec): what the asymmetric modes scan in chunks."""
+        views = {STUDENT_COLUMN: self._student, TEACHER_COLUMN: self._teacher, PROJECTED_COLUMN: self._projected}
+        view = views.get(column)
+        if view is None:
+            raise ValueError(f"{self.name}: no {column} column")
+        return view
+
+    def projected_vectors(self, rows: np.ndarray | Sequence[int]) -> np.ndarray:
+        """float32 [len(rows), d_t] from the stored float16 projected student vectors."""
+        if self._projected is None:
+            raise ValueError(f"{self.name}: no {PROJECTED_COLUMN} column: the index was built without "
+                             "--projected (re-index with --projected --rebuild)")
+        return self._projected[self._rows(rows)].astype(np.float32)
+
     def records(self, rows: np.ndarray | Sequence[int]) -> list[dict[str, Any]]:
         """Row metadata: id, path (absolute), relpath, size, mtime (ns), sha256, width, height,
         captured (EXIF capture time in ns since the epoch, or None; None for every row of a shard
@@ -201,6 +228,8 @@ class Index:
         self.images_root = images_root
         self.student: dict[str, Any] = manifest["student"]
         self.teacher: dict[str, Any] | None = manifest.get("teacher")
+        #: which vector columns the shards hold, and in which space (manifest ``vectors``)
+        self.vectors: dict[str, dict[str, Any]] = vector_spaces(manifest)
         self.last_build: BuildResult | None = None
 
     @classmethod
@@ -310,6 +339,8 @@ class Index:
             "index_types": kinds,
             "student": self.student,
             "teacher": self.teacher,
+            "vectors": self.vectors,
+            "search_modes": search_modes(self.vectors),
             "bytes_on_disk": sum(f.stat().st_size for f in files if f.exists()),
             "skipped": int(self.manifest.get("skipped", 0)),
             "unfinished_run": self.manifest.get("unfinished_run"),

@@ -15,7 +15,17 @@ Layout (``version`` 1)::
      "shards": [{"name", "arrow", "faiss", "rows", "arrow_sha256", "faiss_sha256",
                  "arrow_bytes", "faiss_bytes", "index": IndexSpec, "retired": [ids], "created"}],
      "next_shard": int, "rows": int, "live_rows": int, "skipped": int,
-     "unfinished_run": {"started", "pid", "to_encode", "rebuild"}  # only while a run is under way}
+     "unfinished_run": {"started", "pid", "to_encode", "rebuild"},  # only while a run is under way
+     "vectors": {"student_vec": {"space", "dim"}, "teacher_vec": {"space", "dim"},
+                 "projected_vec": {"space", "dim", "teacher": {...}, "projection_sha256"}}}
+
+``vectors`` says which vector columns every shard holds and in which space each is
+(``"student:<fingerprint>"`` or ``"teacher:<fingerprint>"``): ``student_vec`` always (the FAISS
+index's), ``teacher_vec`` with a teacher, ``projected_vec`` for the student-index search mode
+(student image vectors mapped into a teacher's space by the student's projection; ``teacher``
+records the model whose text tower encodes the queries). Manifests written before the key
+existed have none: ``vector_spaces`` derives it from ``student`` and ``teacher``, which is all
+they can hold.
 
 Every open validates the whole file (``validate``): a shard's files are always
 ``<name>.arrow`` / ``<name>.faiss`` in the index directory, counts are integers, index kinds
@@ -64,6 +74,8 @@ MODEL_KEYS = ("name", "fingerprint", "dim", "family")
 MODEL_OPTIONS = frozenset({"query_instruction", "document_instruction", "matryoshka_dim", "max_text_length",
                            "min_pixels", "max_pixels", "max_length", "image_buckets"})
 SHARD_KEYS = ("name", "arrow", "faiss", "rows", "arrow_sha256", "faiss_sha256", "index", "retired")
+VECTOR_COLUMNS = ("student_vec", "teacher_vec", "projected_vec")  # = the shards' vector columns
+SPACE = re.compile(r"^(student|teacher):[^\s]+$")
 
 
 class ManifestError(ValueError):
@@ -94,12 +106,43 @@ def new_manifest(images_root: Path, student: dict[str, Any], teacher: dict[str, 
         "student": model_record(student),
         "teacher": model_record(teacher) if teacher is not None else None,
         "build": dict(build),
+        "vectors": vector_spaces({"student": model_record(student),
+                                  "teacher": model_record(teacher) if teacher is not None else None}),
         "shards": [],
         "next_shard": 0,
         "rows": 0,
         "live_rows": 0,
         "skipped": 0,
     }
+
+
+def vector_spaces(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Which vector columns the index's shards hold and in which space (the ``vectors`` key, or
+    for a manifest from before it, what its ``student`` and ``teacher`` records imply)."""
+    if manifest.get("vectors") is not None:
+        return manifest["vectors"]
+    student = manifest["student"]
+    vectors = {"student_vec": {"space": f"student:{student['fingerprint']}", "dim": int(student["dim"])}}
+    teacher = manifest.get("teacher")
+    if teacher is not None:
+        vectors["teacher_vec"] = {"space": f"teacher:{teacher['fingerprint']}", "dim": int(teacher["dim"])}
+    return vectors
+
+
+def search_modes(vectors: dict[str, Any]) -> list[str]:
+    """The search modes (``vkd.retrieval.modes.MODES``) whose vectors ``vectors`` lists."""
+    modes = ["two-stage"]
+    if "teacher_vec" in vectors:
+        modes.append("student-query")
+    if "projected_vec" in vectors:
+        modes.append("student-index")
+    return modes
+
+
+def projected_record(projection: Any) -> dict[str, Any]:
+    """The ``vectors.projected_vec`` entry for a ``vkd.models.projection.Projection``."""
+    return {"space": projection.space, "dim": projection.dim, "teacher": model_record(projection.teacher),
+            "projection_sha256": projection.sha256}
 
 
 def _require(condition: bool, path: Path, message: str) -> None:
@@ -154,6 +197,33 @@ def _check_index_spec(spec: Any, where: str, path: Path) -> None:
              f"{where}.params.metric is {params.get('metric')!r:.80}, expected 'inner_product'")
 
 
+def _check_vectors(manifest: dict[str, Any], path: Path) -> None:
+    vectors = manifest.get("vectors")
+    if vectors is None:
+        return  # written before the key: vector_spaces derives it
+    _require(isinstance(vectors, dict) and set(vectors) <= set(VECTOR_COLUMNS) and "student_vec" in vectors, path,
+             f"key 'vectors' is {vectors!r:.120}, expected an object with student_vec and optionally "
+             f"{', '.join(VECTOR_COLUMNS[1:])}")
+    for column, entry in vectors.items():
+        where = f"vectors.{column}"
+        _require(isinstance(entry, dict) and isinstance(entry.get("space"), str)
+                 and SPACE.match(entry["space"]) is not None and _is_int(entry.get("dim"), 1), path,
+                 f"{where} is {entry!r:.120}, expected {{space: 'student:<fingerprint>' | "
+                 "'teacher:<fingerprint>', dim: positive integer}")
+    _require(("teacher_vec" in vectors) == (manifest.get("teacher") is not None), path,
+             "vectors.teacher_vec must be present exactly when key 'teacher' is")
+    projected = vectors.get("projected_vec")
+    if projected is not None:
+        _check_model(projected.get("teacher"), "vectors.projected_vec.teacher", path)
+        _require(projected["space"] == f"teacher:{projected['teacher']['fingerprint']}", path,
+                 "vectors.projected_vec.space must be 'teacher:' + its teacher's fingerprint")
+        _require(projected["dim"] == projected["teacher"]["dim"], path,
+                 "vectors.projected_vec.dim must equal its teacher's dim")
+        sha = projected.get("projection_sha256")
+        _require(isinstance(sha, str) and SHA256.match(sha) is not None, path,
+                 f"vectors.projected_vec.projection_sha256 is {sha!r:.80}, expected 64 hex digits")
+
+
 def _check_shard(shard: Any, i: int, path: Path) -> int:
     """Validate ``shards[i]``; returns its number (shard-NNNNN)."""
     where = f"shards[{i}]"
@@ -205,6 +275,7 @@ def validate(manifest: Any, path: Path) -> dict[str, Any]:
     for key in ("rows", "live_rows", "skipped"):
         _require(manifest.get(key) is None or _is_int(manifest[key]), path,
                  f"key {key!r} is {manifest.get(key)!r:.80}, expected an integer >= 0")
+    _check_vectors(manifest, path)
     _require(isinstance(manifest["shards"], list), path, "key 'shards' must be a list")
     numbers = [_check_shard(shard, i, path) for i, shard in enumerate(manifest["shards"])]
     _require(len(set(numbers)) == len(numbers), path, "a shard is listed twice")

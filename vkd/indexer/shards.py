@@ -25,6 +25,10 @@ captured              int64, nullable                         EXIF capture time,
                                                               the file has no readable date
 student_vec           fixed_size_list<float32>[d]             L2-normalised
 teacher_vec           fixed_size_list<float16>[d_t]           only when indexed with a teacher
+projected_vec         fixed_size_list<float16>[d_t]           only when indexed for student-index
+                                                              search: student_vec through the
+                                                              student's projection into a
+                                                              teacher's space, L2-normalised
 ====================  ======================================  =======================================
 
 File names are stored losslessly: ``path`` is what any Arrow reader (pyarrow, DuckDB,
@@ -64,6 +68,7 @@ PATH_BYTES_COLUMN = "path_bytes"
 CAPTURED_COLUMN = "captured"
 STUDENT_COLUMN = "student_vec"
 TEACHER_COLUMN = "teacher_vec"
+PROJECTED_COLUMN = "projected_vec"
 
 
 def shard_name(number: int) -> str:
@@ -71,7 +76,7 @@ def shard_name(number: int) -> str:
 
 
 def shard_schema(student_dim: int, teacher_dim: int | None = None,
-                 metadata: Mapping[str, str] | None = None) -> pa.Schema:
+                 metadata: Mapping[str, str] | None = None, projected_dim: int | None = None) -> pa.Schema:
     fields = [
         pa.field("id", pa.string(), nullable=False),
         pa.field("path", pa.string(), nullable=False),
@@ -86,6 +91,8 @@ def shard_schema(student_dim: int, teacher_dim: int | None = None,
     ]
     if teacher_dim is not None:
         fields.append(pa.field(TEACHER_COLUMN, pa.list_(pa.float16(), teacher_dim), nullable=False))
+    if projected_dim is not None:
+        fields.append(pa.field(PROJECTED_COLUMN, pa.list_(pa.float16(), projected_dim), nullable=False))
     meta = {"vkd.format": SHARD_FORMAT, "vkd.mtime_unit": "ns",
             "vkd.path_base": "images_root in manifest.json"}
     meta.update(metadata or {})
@@ -99,7 +106,8 @@ def _vector_array(vectors: np.ndarray, dtype: np.dtype, dim: int) -> pa.FixedSiz
 
 def make_record_batch(columns: Mapping[str, Sequence[Any]], student_vecs: np.ndarray,
                       teacher_vecs: np.ndarray | None = None,
-                      metadata: Mapping[str, str] | None = None) -> pa.RecordBatch:
+                      metadata: Mapping[str, str] | None = None,
+                      projected_vecs: np.ndarray | None = None) -> pa.RecordBatch:
     """One record batch in the shard schema from metadata columns and vector matrices.
 
     ``columns["path"]`` holds relative paths as the scan gives them (os.fsdecode form, or
@@ -108,7 +116,8 @@ def make_record_batch(columns: Mapping[str, Sequence[Any]], student_vecs: np.nda
     """
     student_dim = int(student_vecs.shape[1])
     teacher_dim = int(teacher_vecs.shape[1]) if teacher_vecs is not None else None
-    schema = shard_schema(student_dim, teacher_dim, metadata)
+    projected_dim = int(projected_vecs.shape[1]) if projected_vecs is not None else None
+    schema = shard_schema(student_dim, teacher_dim, metadata, projected_dim)
     stored = [stored_path(os.fsdecode(p)) for p in columns["path"]]
     values = {CAPTURED_COLUMN: [None] * len(stored), **columns, "path": [text for text, _ in stored],
               PATH_BYTES_COLUMN: [raw for _, raw in stored]}
@@ -117,6 +126,8 @@ def make_record_batch(columns: Mapping[str, Sequence[Any]], student_vecs: np.nda
     arrays.append(_vector_array(student_vecs, np.float32, student_dim))
     if teacher_vecs is not None:
         arrays.append(_vector_array(teacher_vecs, np.float16, teacher_dim))
+    if projected_vecs is not None:
+        arrays.append(_vector_array(projected_vecs, np.float16, projected_dim))
     lengths = {len(a) for a in arrays}
     if len(lengths) != 1:
         raise ValueError(f"shard columns have different lengths: {sorted(lengths)}")

@@ -98,6 +98,7 @@ def load_encoder(
     prefer: str = "torch",
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    space: str = "student",
     **backend_options: Any,
 ) -> Encoder:
     """Load an image-text encoder from a local directory or hub id.
@@ -119,10 +120,23 @@ def load_encoder(
     whatever records it opens the same model from any working directory. Nothing from the
     checkpoint runs as code unless asked: ``trust_remote_code`` enables a model's own code,
     ``allow_pickle`` weights stored only as pickle (pytorch_model.bin).
+
+    ``space``: ``"student"`` (the model's own vectors), or ``"teacher"`` / ``"teacher:<fingerprint>"``:
+    the vectors mapped into the teacher's space by the projection a distilled model directory
+    carries (``vkd.models.projection``; torch and ONNX backends alike), for the asymmetric search
+    modes. ``ProjectionError`` when the model carries none, or one into another teacher's space.
     """
     from vkd.models.checkpoint import resolve_model_name
+    from vkd.models.projection import STUDENT_SPACE, check_space
 
     name = resolve_model_name(name_or_path)
+    if check_space(space) != STUDENT_SPACE:
+        from vkd.models.projection import ProjectedEncoder, projection_for
+
+        projection = projection_for(name, space)  # before loading anything: a missing one fails fast
+        base = load_encoder(name, device=device, dtype=dtype, batch_size=batch_size, prefer=prefer,
+                            trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, **backend_options)
+        return ProjectedEncoder(base, projection)
     if prefer not in ("torch", "onnx"):
         raise ValueError(f"prefer={prefer!r}: choose 'torch' or 'onnx'")
     if prefer == "onnx" and (Path(name) / ONNX_MANIFEST).is_file():

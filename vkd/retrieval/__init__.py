@@ -1,4 +1,5 @@
-"""Two-stage search over a vkd index: student ANN candidates, teacher rerank.
+"""Search over a vkd index: two-stage (student ANN candidates, teacher rerank) and the
+asymmetric modes (``vkd.retrieval.modes``).
 
 Importing this package loads neither torch nor transformers (a search with ONNX models
 never does), and names load on first use so that ``vkd --help`` does not load pyarrow.
@@ -30,11 +31,16 @@ _EXPORTS: dict[str, str] = {
     "check_student": "vkd.retrieval.retriever",
     "check_teacher": "vkd.retrieval.retriever",
     "open_encoder": "vkd.retrieval.retriever",
+    "MODES": "vkd.retrieval.modes",
+    "ModeUnavailableError": "vkd.retrieval.modes",
+    "ModelCosts": "vkd.retrieval.modes",
+    "recommend_mode": "vkd.retrieval.modes",
 }
 
-__all__ = ["Filters", "Hit", "Query", "QueryError", "Term", "parse_compact", "Retriever", "SearchResult", "StageTimings", "check_student", "check_teacher", "open_encoder"]
+__all__ = ["Filters", "Hit", "Query", "QueryError", "Term", "parse_compact", "Retriever", "SearchResult", "StageTimings", "check_student", "check_teacher", "open_encoder", "MODES", "ModeUnavailableError", "ModelCosts", "recommend_mode"]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from vkd.retrieval.modes import MODES, ModelCosts, ModeUnavailableError, recommend_mode
     from vkd.retrieval.query import Filters, Query, QueryError, Term, parse_compact
     from vkd.retrieval.results import Hit, SearchResult, StageTimings
     from vkd.retrieval.retriever import Retriever, check_student, check_teacher, open_encoder

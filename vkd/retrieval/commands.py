@@ -64,6 +64,11 @@ _NEW_FLAGS = ("and_terms", "not_terms", "image_and", "image_not", "raw", "path_g
 @click.option("--html", "html_file", type=click.Path(dir_okay=False, writable=True), default=None, metavar="FILE",
               help="Also write a self-contained gallery page (embedded thumbnails, scores) to FILE.")
 @click.option("--no-rerank", is_flag=True, help="Stage 1 only: the student's ANN ranking.")
+@click.option("--mode", type=click.Choice(["two-stage", "student-query", "student-index"]), default="two-stage",
+              show_default=True,
+              help="two-stage: student ANN, teacher rerank. student-query: the projected student encodes the query "
+                   "against the stored teacher vectors (no teacher at query time). student-index: the teacher "
+                   "encodes the query against the stored projected student vectors (index built with --projected).")
 @click.option("--student", default=None, metavar="MODEL",
               help="Student model (directory or ONNX export).  [default: the one the index was built with]")
 @click.option("--teacher", default=None, metavar="MODEL",
@@ -83,7 +88,7 @@ def search(query: str | None, image: str | None, and_terms: tuple[str, ...], not
            taken_after: str | None, taken_before: str | None, min_width: int | None, max_width: int | None,
            min_height: int | None, max_height: int | None, orientation: str | None, min_score: float | None,
            index_dir: str | None, k: int, candidates: int, as_json: bool, paths: bool, print0: bool,
-           html_file: str | None, no_rerank: bool, student: str | None, teacher: str | None, prefer: str,
+           html_file: str | None, no_rerank: bool, mode: str, student: str | None, teacher: str | None, prefer: str,
            server: str | None, api_key: str | None, timeout: float) -> None:
     """Search an index: the student finds --candidates images by ANN, the teacher
     reranks them against its stored vectors, the best -k are printed (rank, final
@@ -182,7 +187,8 @@ def search(query: str | None, image: str | None, and_terms: tuple[str, ...], not
                        no_rerank=no_rerank, as_json=as_json, api_key=api_key, timeout=timeout,
                        terms=None if plain else texts,
                        images=None if plain else [(t.query, t.weight) for t in terms if not isinstance(t.query, str)],
-                       options={**filters.to_dict(), "min_score": min_score})
+                       options={**filters.to_dict(), "min_score": min_score,
+                                **({"mode": mode} if mode != "two-stage" else {})})
         return
     from vkd.indexer import IndexMismatchError, ManifestError
     from vkd.paths import default_index_dir
@@ -202,7 +208,7 @@ def search(query: str | None, image: str | None, and_terms: tuple[str, ...], not
         warnings.simplefilter("always", UserWarning)
         try:
             retriever = Retriever(path, student=student, teacher=teacher, candidates=candidates, prefer=prefer,
-                                  rerank=not no_rerank)
+                                  rerank=not no_rerank, mode=mode)
             result = retriever.search(terms[0].query if simple else request, k=k, min_score=min_score)
         except QueryError as error:
             raise click.UsageError(str(error)) from None
@@ -253,7 +259,8 @@ def search(query: str | None, image: str | None, and_terms: tuple[str, ...], not
     times = result.timings
     stages = ", ".join(f"{stage.removesuffix('_ms').replace('_', ' ')} {getattr(times, stage):.1f} ms"
                        for stage in STAGES)
-    how = {"teacher": "teacher rerank", "student": "exact student rerank (no teacher vectors)", None: "no rerank"}
+    how = {"teacher": "teacher rerank", "student": "exact student rerank (no teacher vectors)", None: "no rerank",
+           "exact": f"{result.mode}, exact re-score"}
     click.echo(f"{len(retriever.index)} images, {result.candidates} candidates, {how[result.reranked]}; "
                f"{stages}; total {times.total_ms:.1f} ms", err=True)
 

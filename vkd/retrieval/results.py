@@ -55,8 +55,10 @@ class SearchResult(list[Hit]):
     ran and with which vectors: "teacher", "student" or None) and the ``query``."""
 
     def __init__(self, hits: list[Hit], *, query: Any, timings: StageTimings, reranked: str | None,
-                 candidates: int = 0) -> None:
+                 candidates: int = 0, mode: str = "two-stage") -> None:
         super().__init__(hits)
+        #: the search mode that made it (vkd.retrieval.modes.MODES)
+        self.mode = mode
         self.query = query
         self.timings = timings
         self.reranked = reranked
@@ -66,6 +68,7 @@ class SearchResult(list[Hit]):
         return {
             "query": describe_query(self.query),
             "reranked": self.reranked,
+            "mode": self.mode,
             "candidates": self.candidates,
             "timings": self.timings.to_dict(),
             "hits": [hit.to_dict() for hit in self],

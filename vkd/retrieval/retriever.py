@@ -16,6 +16,12 @@ differs from the one the vectors were made with is refused (a teacher of the rig
 dimension but another fingerprint only warns: its scores are comparable, just not the
 ones the index was built for).
 
+``mode`` (per retriever, or per search) picks one of ``vkd.retrieval.modes.MODES``: two-stage as
+above, or an asymmetric mode that needs the teacher at only one end (student-query: the
+projected student encodes queries against the stored teacher vectors; student-index: the
+teacher encodes queries against the stored projected student vectors). A mode whose vectors the
+index lacks is refused (``ModeUnavailableError``, saying what to run).
+
 The retriever is safe to share between threads: a search reads one immutable snapshot
 (index + models), ``reload()`` swaps in a newer one, and encoders that are not
 thread-safe (transformers tokenizers change their state on every call) run under a lock.
@@ -36,6 +42,7 @@ import numpy as np
 
 from vkd.indexer import Index, IndexMismatchError
 from vkd.retrieval import stages
+from vkd.retrieval.modes import DEFAULT_MODE, ModeUnavailableError, check_mode, require_vectors
 from vkd.retrieval.query import (  # noqa: F401 - check_text_query, MAX_QUERY_CHARS: re-exported, their old home
     MAX_QUERY_CHARS,
     Filters,
@@ -113,6 +120,8 @@ class Retriever:
         prefer: str = "onnx",
         rerank: bool = True,
         device: Any = None,
+        mode: str = DEFAULT_MODE,
+        prefix_dim: int | None = None,
     ) -> None:
         from vkd.paths import default_index_dir
 
@@ -127,9 +136,15 @@ class Retriever:
         self.device = device
         self._student_arg = student
         self._teacher_arg = teacher
+        self.mode = check_mode(mode)
+        self.prefix_dim = prefix_dim  # student-query's scan prefix; None: Matryoshka prefix or full
         self._lock = threading.RLock()
         self._encoder_locks: dict[int, threading.Lock] = {}
-        self._state = self._snapshot(Index.open(self.path), previous=None, load_teacher=self.rerank)
+        # the asymmetric modes' query encoders and projection, keyed by what they depend on
+        self._mode_cache: dict[tuple[str, str], Any] = {}
+        index = Index.open(self.path)
+        require_vectors(index, self.mode)  # refused now, not at the first search
+        self._state = self._snapshot(index, previous=None, load_teacher=self.rerank and self.mode == DEFAULT_MODE)
 
     # -- models and snapshots -------------------------------------------------------
 
@@ -223,17 +238,19 @@ class Retriever:
     # -- search ---------------------------------------------------------------------
 
     def search(self, query: Any, k: int = 10, *, rerank: bool | None = None, candidates: int | None = None,
-               filters: Filters | None = None, min_score: float | None = None) -> SearchResult:
+               filters: Filters | None = None, min_score: float | None = None,
+               mode: str | None = None) -> SearchResult:
         """The top ``k`` images for a query: a text (``str``, taken literally), an image (PIL
         image or ``Path``), a list of ``(query, weight)`` pairs (negative weight: "not
         this"), or a ``Query``. ``filters`` restrict the rows before ranking; ``min_score``
-        drops hits whose final score (teacher's, or student's without rerank) is lower."""
+        drops hits whose final score (teacher's, or student's without rerank) is lower. ``mode``
+        overrides the retriever's (see the module docstring)."""
         return self.search_batch([query], k, rerank=rerank, candidates=candidates, filters=filters,
-                                 min_score=min_score)[0]
+                                 min_score=min_score, mode=mode)[0]
 
     def search_batch(self, queries: Sequence[Any], k: int = 10, *, rerank: bool | None = None,
                      candidates: int | None = None, filters: Filters | None = None,
-                     min_score: float | None = None) -> list[SearchResult]:
+                     min_score: float | None = None, mode: str | None = None) -> list[SearchResult]:
         """``search`` for many queries at once: one encoder batch per model and term kind,
         one ANN call per shard for the unfiltered ones. Each result's ``timings`` are the
         whole batch's. ``filters`` apply to every query without filters of its own."""
@@ -253,6 +270,9 @@ class Retriever:
             for term in model.terms:
                 if isinstance(term.query, str):
                     check_text_query(term.query)
+        mode = self.mode if mode is None else check_mode(mode)
+        if mode != DEFAULT_MODE:
+            return self._search_mode(self._state, mode, queries, models, k, n_candidates, do_rerank, min_score)
         state = self._ensure_teacher(self._state) if do_rerank else self._state
         started = time.perf_counter()
         timings = StageTimings(batch_size=len(queries))
@@ -298,6 +318,120 @@ class Retriever:
                                   candidates=int(found.valid[i].sum()))
             results.append(cut_min_score(result, min_score))
         return results
+
+    # -- the asymmetric modes -----------------------------------------------------------
+
+    def _search_mode(self, state: _Snapshot, mode: str, queries: Sequence[Any], models: list[Query], k: int,
+                     n_candidates: int, do_rerank: bool, min_score: float | None) -> list[SearchResult]:
+        from vkd.indexer.shards import PROJECTED_COLUMN, TEACHER_COLUMN
+        from vkd.models.base import l2_normalize
+        from vkd.retrieval.modes import scan_candidates, scan_prefix
+
+        index = state.index
+        require_vectors(index, mode)
+        started = time.perf_counter()
+        timings = StageTimings(batch_size=len(queries))
+        encoder, projection = self._mode_models(state, mode)
+        tick = time.perf_counter()
+        vectors = encode_terms(lambda items: self._encode(encoder, items), models)  # in the teacher's space
+        if mode == "student-query":
+            timings.student_encode_ms = _ms(tick)
+        else:
+            timings.teacher_encode_ms = _ms(tick)
+        width = n_candidates if do_rerank else k
+        tick = time.perf_counter()
+        if mode == "student-query":
+            prefix = scan_prefix(index.teacher.get("family"), vectors.shape[1], self.prefix_dim)
+            found = scan_candidates(index, TEACHER_COLUMN, vectors, width, prefix=prefix,
+                                    allowed=_allowed_rows(index, models))
+            rescore = prefix < vectors.shape[1]  # a full-width scan's scores are the exact ones already
+
+            def fetch(shard: int, rows: np.ndarray) -> np.ndarray:
+                return index.shards[shard].teacher_vectors(rows)
+        else:
+            if projection is not None:
+                # q·(W·s) = (Wᵀ·q)·s: the student FAISS index finds the candidates
+                found = self._ann(index, l2_normalize(vectors @ projection.weight), width,
+                                  [model.filters for model in models])
+                rescore = True  # stage 1 ranked by (Wᵀ·q)·s, not by the projected score
+            else:  # the student's projection is not at hand: scan the stored projected vectors
+                found = scan_candidates(index, PROJECTED_COLUMN, vectors, width, allowed=_allowed_rows(index, models))
+                rescore = False
+
+            def fetch(shard: int, rows: np.ndarray) -> np.ndarray:
+                return index.shards[shard].projected_vectors(rows)
+        timings.ann_ms = _ms(tick)
+        top, stage1 = found, found.score
+        if found.row.size and (do_rerank or rescore):
+            tick = time.perf_counter()
+            top, positions = stages.rerank(found, vectors, fetch, k)
+            timings.rerank_ms = _ms(tick)
+            stage1 = np.where(positions >= 0, np.take_along_axis(found.score, np.maximum(positions, 0), 1), -np.inf)
+        hits = self._hits(index, top, stage1, teacher=False)
+        timings.total_ms = _ms(started)
+        results = []
+        for i, (query, model, query_hits) in enumerate(zip(queries, models, hits, strict=True)):
+            shown = query if len(model.terms) == 1 and not model.filters.active and not isinstance(
+                query, list | tuple | Query) else model
+            result = SearchResult(query_hits, query=shown, timings=timings, reranked="exact" if do_rerank else None,
+                                  candidates=int(found.valid[i].sum()), mode=mode)
+            results.append(cut_min_score(result, min_score))
+        return results
+
+    def _mode_models(self, state: _Snapshot, mode: str) -> tuple[Encoder, Any]:
+        """(query encoder, projection or None) of an asymmetric mode, loaded once."""
+        from vkd.models.projection import ProjectedEncoder, ProjectionError, projection_for, read_projection
+
+        index = state.index
+        if mode == "student-query":
+            space = f"teacher:{index.teacher['fingerprint']}"
+            key = (mode, f"{state.student.fingerprint}|{space}")
+            with self._lock:
+                if key not in self._mode_cache:
+                    base = state.student
+                    if isinstance(base, ProjectedEncoder):
+                        encoder = base
+                    else:
+                        try:
+                            encoder = ProjectedEncoder(base, projection_for(base.name, space))
+                        except ProjectionError as error:
+                            raise ModeUnavailableError(f"search mode student-query: {error}") from None
+                    if int(encoder.dim) != int(index.teacher["dim"]):
+                        raise ModeUnavailableError(
+                            f"search mode student-query: {encoder.name} projects into {encoder.dim}-d vectors but "
+                            f"the index stores {index.teacher['dim']}-d teacher vectors")
+                    self._mode_cache[key] = (encoder, None)
+                return self._mode_cache[key]
+        record = index.vectors["projected_vec"]
+        key = (mode, str(record["space"]))
+        with self._lock:
+            if key not in self._mode_cache:
+                teacher = self._teacher_arg
+                if teacher is not None and not isinstance(teacher, str | os.PathLike):
+                    encoder = teacher
+                elif state.teacher is not None and state.teacher.fingerprint == record["teacher"]["fingerprint"]:
+                    encoder = state.teacher
+                else:
+                    name = str(teacher) if teacher is not None else str(record["teacher"]["name"])
+                    encoder = self._load(name, "teacher", recorded=teacher is None,
+                                         options=record["teacher"].get("options"))
+                if int(encoder.dim) != int(record["dim"]):
+                    raise ModeUnavailableError(
+                        f"search mode student-index: the index's projected vectors are {record['dim']}-d (teacher "
+                        f"{record['teacher']['name']}) but the teacher given gives {encoder.dim}-d vectors")
+                if encoder.fingerprint != record["teacher"]["fingerprint"]:
+                    warnings.warn(f"{index.path}: teacher {encoder.name} (fingerprint {encoder.fingerprint}) is not "
+                                  f"the one the projected vectors were trained for ({record['teacher']['name']}, "
+                                  f"fingerprint {record['teacher']['fingerprint']})", UserWarning, stacklevel=4)
+                projection = None
+                try:  # the projection's matrix lets the student FAISS index find the candidates
+                    found = read_projection(str(index.student["name"]))
+                    if found is not None and found.sha256 == record.get("projection_sha256"):
+                        projection = found
+                except (ProjectionError, OSError):
+                    projection = None
+                self._mode_cache[key] = (encoder, projection)
+            return self._mode_cache[key]
 
     def _encode(self, encoder: Encoder, queries: Sequence[Any]) -> np.ndarray:
         """float32 [len(queries), dim]: texts and images each in one batch."""
@@ -384,6 +518,8 @@ class Retriever:
             "teacher": state.teacher.describe() if state.teacher is not None else None,
             "index_teacher": state.index.teacher,
             "candidates": self.candidates,
+            "mode": self.mode,
+            "vectors": state.index.vectors,
         }
 
     def __repr__(self) -> str:
@@ -409,11 +545,31 @@ def cut_min_score(result: SearchResult, min_score: float | None) -> SearchResult
     if len(kept) == len(result):
         return result
     return SearchResult(kept, query=result.query, timings=result.timings, reranked=result.reranked,
-                        candidates=result.candidates)
+                        candidates=result.candidates, mode=result.mode)
 
 
 def _ms(since: float) -> float:
     return (time.perf_counter() - since) * 1000.0
+
+
+def _allowed_rows(index: Index, models: Sequence[Query]) -> list[dict[int, np.ndarray] | None] | None:
+    """Per query, the rows each shard lets it see (None: no filter), for the exact scans."""
+    if not any(model.filters.active for model in models):
+        return None
+    cache: dict[tuple[Filters, int], np.ndarray] = {}
+    out: list[dict[int, np.ndarray] | None] = []
+    for model in models:
+        if not model.filters.active:
+            out.append(None)
+            continue
+        rows = {}
+        for position, shard in enumerate(index.shards):
+            key = (model.filters, position)
+            if key not in cache:
+                cache[key] = model.filters.allowed_rows(shard)
+            rows[position] = cache[key]
+        out.append(rows)
+    return out
 
 
 def _has_teacher_vectors(index: Index) -> bool:

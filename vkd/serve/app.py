@@ -71,8 +71,9 @@ MULTIPART_SLACK = 64 * 1024
 FILTER_FIELDS = ("path_glob", "path_prefix", "modified_after", "modified_before", "taken_after", "taken_before",
                  "min_width", "max_width", "min_height", "max_height", "orientation")
 QUERY_FIELDS = ("raw", "min_score", *FILTER_FIELDS)
-SEARCH_FIELDS = ("q", "terms", "k", "candidates", "rerank", *QUERY_FIELDS)
-FORM_FIELDS = ("image", "image_weight", "q", "terms", "k", "candidates", "rerank", *QUERY_FIELDS)
+SEARCH_FIELDS = ("q", "terms", "k", "candidates", "rerank", "mode", *QUERY_FIELDS)
+FORM_FIELDS = ("image", "image_weight", "q", "terms", "k", "candidates", "rerank", "mode", *QUERY_FIELDS)
+SEARCH_MODES = ("two-stage", "student-query", "student-index")  # = vkd.retrieval.modes.MODES (no numpy here)
 #: image terms one multipart request may carry (their bytes together stay under --max-upload-bytes)
 MAX_IMAGE_TERMS = 8
 MAX_TERMS = 32
@@ -134,9 +135,11 @@ class SearchResponse(BaseModel):
     query: str | None = Field(description="The text searched for; null for an image query; a combined query or "
                                           "one with filters in the compact syntax (\"2:cat + dog - grass\").")
     k: int
-    reranked: Literal["teacher", "student"] | None = Field(
+    reranked: Literal["teacher", "student", "exact"] | None = Field(
         description="teacher: reranked with stored teacher vectors; student: exact student scores (the index "
-                    "stores no teacher vectors); null: no rerank asked.")
+                    "stores no teacher vectors); exact: an asymmetric mode's exact re-score; null: no rerank asked.")
+    mode: Literal["two-stage", "student-query", "student-index"] = Field(
+        "two-stage", description="The search mode that answered (see the mode parameter).")
     candidates: int = Field(description="Stage-1 candidates found (at most the candidates asked for).")
     results: list[HitModel]
     timings: TimingsModel
@@ -168,6 +171,10 @@ class SearchBody(BaseModel):
     k: int | None = Field(None, description="Results to return.")
     candidates: int | None = Field(None, description="Stage-1 candidates passed to the rerank (>= k).")
     rerank: bool | None = Field(None, description="false: stage 1 only (the student's ANN ranking).")
+    mode: Literal["two-stage", "student-query", "student-index"] | None = Field(
+        None, description="two-stage (default): student ANN, teacher rerank; student-query: the projected student "
+                          "encodes the query against stored teacher vectors; student-index: the teacher encodes it "
+                          "against stored projected student vectors.")
 
 
 class LoginBody(BaseModel):
@@ -316,7 +323,8 @@ def parse_bool(name: str, value: Any) -> bool:
 class SearchParams:
     """k, candidates and rerank checked against the server's bounds and each other."""
 
-    def __init__(self, config: ServeConfig, k: Any = None, candidates: Any = None, rerank: Any = None) -> None:
+    def __init__(self, config: ServeConfig, k: Any = None, candidates: Any = None, rerank: Any = None,
+                 mode: Any = None) -> None:
         self.k = parse_int("k", k, 1, config.max_k) if k is not None else min(10, config.max_k)
         if candidates is None:
             self.candidates = min(max(config.candidates, self.k), config.max_candidates)
@@ -326,6 +334,9 @@ class SearchParams:
             raise _bad(f"candidates={self.candidates} is smaller than k={self.k}: stage 1 must find at least k "
                        "images; give candidates >= k")
         self.rerank = True if rerank is None else parse_bool("rerank", rerank)
+        if mode is not None and mode not in SEARCH_MODES:
+            raise _bad(f"mode={mode!r:.40} is not a search mode; give one of {', '.join(SEARCH_MODES)}")
+        self.mode = mode or "two-stage"
 
 
 def check_query(text: Any) -> str:
@@ -447,8 +458,8 @@ def search_payload(served: Served, *, query: str | None, k: int, root_path: str 
         })
     timings = {key: round(float(getattr(result.timings, key)), 3) for key in TIMING_KEYS}
     timings.update(queue_ms=round(served.queue_ms, 3), batch_size=served.batch_size)
-    return {"query": query, "k": k, "reranked": result.reranked, "candidates": int(result.candidates),
-            "results": hits, "timings": timings}
+    return {"query": query, "k": k, "reranked": result.reranked, "mode": getattr(result, "mode", "two-stage"),
+            "candidates": int(result.candidates), "results": hits, "timings": timings}
 
 
 # -- the application ----------------------------------------------------------------
@@ -535,14 +546,17 @@ def create_app(config: ServeConfig, *, engine: SearchEngine | None = None) -> Fa
     async def run_search(query: Any, text: str | None, params: SearchParams,
                          min_score: float | None = None) -> JSONResponse:
         from vkd.indexer import IndexMismatchError, ManifestError
+        from vkd.retrieval.modes import ModeUnavailableError
 
         try:
             served = await engine.search(query, k=params.k, candidates=params.candidates, rerank=params.rerank,
-                                         min_score=min_score)
+                                         min_score=min_score, mode=params.mode)
         except NotReady as error:
             raise HTTPException(503, detail=str(error), headers={"Retry-After": "5"}) from None
         except Busy as error:
             raise HTTPException(503, detail=str(error), headers={"Retry-After": "1"}) from None
+        except ModeUnavailableError as error:  # this request's mode, not the server, is at fault
+            raise _bad(str(error), 422) from None
         except (IndexMismatchError, ManifestError) as error:
             raise HTTPException(503, detail=f"the index cannot be searched: {error}") from None
         except ValueError as error:
@@ -565,6 +579,9 @@ def create_app(config: ServeConfig, *, engine: SearchEngine | None = None) -> Fa
         candidates: int | None = Query(None, ge=1, le=config.max_candidates,
                                        description=f"Stage-1 candidates (>= k; default {config.candidates})."),
         rerank: bool | None = Query(None, description="false: stage 1 only (default true)."),
+        mode: Literal["two-stage", "student-query", "student-index"] | None = Query(
+            None, description="Search mode (default two-stage); student-query / student-index need the index's "
+                              "teacher / projected vectors."),
         raw: bool | None = Query(None, description="true: q is one literal term (no ' + ', ' - ', 'W:' parsing)."),
         min_score: float | None = Query(None, description="Drop hits whose score is below this."),
         path_glob: str | None = Query(None, description="Only paths (relative to the images folder) matching it."),
@@ -582,7 +599,7 @@ def create_app(config: ServeConfig, *, engine: SearchEngine | None = None) -> Fa
         if q is None:
             raise _bad('no query: give q=TEXT (GET /search?q=a+dog+on+a+beach), or POST an image as '
                        'multipart/form-data with an "image" field')
-        params = SearchParams(config, k, candidates, rerank)
+        params = SearchParams(config, k, candidates, rerank, mode)
         given = dict(raw=raw, min_score=min_score, path_glob=path_glob, path_prefix=path_prefix,
                      modified_after=modified_after, modified_before=modified_before, taken_after=taken_after,
                      taken_before=taken_before, min_width=min_width, max_width=max_width, min_height=min_height,
@@ -607,6 +624,7 @@ def create_app(config: ServeConfig, *, engine: SearchEngine | None = None) -> Fa
                                                                          "JSON body."},
                                "k": {"type": "integer"}, "candidates": {"type": "integer"},
                                "rerank": {"type": "boolean"}, "min_score": {"type": "number"},
+                               "mode": {"type": "string", "enum": list(SEARCH_MODES)},
                                **{name: {"type": "string"} for name in FILTER_FIELDS}}}},
         }}},
     )
@@ -627,7 +645,8 @@ def create_app(config: ServeConfig, *, engine: SearchEngine | None = None) -> Fa
                 if weights and len(weights) != len(uploads):
                     raise _bad(f"{len(weights)} image_weight field(s) for {len(uploads)} image(s): give one weight "
                                "per image, in the same order, or none (all 1)")
-                params = SearchParams(config, form.get("k"), form.get("candidates"), form.get("rerank"))
+                params = SearchParams(config, form.get("k"), form.get("candidates"), form.get("rerank"),
+                                      form.get("mode"))
                 given = {name: form.get(name) for name in QUERY_FIELDS}
                 q, terms_text = form.get("q"), form.get("terms")
                 datas, total = [], 0
@@ -662,7 +681,7 @@ def create_app(config: ServeConfig, *, engine: SearchEngine | None = None) -> Fa
         if "q" not in body and "terms" not in body:
             raise _bad('no query: send {"q": TEXT} or {"terms": [{"text": TEXT, "weight": 1}, ...]}, or an image '
                        'as multipart/form-data with an "image" field')
-        params = SearchParams(config, body.get("k"), body.get("candidates"), body.get("rerank"))
+        params = SearchParams(config, body.get("k"), body.get("candidates"), body.get("rerank"), body.get("mode"))
         query, text, cut = build_query(body.get("q"), body.get("terms"), [], body)
         return await run_search(query, text, params, cut)
 

@@ -71,11 +71,12 @@ class _Job:
     candidates: int
     rerank: bool
     min_score: float | None = None
+    mode: str = "two-stage"  # vkd.retrieval.modes.MODES
     future: Future[Served] = field(default_factory=Future)
     enqueued: float = field(default_factory=time.perf_counter)
 
     @property
-    def group(self) -> tuple[str, bool, int]:
+    def group(self) -> tuple[str, bool, int, str]:
         # One search_batch call takes one k, candidates and rerank. With rerank, stage 1 asks
         # for `candidates` whatever k is and the rerank's order is total, so a request's top k
         # is the prefix of the group's largest k; without it the ANN itself is asked for k
@@ -83,7 +84,7 @@ class _Job:
         # are kept apart so that a model without an image tower fails image requests only.
         has_images = self.query.has_images if hasattr(self.query, "terms") else not isinstance(self.query, str)
         kind = "image" if has_images else "text"
-        return (kind, self.rerank, self.candidates if self.rerank else self.k)
+        return (kind, self.rerank, self.candidates if self.rerank else self.k, self.mode)
 
 
 class IdTable:
@@ -301,7 +302,7 @@ class SearchEngine:
         assert retriever is not None
         # a request whose client went away was cancelled: it is not searched
         live = [job for job in jobs if job.future.set_running_or_notify_cancel()]
-        groups: dict[tuple[str, bool, int], list[_Job]] = {}
+        groups: dict[tuple[str, bool, int, str], list[_Job]] = {}
         for job in live:
             groups.setdefault(job.group, []).append(job)
         for group in groups.values():
@@ -310,7 +311,8 @@ class SearchEngine:
             index = retriever.index  # the snapshot search_batch reads: reloads happen on this thread only
             try:
                 results = retriever.search_batch([job.query for job in group], max(job.k for job in group),
-                                                 rerank=first.rerank, candidates=first.candidates)
+                                                 rerank=first.rerank, candidates=first.candidates,
+                                                 mode=first.mode)
             except BaseException as error:  # handed to each request; the thread goes on
                 for job in group:
                     job.future.set_exception(error)
@@ -319,7 +321,8 @@ class SearchEngine:
             self.batched_requests += len(group)
             for job, result in zip(group, results, strict=True):
                 own = cut_min_score(SearchResult(list(result)[: job.k], query=result.query, timings=result.timings,
-                                                 reranked=result.reranked, candidates=result.candidates),
+                                                 reranked=result.reranked, candidates=result.candidates,
+                                                 mode=result.mode),
                                     job.min_score)
                 job.future.set_result(Served(own, index, (started - job.enqueued) * 1000.0, len(group)))
 
@@ -350,11 +353,11 @@ class SearchEngine:
     # -- what the routes call ---------------------------------------------------------
 
     def submit(self, query: Any, *, k: int, candidates: int, rerank: bool,
-               min_score: float | None = None) -> Future[Served]:
+               min_score: float | None = None, mode: str = "two-stage") -> Future[Served]:
         """Queue one search; the future holds its ``Served`` answer or the error."""
         if self.state != "ready":
             raise NotReady(self.not_ready_detail())
-        job = _Job(query, k, candidates, rerank, min_score)
+        job = _Job(query, k, candidates, rerank, min_score, mode)
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -362,9 +365,9 @@ class SearchEngine:
         return job.future
 
     async def search(self, query: Any, *, k: int, candidates: int, rerank: bool,
-                     min_score: float | None = None) -> Served:
+                     min_score: float | None = None, mode: str = "two-stage") -> Served:
         return await asyncio.wrap_future(self.submit(query, k=k, candidates=candidates, rerank=rerank,
-                                                     min_score=min_score))
+                                                     min_score=min_score, mode=mode))
 
     def not_ready_detail(self) -> str:
         if self.state == "failed":

@@ -6,7 +6,7 @@
 (() => {
   const $ = (id) => document.getElementById(id);
   const el = {
-    form: $("search"), q: $("q"), k: $("k"), rerank: $("rerank"), pick: $("pick"), file: $("file"),
+    form: $("search"), q: $("q"), k: $("k"), mode: $("mode"), rerank: $("rerank"), pick: $("pick"), file: $("file"),
     results: $("results"), empty: $("empty"), corpus: $("corpus"), error: $("error"),
     status: $("status"), statusText: $("status-text"), spinner: $("spinner"), timings: $("timings"),
     queryImage: $("query-image"), queryPreview: $("query-preview"), queryName: $("query-name"),
@@ -88,6 +88,7 @@
     if (search && search.kind === "text") params.set("q", search.q);
     if (el.k.value !== DEFAULT_K) params.set("k", el.k.value);
     if (!el.rerank.checked) params.set("rerank", "false");
+    if (el.mode && el.mode.value !== "two-stage") params.set("mode", el.mode.value);
     const candidates = new URLSearchParams(location.search).get("candidates");
     if (candidates) params.set("candidates", candidates);
     return params;
@@ -112,6 +113,10 @@
       el.k.value = DEFAULT_K;
     }
     el.rerank.checked = !/^(false|0|no|off)$/i.test(params.get("rerank") || "");
+    if (el.mode) {
+      const mode = params.get("mode");
+      el.mode.value = [...el.mode.options].some((option) => option.value === mode) ? mode : "two-stage";
+    }
     return params;
   }
 
@@ -149,6 +154,7 @@
 
   function formFields(search) {
     const fields = [["k", el.k.value], ["rerank", el.rerank.checked ? "true" : "false"]];
+    if (el.mode && el.mode.value !== "two-stage") fields.push(["mode", el.mode.value]);
     const candidates = new URLSearchParams(location.search).get("candidates");
     if (candidates) fields.push(["candidates", candidates]);
     if (search.kind === "text") fields.unshift(["q", search.q]);
@@ -282,7 +288,8 @@
       ...parts.map(([name, value]) => make("span", { class: "stage" }, [`${name} `, make("b", { text: fmtMs(value) })])),
       make("span", { class: "stage total" }, ["total ", make("b", { text: fmtMs(t.total_ms) })]),
       make("span", { class: "stage" }, [
-        body.reranked ? `reranked by ${body.reranked} from ${body.candidates} candidates`
+        body.mode && body.mode !== "two-stage" ? `${body.mode}, ${body.candidates} candidates`
+          : body.reranked ? `reranked by ${body.reranked} from ${body.candidates} candidates`
           : `no rerank, ${body.candidates} candidates`,
       ]),
     );
@@ -452,6 +459,7 @@
   };
   el.k.addEventListener("change", rerun);
   el.rerank.addEventListener("change", rerun);
+  if (el.mode) el.mode.addEventListener("change", rerun);
 
   el.pick.addEventListener("click", () => el.file.click());
   el.file.addEventListener("change", () => {
