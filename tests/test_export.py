@@ -370,3 +370,19 @@ def test_relayout_gathers_one_file_per_tensor_into_one_data_file(external_clip: 
     assert relayout(out / "b.onnx", out / "b.onnx") is None  # under the default limit: one file again
     assert sorted(p.name for p in out.iterdir()) == ["b.onnx"] and not _external_locations(out / "b.onnx")
     np.testing.assert_array_equal(run(out / "b.onnx"), expected)
+
+
+def test_vkd_serve_runs_an_external_data_export(external_clip: Path, corpus: Path, tmp_path: Path) -> None:
+    from serve_helpers import served
+
+    index = Index.build(corpus, tmp_path / "index", student=str(external_clip), shard_size=12, prefer="onnx")
+    with served(index=str(index.path), prefer="onnx", precision="fp32") as client:
+        health = client.get("/search", params={"q": "a dog on a beach", "k": 3})
+        assert health.status_code == 200, health.text
+        student = OnnxEncoder(external_clip / "onnx", precision="fp32")
+        expected = Retriever(index.path, student=student).search("a dog on a beach", k=3)
+        assert [hit["id"] for hit in health.json()["results"]] == [hit.id for hit in expected]
+        posted = client.post("/search", files={"image": ("q.png", (corpus / "im-07.png").read_bytes(), "image/png")},
+                             data={"k": "1"})
+        assert posted.status_code == 200, posted.text
+        assert Path(posted.json()["results"][0]["path"]).name == "im-07.png"

@@ -172,15 +172,285 @@ def test_projected_vectors_are_the_student_image_vectors_through_the_projection(
     assert index.vectors["student_vec"]["space"].startswith("student:")
 
 
-def test_student_query_scans_a_prefix_then_rescores_on_the_full_vectors(mode_index: Path) -> None:
-    """With a prefix, stage 1 ranks by the prefix; the hits' scores are still the full-vector ones."""
+def _corpus(distilled: dict[str, Any], name: str, n: int = 14, seed: int = 7) -> Path:
+    """A folder of ``n`` images under the module's root (made once per name)."""
+    images = distilled["root"] / name
+    if not images.exists():
+        images.mkdir()
+        for i, image in enumerate(make_images(n, seed=seed)):
+            image.save(images / f"img{i:02d}.png")
+    return images
+
+
+def _index(distilled: dict[str, Any], images: Path, out: Path, **options: Any) -> Path:
+    from vkd.indexer.build import build_index
+
+    build_index(images, out, student=options.pop("student", str(distilled["model"])),
+                teacher=options.pop("teacher", str(distilled["teacher"])), device="cpu", prefer="torch", workers=1,
+                **options)
+    return out
+
+
+def _prefix_brute_force(index: Any, query: np.ndarray, prefix: int, candidates: int) -> tuple[list[str], np.ndarray]:
+    """student-query's definition with a prefix ANN: the ``candidates`` best rows by cosine of the
+    first ``prefix`` dimensions (ties by row), re-scored and ordered by the full stored vectors."""
+    shard = index.shards[0]
+    rows = np.arange(shard.rows)
+    full = shard.teacher_vectors(rows)
+    heads = full[:, :prefix] / np.linalg.norm(full[:, :prefix], axis=1, keepdims=True)
+    head = query[:prefix] / np.linalg.norm(query[:prefix])
+    first = heads @ head
+    picked = rows[np.lexsort((rows, -first.astype(np.float64)))[:candidates]]
+    scores = full[picked] @ query
+    order = np.lexsort((picked, -scores.astype(np.float64)))
+    return [r["id"] for r in shard.records(picked[order])], scores[order]
+
+
+@pytest.mark.parametrize("index_type", ["flat", "hnsw"])
+def test_student_query_searches_the_teacher_ann_index_like_brute_force(distilled: dict[str, Any], tmp_path: Path,
+                                                                      index_type: str) -> None:
+    """Exact index kinds on a small index: the teacher ANN's ranking is the brute force of the mode."""
+    import faiss
+
+    from vkd.indexer import Index
+    from vkd.models import load_encoder
     from vkd.retrieval import Retriever
 
-    full = Retriever(mode_index, prefer="torch", device="cpu", candidates=14, mode="student-query")
-    prefixed = Retriever(mode_index, prefer="torch", device="cpu", candidates=14, mode="student-query", prefix_dim=8)
-    a, b = full.search("a red square", k=5), prefixed.search("a red square", k=5)
-    assert [h.id for h in a] == [h.id for h in b]  # every row is a candidate: exact either way
-    np.testing.assert_allclose([h.score for h in a], [h.score for h in b], atol=1e-6)
+    out = _index(distilled, _corpus(distilled, "ann-corpus"), tmp_path / "i.vkd", index_type=index_type)
+    index = Index.open(out)
+    shard = index.shards[0]
+    teacher_dim = int(index.teacher["dim"])
+    assert index.vectors["teacher_vec"]["ann"] == {"dim": teacher_dim}  # a CLIP teacher: the whole vector
+    assert shard.teacher_ann is not None and shard.teacher_ann.spec.kind == index_type
+    held = faiss.read_index(str(out / "shard-00000.teacher.faiss"))
+    assert (held.ntotal, held.d) == (shard.rows, teacher_dim)
+    projected = load_encoder(distilled["model"], device="cpu", space="teacher")
+    retriever = Retriever(out, prefer="torch", device="cpu", candidates=5, mode="student-query")
+    for text in ("a red square", "two cats", "the sea"):
+        ids, scores = _brute_force(index, "teacher_vec", projected.encode_text([text])[0])
+        result = retriever.search(text, k=5)
+        assert [hit.id for hit in result] == ids[:5]
+        np.testing.assert_allclose([hit.score for hit in result], scores[:5], atol=1e-5)
+        assert result.candidates == 5  # stage 1 kept 5 of 14 rows: the ANN found them, not a scan
+
+
+def test_student_query_ann_on_a_prefix_rescores_on_the_full_vectors(distilled: dict[str, Any], tmp_path: Path) -> None:
+    """A prefix ANN (as for a Matryoshka teacher): the candidates are the best rows by the prefix, and
+    their order and scores come from the full stored vectors."""
+    from vkd.indexer import Index
+    from vkd.models import load_encoder
+    from vkd.retrieval import Retriever
+
+    out = _index(distilled, _corpus(distilled, "ann-corpus"), tmp_path / "p.vkd", teacher_ann_dim=8)
+    index = Index.open(out)
+    assert index.vectors["teacher_vec"]["ann"] == {"dim": 8} and index.shards[0].teacher_ann.dim == 8
+    assert Index.open(out).verify() == []
+    projected = load_encoder(distilled["model"], device="cpu", space="teacher")
+    retriever = Retriever(out, prefer="torch", device="cpu", candidates=6, mode="student-query")
+    for text in ("a red square", "two cats", "an old car"):
+        ids, scores = _prefix_brute_force(index, projected.encode_text([text])[0], 8, 6)
+        result = retriever.search(text, k=6)
+        assert [hit.id for hit in result] == ids
+        np.testing.assert_allclose([hit.score for hit in result], scores, atol=1e-5)
+    with pytest.raises(ValueError, match="first 8 dimensions"):
+        Retriever(out, prefer="torch", device="cpu", mode="student-query", prefix_dim=4).search("a cat")
+    # the scan (exact, every row) with the same prefix and as many candidates agrees
+    scan = Retriever(out, prefer="torch", device="cpu", candidates=6, mode="student-query", scan=True, prefix_dim=8)
+    assert [h.id for h in scan.search("two cats", k=6)] == [h.id for h in retriever.search("two cats", k=6)]
+
+
+def test_an_index_without_the_teacher_ann_is_refused_or_scanned_on_request(distilled: dict[str, Any],
+                                                                           tmp_path: Path) -> None:
+    from vkd.cli import cli
+    from vkd.retrieval import Retriever
+    from vkd.retrieval.modes import ModeUnavailableError
+
+    out = _index(distilled, _corpus(distilled, "ann-corpus"), tmp_path / "old.vkd", teacher_ann=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "ann" not in manifest["vectors"]["teacher_vec"] and not list(out.glob("*.teacher.faiss"))
+    with pytest.raises(ModeUnavailableError, match="--teacher-ann") as refused:
+        Retriever(out, prefer="torch", device="cpu", mode="student-query")
+    assert "--scan" in str(refused.value) and "--rebuild" not in str(refused.value)
+    scanned = Retriever(out, prefer="torch", device="cpu", mode="student-query", scan=True).search("two cats", k=4)
+    reference = Retriever(_index(distilled, _corpus(distilled, "ann-corpus"), tmp_path / "new.vkd"), prefer="torch",
+                          device="cpu", mode="student-query").search("two cats", k=4)
+    assert [h.id for h in scanned] == [h.id for h in reference]
+    run = CliRunner().invoke(cli, ["search", "two cats", "--index", str(out), "--mode", "student-query",
+                                    "--prefer", "torch", "--json"])
+    assert run.exit_code != 0 and "--teacher-ann" in run.output and "Traceback" not in run.output
+    run = CliRunner().invoke(cli, ["search", "two cats", "--index", str(out), "--mode", "student-query",
+                                    "--prefer", "torch", "--scan", "--json", "-k", "4"])
+    assert run.exit_code == 0, run.output
+
+
+class _Counting:
+    """A real encoder (a loaded tiny model) that counts the forward passes asked of each tower."""
+
+    @staticmethod
+    def wrap(model: Path) -> Any:
+        from vkd.models import load_encoder
+        from vkd.models.base import Encoder
+
+        class Counting(Encoder):
+            def __init__(self, inner: Encoder) -> None:
+                self.inner = inner
+                self.name, self.family, self.dim = inner.name, inner.family, inner.dim
+                self.batch_size, self.logit_scale = inner.batch_size, inner.logit_scale
+                self.calls = {"text": 0, "images": 0}
+
+            @property
+            def fingerprint(self) -> str:
+                return self.inner.fingerprint
+
+            def _encode_text_batch(self, texts: Any) -> np.ndarray:
+                self.calls["text"] += 1
+                return self.inner.encode_text(list(texts))
+
+            def _encode_image_batch(self, images: Any) -> np.ndarray:
+                self.calls["images"] += 1
+                return self.inner.encode_images(list(images))
+
+            def load_options(self) -> dict[str, Any]:
+                return self.inner.load_options()
+
+            def describe(self) -> dict[str, Any]:
+                return self.inner.describe()
+
+            def __getattr__(self, name: str) -> Any:
+                if name == "inner":
+                    raise AttributeError(name)
+                return getattr(self.inner, name)
+
+        return Counting(load_encoder(model, device="cpu", prefer="torch"))
+
+
+def test_projected_vectors_and_the_teacher_ann_are_added_to_an_existing_index_without_encoding(
+        distilled: dict[str, Any], tmp_path: Path) -> None:
+    from vkd.indexer import Index
+    from vkd.indexer.build import build_index
+    from vkd.models.projection import read_projection
+    from vkd.retrieval import Retriever
+
+    images = _corpus(distilled, "ann-corpus")
+    out = _index(distilled, images, tmp_path / "up.vkd", teacher_ann=False, shard_size=5)  # 3 shards
+    before = Index.open(out)
+    old_names = [s.name for s in before.shards]
+    assert "projected_vec" not in before.vectors and len(old_names) == 3
+    student, teacher = _Counting.wrap(distilled["model"]), _Counting.wrap(distilled["teacher"])
+    result = build_index(images, out, student=student, teacher=teacher, projected=True, teacher_ann=True, workers=1)
+    # nothing encoded: the projected vectors come from the stored student vectors, the ANN from the teacher's
+    assert student.calls == {"text": 0, "images": 0} and teacher.calls == {"text": 0, "images": 0}
+    assert result.added == 0 and len(result.upgraded) == 3
+    after = Index.open(out)
+    assert after.verify() == [] and set(after.vectors) == {"student_vec", "teacher_vec", "projected_vec"}
+    assert after.vectors["teacher_vec"]["ann"] == {"dim": int(after.teacher["dim"])}
+    assert not {s.name for s in after.shards} & set(old_names)  # new files; the old ones are gone
+    assert not [p for p in out.iterdir() if p.name.startswith(tuple(old_names))]
+    projection = read_projection(distilled["model"])
+    for old, new in zip(before.shards, after.shards, strict=True):
+        rows = np.arange(new.rows)
+        assert [r["id"] for r in old.records(rows)] == [r["id"] for r in new.records(rows)]
+        np.testing.assert_allclose(new.projected_vectors(rows), projection.apply(old.student_vectors(rows)),
+                                   atol=2e-3)
+    # a reader that opened before keeps its snapshot whole
+    assert len(Retriever(out, prefer="torch", device="cpu").search("two cats", k=3)) == 3
+    assert before.shards[0].student_vectors([0]).shape == (1, int(before.student["dim"]))
+    # both modes now serve, and rank as an index built with them from the start
+    fresh = _index(distilled, images, tmp_path / "fresh.vkd", projected=True, shard_size=5)
+    for mode in ("student-query", "student-index"):
+        got = Retriever(out, prefer="torch", device="cpu", mode=mode).search("a red square", k=6)
+        want = Retriever(fresh, prefer="torch", device="cpu", mode=mode).search("a red square", k=6)
+        assert [h.id for h in got] == [h.id for h in want]
+        np.testing.assert_allclose([h.score for h in got], [h.score for h in want], atol=1e-5)
+    # a second run has nothing to add
+    again = build_index(images, out, student=student, teacher=teacher, workers=1)
+    assert again.upgraded == [] and again.added == 0 and student.calls["images"] == 0
+
+
+def test_an_upgrade_that_fails_midway_leaves_the_committed_index_as_it_was(distilled: dict[str, Any],
+                                                                           tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import vkd.indexer.build as build
+    from vkd.indexer import Index
+
+    images = _corpus(distilled, "ann-corpus")
+    out = _index(distilled, images, tmp_path / "crash.vkd", teacher_ann=False, shard_size=5)
+    manifest = (out / "manifest.json").read_bytes()
+    calls = {"n": 0}
+    real = build.write_ann
+
+    def failing(*args: Any, **kwargs: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second shard's teacher ANN: the first one's files are written already
+            raise OSError(28, "No space left on device")
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(build, "write_ann", failing)
+    with pytest.raises(OSError):
+        _index(distilled, images, out, projected=True, teacher_ann=True)
+    monkeypatch.undo()
+    assert (out / "manifest.json").read_bytes() == manifest  # no swap: readers see the old index
+    assert Index.open(out).verify() == []
+    _index(distilled, images, out, projected=True, teacher_ann=True)  # the next run cleans up and upgrades
+    index = Index.open(out)
+    assert index.verify() == [] and "projected_vec" in index.vectors
+    listed = {f for s in index.manifest["shards"] for f in (s["arrow"], s["faiss"], s["teacher_faiss"])}
+    assert {p.name for p in out.glob("shard-*")} == listed
+
+
+def test_verify_repair_and_compaction_cover_the_teacher_ann(distilled: dict[str, Any], tmp_path: Path) -> None:
+    import shutil
+
+    from vkd.cli import cli
+    from vkd.indexer import Index
+    from vkd.indexer.index import ShardDamagedError
+    from vkd.indexer.verify import repair_index
+    from vkd.retrieval import Retriever
+
+    images = tmp_path / "imgs"
+    shutil.copytree(_corpus(distilled, "ann-corpus"), images)
+    out = _index(distilled, images, tmp_path / "r.vkd", teacher_ann_dim=8, shard_size=7)
+    target = out / "shard-00000.teacher.faiss"
+    assert target.is_file()
+    data = target.read_bytes()
+    target.write_bytes(data[:16] + bytes(len(data) - 16))  # same size, other bytes
+    problems = Index.open(out).verify()
+    assert any("shard-00000.teacher.faiss" in p and "sha256" in p for p in problems), problems
+    with pytest.raises(ShardDamagedError, match="teacher.faiss"):
+        Retriever(out, prefer="torch", device="cpu", mode="student-query").search("two cats")
+    run = CliRunner().invoke(cli, ["index", "verify", str(out), "--repair"])
+    assert run.exit_code == 0, run.output
+    assert Index.open(out).verify() == []
+    target.unlink()  # missing: the next `vkd index` run rebuilds it (the cheap checks)
+    assert Index.open(out).shards[0].teacher_damage == "missing"
+    _index(distilled, images, out)
+    assert Index.open(out).verify() == [] and repair_index(out).rebuilt_faiss == []
+    reference = Retriever(out, prefer="torch", device="cpu", mode="student-query", candidates=14).search("a cat", k=5)
+    # retire a row, compact: the rewritten shard gets its teacher ANN again
+    (images / "img03.png").unlink()
+    _index(distilled, images, out)
+    compacted = Index.open(out).compact()
+    assert compacted.rows_dropped == 1
+    index = Index.open(out)
+    assert index.verify() == [] and all(s.teacher_ann is not None and s.teacher_ann.dim == 8 for s in index.shards)
+    after = Retriever(out, prefer="torch", device="cpu", mode="student-query", candidates=14).search("a cat", k=5)
+    assert [h.id for h in after] == [h.id for h in reference if not h.path.endswith("img03.png")][:len(after)]
+
+
+def test_the_manifest_checks_the_teacher_ann_entries(mode_index: Path, tmp_path: Path) -> None:
+    from vkd.indexer.manifest import ManifestError, validate
+
+    manifest = json.loads((mode_index / "manifest.json").read_text())
+    assert manifest["shards"][0]["teacher_faiss"] == "shard-00000.teacher.faiss"
+    for change, message in (
+            (lambda m: m["shards"][0].update(teacher_faiss="../elsewhere.faiss"), "teacher_faiss"),
+            (lambda m: m["shards"][0].pop("teacher_index"), "lacks teacher_index"),
+            (lambda m: m["vectors"]["teacher_vec"].pop("ann"), "every shard has a teacher ANN index, or none"),
+            (lambda m: m["vectors"]["teacher_vec"].update(ann={"dim": 10_000}), "vectors.teacher_vec.ann")):
+        bad = json.loads(json.dumps(manifest))
+        change(bad)
+        with pytest.raises(ManifestError, match=message):
+            validate(bad, tmp_path / "manifest.json")
 
 
 def test_a_filter_restricts_the_asymmetric_modes_too(mode_index: Path) -> None:

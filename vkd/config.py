@@ -388,6 +388,20 @@ class DistillConfig(Config):
         "help": "asymmetric search modes to train for (a projection into the first teacher's space, saved "
                 "with the model; see vkd search --mode); null = two-stage only",
         "choices": ["student-query", "student-index"]})
+    # each train_modes term: alignment·(2 − 2·cos) + contrastive·InfoNCE + kd·T²·KL(teacher's ranking ‖ the
+    # mode's), the cross-modal logits at the teacher's logit scale / mode_temperature
+    mode_alignment_weight: float = field(default=0.5, metadata={
+        "help": "train_modes: weight of the projected student's squared distance to the teacher's vector", "min": 0})
+    mode_contrastive_weight: float = field(default=0.5, metadata={
+        "help": "train_modes: weight of the cross-modal InfoNCE (the caption's own image first)", "min": 0})
+    mode_kd_weight: float = field(default=0.0, metadata={
+        "help": "train_modes: weight of the KL between the teacher's own text→image ranking of the batch and the "
+                "mode's (what overlap with teacher-only search measures)", "min": 0})
+    mode_temperature: float = field(default=1.0, metadata={
+        "help": "train_modes: the cross-modal terms' softmax temperature (logits = teacher scale · cos / T)",
+        "gt": 0})
+    projection_lr_scale: float = field(default=1.0, metadata={
+        "help": "train_modes: the projection's learning rate as a multiple of learning_rate", "gt": 0})
     stages: list[Stage] | None = field(default=None, metadata={"help": "stages run in order; null = one stage"})
     matryoshka_dim: int | None = field(default=None, metadata={
         "help": "the student's embedding size, a prefix of its vector (Qwen3-VL only); null = full", "min": 1})
@@ -474,6 +488,9 @@ class DistillConfig(Config):
                                  "student is not a teacher whose space a search could use)"))
             if len(set(self.train_modes)) != len(self.train_modes):
                 problems.append(("train_modes", f"train_modes = {self.train_modes!r} lists a mode twice"))
+            if not (self.mode_alignment_weight or self.mode_contrastive_weight or self.mode_kd_weight):
+                problems.append(("mode_alignment_weight", "mode_alignment_weight, mode_contrastive_weight and "
+                                 "mode_kd_weight are all 0: train_modes would train nothing; give one a weight > 0"))
         if self.use_distillation and not self.loss_types:
             problems.append(("distillation_loss_type", "distillation_loss_type is empty (accepted: one or "
                              f"more of {', '.join(LOSS_TYPES)})"))

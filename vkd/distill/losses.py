@@ -276,34 +276,54 @@ class AsymmetricModeLoss(nn.Module):
     saved projection maps into); each mode replaces one side of the teacher's search:
 
     * ``student-query`` (student text queries against teacher image vectors): the projected student
-      text is pulled onto the teacher's text (2 − 2·cos) and ranked against the teacher's images
-      (InfoNCE text → image at the teacher's logit scale, the ranking the query will be used for);
+      text is pulled onto the teacher's text (2 − 2·cos: ``alignment``), ranked against the teacher's
+      images (InfoNCE text → image: ``contrastive``, the caption's own image first), and its ranking
+      of the batch's teacher images matched to the teacher's own text's (``kd``: T²·KL, the
+      agreement with teacher-only search that overlap@k measures);
     * ``student-index`` (teacher text queries against projected student image vectors): the
-      projected student image onto the teacher's image, and the teacher's text ranked against
-      the projected student images.
+      projected student image onto the teacher's image, the teacher's text ranked against the
+      projected student images, and that ranking matched to the teacher's own.
 
-    Shares the projection with ``feature_mse`` / ``icl`` when those are on."""
+    The cross-modal logits are the teacher's logit scale · cos / ``temperature``. The default
+    weights (0.5, 0.5, 0) are the mean of alignment and InfoNCE. Shares the projection with
+    ``feature_mse`` / ``icl`` when those are on."""
 
-    def __init__(self, modes: Sequence[str], projections: TeacherProjections) -> None:
+    def __init__(self, modes: Sequence[str], projections: TeacherProjections, *, alignment: float = 0.5,
+                 contrastive: float = 0.5, kd: float = 0.0, temperature: float = 1.0) -> None:
         super().__init__()
         self.modes = tuple(modes)
         self.projections = projections
+        self.alignment, self.contrastive, self.kd, self.temperature = alignment, contrastive, kd, temperature
+
+    def _term(self, aligned: Tensor, target: Tensor, logits: Tensor, reference: Tensor,
+              mask: Tensor | None) -> Tensor:
+        """One mode's loss: ``aligned`` vs ``target`` rows; ``logits`` the mode's text → image
+        logits, ``reference`` the teacher's own (both already / temperature)."""
+        total = aligned.new_zeros(())
+        if self.alignment:
+            total = total + self.alignment * (aligned - target).pow(2).sum(-1).mean()
+        if self.contrastive:
+            total = total + self.contrastive * _cross_entropy_rows(logits, mask)
+        if self.kd:
+            p = _masked(reference, mask).softmax(dim=1)
+            total = total + self.kd * self.temperature**2 * _kl_rows(p, _masked(logits, mask).log_softmax(dim=1))
+        return total
 
     def forward(self, student_text: Tensor, student_image: Tensor, teachers: Sequence[TeacherOutput],
                 image_ids: Tensor | None = None) -> dict[str, Tensor]:
         teacher = teachers[0]
         t_text, t_image = _teacher_embeddings(teacher, student_text)
         scale = torch.as_tensor(teacher.logit_scale, dtype=t_text.dtype, device=t_text.device).detach()
+        scale = scale / self.temperature
         mask = _same_image_mask(image_ids, student_text.shape[0], student_text.device)
+        reference = scale * t_text @ t_image.T  # the teacher-only search of the batch, text → image
         parts = {}
         if "student-query" in self.modes:
             s_text = self.projections(student_text, 0)
-            parts["student-query"] = ((s_text - t_text).pow(2).sum(-1).mean()
-                                      + _cross_entropy_rows(scale * s_text @ t_image.T, mask)) / 2
+            parts["student-query"] = self._term(s_text, t_text, scale * s_text @ t_image.T, reference, mask)
         if "student-index" in self.modes:
             s_image = self.projections(student_image, 0)
-            parts["student-index"] = ((s_image - t_image).pow(2).sum(-1).mean()
-                                      + _cross_entropy_rows(scale * t_text @ s_image.T, mask)) / 2
+            parts["student-index"] = self._term(s_image, t_image, scale * t_text @ s_image.T, reference, mask)
         return parts
 
 
@@ -336,7 +356,7 @@ class DistillationLoss(nn.Module):
 
     def __init__(self, *, kd_types: Sequence[str], distillation_weight: float, temperature: float,
                  use_distillation: bool, student_dim: int, teacher_dims: Sequence[int],
-                 train_modes: Sequence[str] = ()) -> None:
+                 train_modes: Sequence[str] = (), mode_weights: dict[str, float] | None = None) -> None:
         super().__init__()
         kd_types = tuple(kd_types)
         unknown = [t for t in kd_types if t not in KD_LOSS_TYPES]
@@ -363,7 +383,8 @@ class DistillationLoss(nn.Module):
             for name in kd_types:
                 self.kd[name] = build[name]()
             # the asymmetric search modes' terms: KD terms too (under w), logged one per mode
-            self.modes = AsymmetricModeLoss(train_modes, shared) if train_modes else None
+            # mode_weights: AsymmetricModeLoss's alignment / contrastive / kd / temperature
+            self.modes = AsymmetricModeLoss(train_modes, shared, **(mode_weights or {})) if train_modes else None
             self.projections = shared
         else:
             self.modes, self.projections = None, None

@@ -287,11 +287,27 @@ def shard_teacher(encoder: TorchEncoder) -> int:
     encoder.fingerprint  # noqa: B018  (hashed while the weights are whole, then cached)
     model = encoder.model
     mesh = init_device_mesh(encoder.device.type, (dist.get_world_size(),))
+    total = sum(p.numel() for p in model.parameters())
+    covered: set[int] = set()
     # every layer of every stack (vision and text towers, decoder): a ModuleList's children
     for stack in [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]:
         for layer in stack:
-            if any(True for _ in layer.parameters()):
+            if any(True for _ in layer.parameters()) and id(layer) not in covered:
                 fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+                covered.update(id(m) for m in layer.modules())
+    # big tables outside the layers (the 8B's token embedding and its unused lm_head: 1.2B
+    # parameters) get groups of their own, else the root group would gather them for the whole
+    # forward; a weight tied to another module's (the 2B's lm_head) stays in the root group
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for parameter in module.parameters(recurse=False):
+            owners[id(parameter)] = owners.get(id(parameter), 0) + 1
+    for module in model.modules():
+        own = list(module.parameters(recurse=False))
+        if (id(module) not in covered and isinstance(module, (torch.nn.Embedding, torch.nn.Linear))
+                and sum(p.numel() for p in own) >= 0.01 * total and all(owners[id(p)] == 1 for p in own)):
+            fully_shard(module, mesh=mesh, reshard_after_forward=True)
+            covered.add(id(module))
     # scalars (CLIP's logit scale and bias) cannot be sharded, and weigh nothing: kept whole
     scalars = {p for p in model.parameters() if p.ndim == 0}
     fully_shard(model, mesh=mesh, reshard_after_forward=True, ignored_params=scalars or None)
@@ -321,26 +337,23 @@ class Teacher:
         self.name = self.name or self.encoder.name
         self.encoder.model.eval().requires_grad_(False)
 
-    def _padding_forwards(self, text_chunks: int, image_chunks: int) -> None:
-        """Sharded: a forward gathers weights from every rank, so every rank runs as many as the
-        rank with the most cache misses; this rank's extra ones run on a one-row input and are
-        dropped. Unsharded: nothing to do."""
+    def _forward_counts(self, text_chunks: int, image_chunks: int) -> tuple[int, int]:
+        """How many text and image forwards this rank runs: its own, or, sharded, as many as the
+        rank with the most cache misses (a sharded forward gathers weights from every rank, so
+        every rank must call it alike: all text forwards, then all image forwards)."""
         if not self.sharded:
-            return
+            return text_chunks, image_chunks
         counts = torch.tensor([text_chunks, image_chunks], dtype=torch.int64,
                               device=self.encoder.device if dist.get_backend() == "nccl" else "cpu")
         dist.all_reduce(counts, op=dist.ReduceOp.MAX)
         most_text, most_image = (int(v) for v in counts.tolist())
-        if most_text > text_chunks:
-            dummy = self.encoder.tokenize(["NULL"])
-            for _ in range(most_text - text_chunks):
-                self.encoder.embed_text(dummy)
-        if most_image > image_chunks:
-            from PIL import Image
+        return most_text, most_image
 
-            dummy = self.encoder.preprocess([Image.new("RGB", (64, 64), "white")])
-            for _ in range(most_image - image_chunks):
-                self.encoder.embed_images(dummy)
+    def _padding_inputs(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        # one-row inputs for the extra forwards of a sharded teacher; their outputs are dropped
+        from PIL import Image
+
+        return self.encoder.tokenize(["NULL"]), self.encoder.preprocess([Image.new("RGB", (64, 64), "white")])
 
     @torch.no_grad()
     def output(self, keys: Sequence[str] | None, inputs: TeacherInputs | None, device: torch.device) -> TeacherOutput:
@@ -360,17 +373,24 @@ class Teacher:
             hit_text, hit_image = self.cache.lookup([keys[i] for i in cached])
             text[cached] = torch.from_numpy(hit_text).to(device)
             image[cached] = torch.from_numpy(hit_image).to(device)
+        text_chunks = list(inputs.text_chunks) if inputs is not None else []
+        image_chunks = list(inputs.image_chunks) if inputs is not None else []
+        most_text, most_image = self._forward_counts(len(text_chunks), len(image_chunks))
+        if (most_text, most_image) != (len(text_chunks), len(image_chunks)):
+            pad_text, pad_image = self._padding_inputs()
+            text_chunks += [pad_text] * (most_text - len(text_chunks))
+            image_chunks += [pad_image] * (most_image - len(image_chunks))
+        text_out = [self.encoder.embed_text(chunk).float() for chunk in text_chunks]
+        image_out = [self.encoder.embed_images(chunk).float() for chunk in image_chunks]
         if inputs is not None:
-            new_text = torch.cat([self.encoder.embed_text(chunk).float() for chunk in inputs.text_chunks])
-            new_image = torch.cat([self.encoder.embed_images(chunk).float() for chunk in inputs.image_chunks])
+            new_text = torch.cat(text_out[:len(inputs.text_chunks)])
+            new_image = torch.cat(image_out[:len(inputs.image_chunks)])
             self.forward_calls += len(inputs.text_chunks) + len(inputs.image_chunks)
             self.forward_rows += len(inputs.rows)
             text[inputs.rows] = new_text.to(device)
             image[inputs.rows] = new_image.to(device)
             if self.cache is not None:
                 self.cache.add([keys[i] for i in inputs.rows], new_text.cpu().numpy(), new_image.cpu().numpy())
-        self._padding_forwards(len(inputs.text_chunks) if inputs is not None else 0,
-                               len(inputs.image_chunks) if inputs is not None else 0)
         return TeacherOutput(text=text, image=image, logit_scale=float(self.encoder.logit_scale), weight=self.weight)
 
     def describe(self) -> dict[str, Any]:

@@ -234,6 +234,8 @@ class Trainer:
             kd_types=config.loss_types, distillation_weight=self.stages[0].distillation_weight,
             temperature=self.stages[0].temperature, use_distillation=config.use_distillation,
             student_dim=self.student.dim, teacher_dims=teacher_dims, train_modes=config.train_modes or (),
+            mode_weights={"alignment": config.mode_alignment_weight, "contrastive": config.mode_contrastive_weight,
+                          "kd": config.mode_kd_weight, "temperature": config.mode_temperature},
         ).to(self.device)
         self._teacher_val: tuple[np.ndarray, np.ndarray] | None = None  # the first teacher's val vectors
         self.cross_space: dict[str, dict[str, float]] = {}  # "start"/"end" -> distances (train_modes)
@@ -249,12 +251,20 @@ class Trainer:
         # rank; every other weight only reaches the loss through this rank's own embeddings.
         self._direct = {id(p) for p in self.loss.parameters()} | ({id(scale)} if scale is not None else set())
         params = [p for _, p in self.trainable] + list(self.loss.parameters())
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.stages[0].learning_rate,
-        )
+        # train_modes: the shipped projection in a group of its own, at projection_lr_scale × the
+        # learning rate (a fresh linear map may want a faster rate than the LoRA deltas)
+        projection = ({id(p) for p in self.loss.projections.parameters()}
+                      if config.train_modes and self.loss.projections is not None else set())
+        decay = [p for p in params if p.ndim >= 2 and id(p) not in projection]
+        no_decay = [p for p in params if p.ndim < 2 and id(p) not in projection]
+        groups = [{"params": decay, "weight_decay": config.weight_decay, "lr_scale": 1.0},
+                  {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
+        if projection:
+            groups.append({"params": [p for p in params if id(p) in projection], "weight_decay": config.weight_decay,
+                           "lr_scale": float(config.projection_lr_scale)})
+        self.optimizer = torch.optim.AdamW(groups, lr=self.stages[0].learning_rate)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.stages[0].learning_rate * group["lr_scale"]
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.stage = self.stages[0]
 
@@ -405,7 +415,7 @@ class Trainer:
         self.loss.temperature = stage.temperature
         self.loss.distillation_weight = stage.distillation_weight
         for group in self.optimizer.param_groups:
-            group["lr"] = group["initial_lr"] = stage.learning_rate
+            group["lr"] = group["initial_lr"] = stage.learning_rate * group.get("lr_scale", 1.0)
         total = stage.epochs * self.steps_per_epoch
         warmup = int(self.config.warmup_ratio * total)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(

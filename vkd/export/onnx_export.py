@@ -10,9 +10,13 @@ in ``name.onnx.data`` beside it (``vkd.export.layout``; fp32 and INT8 alike); ``
 lists those files per graph and records every graph file's size and sha256.
 
 Qwen3-VL-Embedding's image side has no fixed shape (see ``vkd.export.qwen_image``); with
-``image_buckets`` it is exported as one graph per image size, ``image-448x448.onnx`` (+
-``.int8.onnx``) and so on, and ``export.json`` records the buckets and the policy that
-resizes every image into the one nearest its aspect ratio. The torch model is loaded with the
+``image_buckets`` it is exported as one vision graph per image size, ``image-448x448.onnx``
+(+ ``.int8.onnx``) and so on, ending at the language model's inputs, and one language model
+graph they all share, ``image-language-model.onnx`` (its sequence axis dynamic; at 2B it is
+1.4 B of the 1.8 B parameters an image runs through, so five buckets store it once, not five
+times). ``export.json`` records the buckets and the policy that resizes every image into the
+one nearest its aspect ratio. Each INT8 copy is chosen against torch with its partner graph
+in fp32; the image side's INT8 gate is both INT8 copies in a row. The torch model is loaded with the
 same ``image_buckets`` (an encoder option, part of its fingerprint), so vectors from either
 backend match; an index built with the torch model *without* buckets holds other image
 vectors and another fingerprint (build it with ``image_buckets`` to search it with the export).

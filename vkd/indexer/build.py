@@ -30,6 +30,7 @@ A ``--rebuild`` re-encodes everything: that is what it is for.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import time
@@ -47,8 +48,15 @@ import pyarrow.compute as pc
 from vkd.data.images import ImageError, file_sha256, read_image_file
 from vkd.indexer.decode import DEFAULT_MAX_PIXELS, Decoded, decode_file, pixel_guard
 from vkd.indexer.encode import EncodeStage, backend_label
-from vkd.indexer.faiss_index import INDEX_TYPES, BudgetTooSmallError, choose_index
-from vkd.indexer.fsutil import TMP_MARKER, writer_lock
+from vkd.indexer.faiss_index import (
+    INDEX_TYPES,
+    BudgetTooSmallError,
+    IndexSpec,
+    choose_index,
+    split_share,
+    teacher_ann_dim,
+)
+from vkd.indexer.fsutil import TMP_MARKER, atomic_write, writer_lock
 from vkd.indexer.manifest import (
     MANIFEST_NAME,
     SHARD_FILE,
@@ -60,20 +68,27 @@ from vkd.indexer.manifest import (
     read_manifest,
     read_skipped,
     remove_unlisted,
+    vector_spaces,
     write_skipped,
 )
 from vkd.indexer.scan import FileEntry, SkipRecord, scan_images
 from vkd.indexer.shards import (
+    ANN_FILES,
     CAPTURED_COLUMN,
+    PROJECTED_COLUMN,
     STUDENT_COLUMN,
+    TEACHER_ANN,
     TEACHER_COLUMN,
+    arrow_bytes,
     captured_values,
     make_record_batch,
     now_iso,
     open_arrow,
     relative_paths,
     shard_name,
+    vector_array,
     vector_view,
+    write_ann,
     write_shard,
 )
 from vkd.indexer.verify import repair_shards
@@ -133,6 +148,9 @@ class BuildResult:
     removed_leftovers: list[str] = field(default_factory=list)
     #: shards whose FAISS file was rebuilt from the Arrow shard, or that were dropped for re-encoding
     repaired: list[str] = field(default_factory=list)
+    #: committed shards that gained projected vectors or a teacher ANN index from their stored
+    #: vectors (``--projected`` / ``--teacher-ann`` on an existing index; no model ran for them)
+    upgraded: list[str] = field(default_factory=list)
 
     @property
     def images_per_s(self) -> float:
@@ -355,17 +373,114 @@ def _projection_of(index_dir: Path, student: Encoder, projected: bool | None,
 def _check_projected(index_dir: Path, manifest: dict[str, Any], info: dict[str, Any] | None) -> None:
     from vkd.indexer.manifest import vector_spaces
 
+    # an index without projected vectors, or with another projection's, gains them from its stored
+    # student vectors (``_upgrade_shards``): only dropping them takes a rebuild
     old = vector_spaces(manifest).get("projected_vec")
-    fix = f"pass --rebuild to re-index everything into {index_dir}"
-    if old is None and info is not None:
-        raise IndexMismatchError(f"{index_dir}: this index holds no projected student vectors; to store them "
-                                 f"(--projected), {fix}")
     if old is not None and info is None:
         raise IndexMismatchError(f"{index_dir}: this index holds projected student vectors (student-index "
-                                 f"search); pass --projected to add to it, or {fix}")
-    if old is not None and old.get("projection_sha256") != info.get("projection_sha256"):
-        raise IndexMismatchError(f"{index_dir}: the student's projection is not the one this index's projected "
-                                 f"vectors were made with (distilled again?): {fix}")
+                                 f"search); pass --projected to add to it, or pass --rebuild to re-index "
+                                 f"everything into {index_dir}")
+
+
+def _teacher_ann_of(index_dir: Path, committed: dict[str, Any] | None, teacher: dict[str, Any] | None,
+                    wanted: bool | None, dim: int | None, rebuild: bool) -> int | None:
+    """The prefix width of the teacher ANN index the run's shards carry (None: none). ``wanted``
+    None: what the committed index has, on for a new one with a teacher. An existing index
+    without one gains it (``_upgrade_shards``); dropping it or changing its width takes a rebuild."""
+    from vkd.indexer.manifest import vector_spaces
+
+    if teacher is None:
+        if wanted:
+            raise ValueError("--teacher-ann (the teacher ANN index of student-query search) needs --teacher: the "
+                             "index must store teacher vectors")
+        return None
+    chosen = teacher_ann_dim(teacher.get("family"), int(teacher["dim"]), dim)
+    if committed is None or rebuild:
+        return None if wanted is False else chosen
+    old = (vector_spaces(committed).get("teacher_vec") or {}).get("ann")
+    fix = f"pass --rebuild to re-index everything into {index_dir}"
+    if old is None:
+        return chosen if wanted else None
+    if wanted is False:
+        raise IndexMismatchError(f"{index_dir}: this index has a teacher ANN index (student-query search); "
+                                 f"leave out --no-teacher-ann to add to it, or {fix}")
+    if dim is not None and int(dim) != int(old["dim"]):
+        raise IndexMismatchError(f"{index_dir}: this index's teacher ANN holds the first {old['dim']} dimensions "
+                                 f"of the teacher vectors, not {dim}: leave out --teacher-ann-dim, or {fix}")
+    return int(old["dim"])
+
+
+def _ann_specs(rows: int, student_dim: int, teacher_prefix: int | None, share: int | None,
+               index_type: str) -> tuple[IndexSpec, IndexSpec | None]:
+    """A shard's FAISS indexes, chosen by the one rule (``choose_index``) for each vector width;
+    the shard's budget share is split between them by width (``split_share``)."""
+    widths = (student_dim,) if teacher_prefix is None else (student_dim, teacher_prefix)
+    shares = split_share(share, widths)
+    spec = choose_index(rows, student_dim, shares[0], index_type)
+    if teacher_prefix is None:
+        return spec, None
+    return spec, choose_index(rows, teacher_prefix, shares[1], index_type)
+
+
+def _upgrade_shards(index_dir: Path, manifest: dict[str, Any], *, projection: Any,
+                    projected_info: dict[str, Any] | None, teacher_prefix: int | None, share: int | None,
+                    index_type: str) -> list[str]:
+    """Give the committed shards what this run asks for and they lack, from what they store,
+    without running a model: ``projected_vec`` (the stored student vectors through the student's
+    projection; each such shard is rewritten under a new name, its FAISS files copied, since the
+    rows and student vectors are unchanged) and the teacher ANN (``shard-N.teacher.faiss`` over
+    the stored teacher vectors). Updates ``manifest`` in memory only when every file is written;
+    the caller commits it (one atomic swap) and removes the files it no longer lists. Returns
+    the shards upgraded."""
+    import copy
+    import shutil
+
+    from vkd.indexer.manifest import vector_spaces
+
+    vectors = copy.deepcopy(vector_spaces(manifest))
+    old_projected = vectors.get("projected_vec")
+    reproject = projected_info is not None and (
+        old_projected is None or old_projected.get("projection_sha256") != projected_info["projection_sha256"])
+    add_ann = teacher_prefix is not None and not (vectors.get("teacher_vec") or {}).get("ann")
+    if not (reproject or add_ann):
+        return []
+    next_number = int(manifest["next_shard"])
+    shards, upgraded = [], []
+    for entry in manifest["shards"]:
+        table = open_arrow(index_dir / entry["arrow"])
+        new_entry = dict(entry)
+        if reproject:
+            projected = projection.apply(vector_view(table, STUDENT_COLUMN))
+            if PROJECTED_COLUMN in table.column_names:
+                table = table.drop_columns([PROJECTED_COLUMN])
+            field = pa.field(PROJECTED_COLUMN, pa.list_(pa.float16(), projected.shape[1]), nullable=False)
+            table = table.append_column(field, vector_array(projected, np.float16, projected.shape[1]))
+            # a new name: readers of the committed manifest keep mapping the old file
+            name = shard_name(next_number)
+            next_number += 1
+            data = arrow_bytes(table.combine_chunks().to_batches()[0])
+            atomic_write(index_dir / f"{name}.arrow", lambda handle, data=data: handle.write(memoryview(data)))
+            new_entry.update(name=name, arrow=f"{name}.arrow", arrow_bytes=data.size,
+                             arrow_sha256=hashlib.sha256(memoryview(data)).hexdigest(), created=now_iso())
+            for ann in ANN_FILES:  # same rows, same student (and teacher) vectors: the same FAISS bytes
+                if ann.file_key in entry:
+                    with open(index_dir / entry[ann.file_key], "rb") as source:
+                        atomic_write(index_dir / ann.file_name(name),
+                                     lambda handle, source=source: shutil.copyfileobj(source, handle))
+                    new_entry[ann.file_key] = ann.file_name(name)
+            table = open_arrow(index_dir / f"{name}.arrow")
+        if add_ann:
+            _, spec = _ann_specs(table.num_rows, table.schema.field(STUDENT_COLUMN).type.list_size, teacher_prefix,
+                                 share, index_type)
+            write_ann(index_dir, new_entry, table, TEACHER_ANN, spec, teacher_prefix)
+        shards.append(new_entry)
+        upgraded.append(new_entry["name"])
+    if reproject:
+        vectors["projected_vec"] = projected_info
+    if add_ann:
+        vectors["teacher_vec"]["ann"] = {"dim": int(teacher_prefix)}
+    manifest.update(shards=shards, next_shard=next_number, vectors=vectors)
+    return upgraded
 
 
 def _check_out_dir(index_dir: Path) -> None:
@@ -470,6 +585,8 @@ def build_index(
     teacher_options: dict[str, Any] | None = None,
     prefer: str | None = None,
     projected: bool | None = None,
+    teacher_ann: bool | None = None,
+    teacher_ann_dim: int | None = None,
 ) -> BuildResult:
     """Index the images under ``images_dir`` into ``out_dir`` (default: ``<images_dir>.vkd``).
 
@@ -490,7 +607,13 @@ def build_index(
     torch on CUDA; the run's ``student_backend``/``teacher_backend`` say what ran.
     ``projected`` also stores each row's student vector through the student's projection into
     its teacher's space (``projected_vec``: the student-index search mode, no teacher needed at
-    index time); None keeps what the index has (off for a new one).
+    index time); None keeps what the index has (off for a new one). On an existing index it
+    is computed from the stored student vectors (no model runs; the shards are rewritten and
+    committed in one manifest swap before the run's own work).
+    ``teacher_ann`` also builds, per shard, a FAISS index over the stored teacher vectors (their
+    first ``teacher_ann_dim`` dimensions: by default a Matryoshka prefix for a teacher trained
+    with one, else all), for ANN student-query search; None keeps what the index has (on for a
+    new one with a teacher). An existing index gains it from its stored teacher vectors.
     Raises ``IndexMismatchError`` when ``out_dir`` holds an index of other models or folder.
     """
     root = Path(images_dir).expanduser().resolve()
@@ -540,17 +663,31 @@ def build_index(
         if committed is not None and not rebuild:
             _check_compatible(index_dir, committed, root, student_info, teacher_info)
             _check_projected(index_dir, committed, projected_info)
+        teacher_prefix = _teacher_ann_of(index_dir, committed, teacher_info, teacher_ann, teacher_ann_dim, rebuild)
+        if committed is not None and not rebuild:
             manifest = committed
             repaired = repair_shards(index_dir, manifest)
             result.repaired = repaired.rebuilt_faiss + repaired.dropped_shards
             if repaired:
                 commit_manifest(index_dir, manifest)
+            old_build = committed.get("build") or {}
+            old_budget = old_build.get("memory_budget")
+            old_share = None if old_budget is None else _share(
+                int(old_budget), int(old_build.get("shard_size") or shard_size), max(int(committed.get("rows", 0)), 1))
+            result.upgraded = _upgrade_shards(index_dir, manifest, projection=projection,
+                                              projected_info=projected_info, teacher_prefix=teacher_prefix,
+                                              share=old_share, index_type=old_build.get("index_type") or index_type)
+            if result.upgraded:  # one swap: readers see every shard upgraded, or none
+                commit_manifest(index_dir, manifest)
+                remove_unlisted(index_dir, manifest)
         else:
             # a rebuild writes shards under new names and publishes them in one commit at the end:
             # until then readers, and a run that resumes after a kill, see the old index whole
             manifest = new_manifest(root, student_info, teacher_info, build_params)
             if projected_info is not None:
                 manifest["vectors"]["projected_vec"] = projected_info
+            if teacher_prefix is not None:
+                manifest["vectors"]["teacher_vec"]["ann"] = {"dim": int(teacher_prefix)}
             if committed is not None:
                 manifest["next_shard"] = int(committed.get("next_shard", 0))
         manifest["build"] = build_params
@@ -566,7 +703,7 @@ def build_index(
         if share is not None and plan.todo:  # fail now, not after encoding a whole shard
             first = min(shard_size, len(plan.todo))
             try:
-                choose_index(first, int(student_info["dim"]), share, index_type)
+                _ann_specs(first, int(student_info["dim"]), teacher_prefix, share, index_type)
             except BudgetTooSmallError as error:
                 total = -(-error.needed * expected_rows // min(shard_size, expected_rows))
                 raise BudgetTooSmallError(
@@ -612,8 +749,9 @@ def build_index(
                 # derived from the student vectors (copied rows included): no model runs for it
                 projected_vecs = projection.apply(student_vecs) if projection is not None else None
                 batch = make_record_batch(buffer.columns, student_vecs, teacher_vecs, metadata, projected_vecs)
-                spec = choose_index(len(buffer), student_vecs.shape[1], share, index_type)
-                entry = write_shard(index_dir, shard_name(int(manifest["next_shard"])), batch, spec)
+                spec, teacher_spec = _ann_specs(len(buffer), student_vecs.shape[1], teacher_prefix, share, index_type)
+                entry = write_shard(index_dir, shard_name(int(manifest["next_shard"])), batch, spec,
+                                    teacher_spec=teacher_spec, teacher_ann_dim=teacher_prefix)
                 manifest["shards"].append(entry)
                 manifest["next_shard"] = int(manifest["next_shard"]) + 1
                 result.shards_written += 1
@@ -737,6 +875,8 @@ def compact_index(index_dir: str | os.PathLike[str], *, reindex: bool = False, i
             raise ValueError(f"index_type={kind!r}: choose one of {', '.join(INDEX_TYPES)}")
         budget = parse_bytes(memory_budget) if memory_budget is not None else build.get("memory_budget")
         live_total = sum(int(s["rows"]) - len(s["retired"]) for s in manifest["shards"])
+        ann = (vector_spaces(manifest).get("teacher_vec") or {}).get("ann")
+        teacher_prefix = int(ann["dim"]) if ann else None  # a rewritten shard keeps its teacher ANN
         kept, rewritten, dropped = [], [], 0
         for entry in manifest["shards"]:
             if not entry["retired"] and not reindex:
@@ -753,10 +893,12 @@ def compact_index(index_dir: str | os.PathLike[str], *, reindex: bool = False, i
             batch = table.combine_chunks().to_batches()[0]
             size = int(build.get("shard_size") or table.num_rows)
             share = None if budget is None else _share(int(budget), max(size, table.num_rows), live_total)
-            spec = choose_index(table.num_rows, table.schema.field(STUDENT_COLUMN).type.list_size, share, kind)
+            spec, teacher_spec = _ann_specs(table.num_rows, table.schema.field(STUDENT_COLUMN).type.list_size,
+                                            teacher_prefix, share, kind)
             name = shard_name(int(manifest["next_shard"]))
             manifest["next_shard"] = int(manifest["next_shard"]) + 1
-            kept.append(write_shard(path, name, batch, spec))
+            kept.append(write_shard(path, name, batch, spec, teacher_spec=teacher_spec,
+                                    teacher_ann_dim=teacher_prefix))
         before = len(manifest["shards"])
         manifest["shards"] = kept
         if index_type is not None or memory_budget is not None:

@@ -131,6 +131,14 @@ def index() -> None:
               help="Also store the student's image vectors projected into its teacher's space, for "
                    "`vkd search --mode student-index` (no teacher needed here; the student must be distilled with "
                    "train_modes: [student-index]).  [default: as the existing index; off for a new one]")
+@click.option("--teacher-ann/--no-teacher-ann", default=None,
+              help="Also build, per shard, a FAISS index over the stored teacher vectors, for `vkd search --mode "
+                   "student-query` (on an existing index: built from its stored teacher vectors, nothing is encoded "
+                   "again).  [default: as the existing index; on for a new one with --teacher]")
+@click.option("--teacher-ann-dim", type=click.IntRange(min=1), default=None, metavar="N",
+              help="The teacher ANN holds the first N dimensions of each teacher vector (normalised again); the "
+                   "candidates are re-scored on the full vectors.  [default: 256 for a Matryoshka teacher "
+                   "(Qwen3-VL-Embedding), else the whole vector]")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: this process (decode threads, one encoder). ray: Ray Data decode tasks, a pool of "
                    "encoder actors and shard-writing tasks, on this machine or --ray-address; needs vkd[ray]. "
@@ -151,7 +159,8 @@ def build_command(images_dir: Path, student: str, teacher: str | None, out_dir: 
                   as_json: bool, query_instruction: str | None = None,
                   document_instruction: str | None = None, prefer: str | None = None, engine: str = "local",
                   ray_address: str | None = None, num_workers: int | None = None,
-                  gpus_per_worker: float = 0.0, projected: bool | None = None) -> None:
+                  gpus_per_worker: float = 0.0, projected: bool | None = None, teacher_ann: bool | None = None,
+                  teacher_ann_dim: int | None = None) -> None:
     """Index IMAGES_DIR (recursively) with the student, and the teacher if given.
 
     Images are documents: a Qwen3-VL model encodes them with its document instruction; the
@@ -184,6 +193,10 @@ def build_command(images_dir: Path, student: str, teacher: str | None, out_dir: 
                   "teacher_options": instructions, "prefer": prefer}
         if engine == "ray" and projected:
             raise click.UsageError("--projected is not supported with --engine ray yet; index with --engine local")
+        if engine == "ray" and (teacher_ann or teacher_ann_dim is not None or _has_teacher_ann(out_dir, images_dir)):
+            # the Ray writers build the student FAISS index only: a teacher ANN index would miss their shards
+            raise click.UsageError("--engine ray does not build the teacher ANN index (student-query search) yet; "
+                                   "index with --engine local, or pass --no-teacher-ann to a new index")
         if engine == "ray":
             from vkd.indexer.ray_engine import build_index_ray  # imports ray only when asked for
 
@@ -193,7 +206,8 @@ def build_command(images_dir: Path, student: str, teacher: str | None, out_dir: 
             if ray_address is not None or num_workers is not None or gpus_per_worker:
                 raise click.UsageError("--ray-address, --num-workers and --gpus-per-worker apply to --engine ray; "
                                        "add --engine ray, or leave them out to index in this process")
-            result = build_index(images_dir, out_dir, workers=workers, projected=projected, **common)
+            result = build_index(images_dir, out_dir, workers=workers, projected=projected, teacher_ann=teacher_ann,
+                                 teacher_ann_dim=teacher_ann_dim, **common)
         opened = Index.open(result.index_dir)
     except ImportError as error:  # --engine ray without Ray installed: the message says what to install
         raise click.ClickException(str(error)) from None
@@ -207,6 +221,9 @@ def build_command(images_dir: Path, student: str, teacher: str | None, out_dir: 
                f"{result.reused} reused (moved, renamed or copied files: vectors copied, not encoded), "
                f"{result.unchanged} unchanged, {result.retired} retired, {result.skipped} skipped"
                + (f" (listed in {result.index_dir / 'skipped.jsonl'})" if result.skipped else ""))
+    if result.upgraded:
+        click.echo(f"added {', '.join(_vector_names(opened))} to {len(result.upgraded)} committed shard(s) from "
+                   "their stored vectors (no image encoded again)")
     if result.repaired:
         click.echo(f"repaired {len(result.repaired)} damaged shard(s) ({', '.join(result.repaired)}): FAISS files "
                    "rebuilt from their Arrow shards, or shards with a damaged Arrow file re-encoded")
@@ -215,6 +232,25 @@ def build_command(images_dir: Path, student: str, teacher: str | None, out_dir: 
     if result.added - result.reused > 0:
         click.echo(f"encoded with: student {result.student_backend}"
                    + (f", teacher {result.teacher_backend}" if result.teacher_backend else ""))
+
+
+def _has_teacher_ann(out_dir: Path | None, images_dir: Path) -> bool:
+    """Whether the index a run would write to has a teacher ANN index (False when none exists yet)."""
+    from vkd.indexer.build import default_out_dir
+    from vkd.indexer.manifest import ManifestError, read_manifest, vector_spaces
+
+    target = Path(out_dir) if out_dir is not None else default_out_dir(images_dir)
+    try:
+        return bool((vector_spaces(read_manifest(target)).get("teacher_vec") or {}).get("ann"))
+    except (ManifestError, OSError):
+        return False
+
+
+def _vector_names(index: Any) -> list[str]:
+    names = ["projected vectors"] if "projected_vec" in index.vectors else []
+    if (index.vectors.get("teacher_vec") or {}).get("ann"):
+        names.append("the teacher ANN index")
+    return names
 
 
 def _models(student: dict[str, Any], teacher: dict[str, Any] | None) -> str:

@@ -157,6 +157,34 @@ def choose_index(n_rows: int, dim: int, memory_budget_bytes: int | None = None,
     return _ivfpq(n_rows, dim, budget, f"{why}; IVF-PQ with exact re-scoring", forced=False)
 
 
+#: the Matryoshka prefix a teacher trained with one is searched on (Qwen3-VL-Embedding: 256 of 2048/4096)
+MATRYOSHKA_PREFIX = 256
+MATRYOSHKA_FAMILIES = ("qwen3_vl", "qwen3-vl")  # model_type, and the family name
+
+
+def teacher_ann_dim(family: str | None, dim: int, requested: int | None = None) -> int:
+    """How many leading dimensions of the teacher's vectors its ANN index (student-query search)
+    holds: ``requested`` when given, a Matryoshka prefix for a teacher trained with one (its
+    prefix is a good embedding on its own, so a smaller index finds the candidates, which are
+    then re-scored on the full vectors), else the whole vector. Pure, like ``choose_index``."""
+    if requested is not None:
+        if not 1 <= int(requested) <= dim:
+            raise ValueError(f"teacher ANN dim {requested}: must lie in [1, {dim}] (the teacher's dimension)")
+        return int(requested)
+    if family in MATRYOSHKA_FAMILIES and dim > MATRYOSHKA_PREFIX:
+        return MATRYOSHKA_PREFIX
+    return dim
+
+
+def split_share(share: int | None, widths: tuple[int, ...]) -> tuple[int | None, ...]:
+    """A shard's memory budget share divided between its FAISS indexes (student, teacher ANN) in
+    proportion to their vector widths, so that the budget still caps all of them together."""
+    if share is None:
+        return tuple(None for _ in widths)
+    total = max(sum(widths), 1)
+    return tuple(max(1, share * width // total) for width in widths)
+
+
 def _faiss() -> Any:
     import faiss
 

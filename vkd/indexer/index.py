@@ -37,8 +37,12 @@ from vkd.indexer.shards import (
     META_COLUMNS,
     PATH_BYTES_COLUMN,
     PROJECTED_COLUMN,
+    STUDENT_ANN,
     STUDENT_COLUMN,
+    TEACHER_ANN,
     TEACHER_COLUMN,
+    AnnFile,
+    ann_rows,
     open_arrow,
     relative_paths,
     vector_view,
@@ -53,10 +57,97 @@ class ShardDamagedError(ManifestError):
     """A shard's FAISS file is missing or damaged; its Arrow vectors can rebuild it."""
 
 
-class Shard:
-    """One Arrow shard (memory-mapped) and its FAISS index (its file held open)."""
+class ShardAnn:
+    """One FAISS index of a shard (``shards.AnnFile``: the student's, or the teacher ANN over a
+    prefix of the teacher vectors), its file held open from the snapshot's opening; read on the
+    first search. The same ``spec`` / ``rows`` / ``searcher`` as ``Shard`` offers, so the
+    filtered search (``search_allowed``) runs over either."""
 
-    def __init__(self, index_dir: Path, entry: dict[str, Any], images_root: Path) -> None:
+    def __init__(self, shard: Shard, ann: AnnFile, entry: dict[str, Any], view: np.ndarray,
+                 prefix: int | None) -> None:
+        self.shard_name = shard.name
+        self.arrow_path = shard.arrow_path
+        self.path = shard.arrow_path.parent / entry[ann.file_key]
+        self.spec = IndexSpec.from_dict(entry[ann.spec_key])
+        self.rows = shard.rows
+        self.retired_rows = shard.retired_rows
+        self.column = ann.column
+        self.prefix = prefix
+        self._view = view
+        self.dim: int = view.shape[1] if prefix is None else int(prefix)
+        self._searcher: FaissSearcher | None = None
+        self._lock = threading.Lock()
+        self._file, self.damage = _open_faiss(self.path, entry.get(ann.bytes_key))
+
+    @property
+    def searcher(self) -> FaissSearcher:
+        if self._searcher is None:
+            with self._lock:
+                if self._searcher is None:
+                    # IVF-PQ re-scores its finds on these vectors: the ones the index holds (the prefix)
+                    source = self._view if self.prefix is None else _PrefixRows(self._view, self.prefix)
+                    self._searcher = FaissSearcher(self._read(), self.spec, source, self.retired_rows)
+        return self._searcher
+
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        """float32 [len(rows), dim]: the rows as this index holds them (a prefix normalised again)."""
+        return ann_rows(self._view, np.asarray(rows, dtype=np.int64), self.prefix)
+
+    def _damaged(self, why: str) -> ShardDamagedError:
+        return ShardDamagedError(
+            f"{self.path}: {why}; shard {self.shard_name} cannot be searched until its FAISS index is rebuilt "
+            f"from {self.arrow_path.name}: run `vkd index verify --repair {self.path.parent}` (or re-run "
+            "`vkd index` on the images folder)")
+
+    def _read(self) -> Any:
+        if self.damage is not None or self._file is None:
+            raise self._damaged(self.damage or "not open")
+        # pread from the handle opened with the snapshot: the name may be gone or replaced by now
+        size = os.fstat(self._file.fileno()).st_size
+        data = os.pread(self._file.fileno(), size, 0)
+        try:
+            index = deserialize_faiss(data)
+        except RuntimeError as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else "unreadable"
+            raise self._damaged(f"not a readable FAISS index ({first_line})") from None
+        if index.ntotal != self.rows or index.d != self.dim:
+            raise self._damaged(f"ntotal={index.ntotal}, d={index.d} but the Arrow shard has {self.rows} rows "
+                                f"of dim {self.dim}")
+        return index
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` live rows by inner product: (scores [q, k], rows [q, k]), padded -inf / -1."""
+        queries = np.asarray(queries, dtype=np.float32)
+        if queries.ndim == 1:
+            queries = queries[None, :]
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise ValueError(f"{self.shard_name}: queries have shape {queries.shape}; expected [q, {self.dim}] "
+                             f"(vectors of this index's {self.column}"
+                             + (f", first {self.prefix} dimensions)" if self.prefix is not None else ")"))
+        return self.searcher.search(np.ascontiguousarray(queries), int(k))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class _PrefixRows:
+    """Row access to a vector view as its prefix, normalised again (what a prefix index holds)."""
+
+    def __init__(self, view: np.ndarray, prefix: int) -> None:
+        self.view, self.prefix = view, prefix
+
+    def __getitem__(self, rows: Any) -> np.ndarray:
+        return ann_rows(self.view, rows, self.prefix)
+
+
+class Shard:
+    """One Arrow shard (memory-mapped) and its FAISS indexes (their files held open): the
+    student's (``search``) and, where the index has one, the teacher ANN (``teacher_ann``)."""
+
+    def __init__(self, index_dir: Path, entry: dict[str, Any], images_root: Path,
+                 teacher_ann_dim: int | None = None) -> None:
         self.entry = entry
         self.name: str = entry["name"]
         self.arrow_path = index_dir / entry["arrow"]
@@ -83,9 +174,12 @@ class Shard:
         self.projected_dim: int | None = (self.table.schema.field(PROJECTED_COLUMN).type.list_size
                                           if PROJECTED_COLUMN in self.table.column_names else None)
         self._projected = vector_view(self.table, PROJECTED_COLUMN) if self.projected_dim else None
-        self._searcher: FaissSearcher | None = None
-        self._lock = threading.Lock()
-        self._faiss_file, self.damage = _open_faiss(self.faiss_path, entry.get("faiss_bytes"))
+        self.student_ann = ShardAnn(self, STUDENT_ANN, entry, self._student, None)
+        #: the FAISS index over the teacher vectors' first ``teacher_ann_dim`` dimensions (student-query)
+        self.teacher_ann: ShardAnn | None = None
+        if TEACHER_ANN.file_key in entry and self._teacher is not None:
+            prefix = teacher_ann_dim if teacher_ann_dim is not None and teacher_ann_dim < self._teacher.shape[1] else None
+            self.teacher_ann = ShardAnn(self, TEACHER_ANN, entry, self._teacher, prefix)
 
     def __repr__(self) -> str:
         return f"Shard({self.name!r}, rows={self.rows}, live={self.live_rows}, index={self.spec.factory})"
@@ -94,40 +188,30 @@ class Shard:
         return self.live_rows
 
     @property
+    def damage(self) -> str | None:
+        """What is wrong with the student FAISS file (None: nothing found at opening)."""
+        return self.student_ann.damage
+
+    @property
+    def teacher_damage(self) -> str | None:
+        return self.teacher_ann.damage if self.teacher_ann is not None else None
+
+    @property
     def searcher(self) -> FaissSearcher:
-        if self._searcher is None:
-            with self._lock:
-                if self._searcher is None:
-                    self._searcher = FaissSearcher(self._read_faiss(), self.spec, self._student, self.retired_rows)
-        return self._searcher
+        return self.student_ann.searcher
 
-    def _damaged(self, why: str) -> ShardDamagedError:
-        return ShardDamagedError(
-            f"{self.faiss_path}: {why}; shard {self.name} cannot be searched until its FAISS index is rebuilt "
-            f"from {self.arrow_path.name}: run `vkd index verify --repair {self.faiss_path.parent}` (or re-run "
-            "`vkd index` on the images folder)")
-
-    def _read_faiss(self) -> Any:
-        if self.damage is not None or self._faiss_file is None:
-            raise self._damaged(self.damage or "not open")
-        # pread from the handle opened with the snapshot: the name may be gone or replaced by now
-        size = os.fstat(self._faiss_file.fileno()).st_size
-        data = os.pread(self._faiss_file.fileno(), size, 0)
-        try:
-            index = deserialize_faiss(data)
-        except RuntimeError as error:
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else "unreadable"
-            raise self._damaged(f"not a readable FAISS index ({first_line})") from None
-        if index.ntotal != self.rows or index.d != self.dim:
-            raise self._damaged(f"ntotal={index.ntotal}, d={index.d} but the Arrow shard has {self.rows} rows "
-                                f"of dim {self.dim}")
-        return index
+    def ann(self, column: str) -> ShardAnn:
+        """The shard's FAISS index over ``column`` (student_vec, or teacher_vec for the teacher ANN)."""
+        found = {STUDENT_COLUMN: self.student_ann, TEACHER_COLUMN: self.teacher_ann}.get(column)
+        if found is None:
+            raise ValueError(f"{self.name}: no FAISS index over {column}")
+        return found
 
     def close(self) -> None:
-        """Release the FAISS file (the Arrow map goes with the last reference to the table)."""
-        if self._faiss_file is not None:
-            self._faiss_file.close()
-            self._faiss_file = None
+        """Release the FAISS files (the Arrow map goes with the last reference to the table)."""
+        self.student_ann.close()
+        if self.teacher_ann is not None:
+            self.teacher_ann.close()
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` live rows by inner product for each query.
@@ -141,7 +225,7 @@ class Shard:
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"{self.name}: queries have shape {queries.shape}; expected [q, {self.dim}] "
                              "(vectors of this index's student)")
-        return self.searcher.search(np.ascontiguousarray(queries), int(k))
+        return self.student_ann.search(queries, k)
 
     def _rows(self, rows: np.ndarray | Sequence[int]) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
@@ -243,9 +327,10 @@ class Index:
             manifest = read_manifest(index_dir)
             root = Path(images_root).expanduser().resolve() if images_root else Path(manifest["images_root"])
             shards: list[Shard] = []
+            ann = (vector_spaces(manifest).get("teacher_vec") or {}).get("ann")
             try:
                 for entry in manifest["shards"]:
-                    shards.append(Shard(index_dir, entry, root))
+                    shards.append(Shard(index_dir, entry, root, int(ann["dim"]) if ann else None))
             except (FileNotFoundError, OSError, pa.ArrowInvalid) as error:
                 for shard in shards:
                     shard.close()
@@ -257,7 +342,7 @@ class Index:
                 raise ManifestError(f"{index_dir / MANIFEST_NAME}: lists {arrow}, which {why}; run "
                                     f"`vkd index verify --repair {index_dir}` (it drops the shard, and the next "
                                     "`vkd index` run re-encodes its images)") from None
-            if any(shard.damage for shard in shards) and attempt < 2 and read_manifest(index_dir) != manifest:
+            if any(shard.damage or shard.teacher_damage for shard in shards) and attempt < 2 and read_manifest(index_dir) != manifest:
                 # a commit (compaction, rebuild) replaced files between reading the manifest and
                 # opening them: take the new snapshot rather than one with holes
                 for shard in shards:
@@ -323,6 +408,8 @@ class Index:
         files = [self.path / MANIFEST_NAME, self.path / SKIPPED_NAME]
         for shard in self.shards:
             files += [shard.arrow_path, shard.faiss_path]
+            if shard.teacher_ann is not None:
+                files.append(shard.teacher_ann.path)
         kinds: dict[str, int] = {}
         for shard in self.shards:
             kinds[shard.spec.kind] = kinds.get(shard.spec.kind, 0) + 1
@@ -344,7 +431,8 @@ class Index:
             "bytes_on_disk": sum(f.stat().st_size for f in files if f.exists()),
             "skipped": int(self.manifest.get("skipped", 0)),
             "unfinished_run": self.manifest.get("unfinished_run"),
-            "damaged_shards": {s.name: s.damage for s in self.shards if s.damage is not None},
+            "damaged_shards": {s.name: s.damage or f"teacher ANN: {s.teacher_damage}" for s in self.shards
+                               if s.damage is not None or s.teacher_damage is not None},
             "shard_list": [{"name": s.name, "rows": s.rows, "live_rows": s.live_rows, "index": s.spec.factory}
                            for s in self.shards],
         }

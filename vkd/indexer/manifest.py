@@ -16,8 +16,13 @@ Layout (``version`` 1)::
                  "arrow_bytes", "faiss_bytes", "index": IndexSpec, "retired": [ids], "created"}],
      "next_shard": int, "rows": int, "live_rows": int, "skipped": int,
      "unfinished_run": {"started", "pid", "to_encode", "rebuild"},  # only while a run is under way
-     "vectors": {"student_vec": {"space", "dim"}, "teacher_vec": {"space", "dim"},
+     "vectors": {"student_vec": {"space", "dim"}, "teacher_vec": {"space", "dim", "ann": {"dim"}},
                  "projected_vec": {"space", "dim", "teacher": {...}, "projection_sha256"}}}
+
+A shard entry of an index with a teacher ANN (``vectors.teacher_vec.ann``) also holds
+``"teacher_faiss", "teacher_faiss_sha256", "teacher_faiss_bytes", "teacher_index"``: the
+FAISS index over the first ``ann.dim`` dimensions of its teacher vectors (student-query
+search), kept exactly like ``faiss`` (``shards.ANN_FILES``). Every shard has one, or none does.
 
 ``vectors`` says which vector columns every shard holds and in which space each is
 (``"student:<fingerprint>"`` or ``"teacher:<fingerprint>"``): ``student_vec`` always (the FAISS
@@ -62,7 +67,7 @@ MANIFEST_NAME = "manifest.json"
 SKIPPED_NAME = "skipped.jsonl"
 FORMAT = "vkd-index"
 VERSION = 1
-SHARD_FILE = re.compile(r"^shard-\d{5,}\.(arrow|faiss)$")
+SHARD_FILE = re.compile(r"^shard-\d{5,}\.(arrow|faiss|teacher\.faiss)$")
 SHARD_NAME = re.compile(r"^shard-\d{5,}$")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # = vkd.indexer.faiss_index.INDEX_TYPES less "auto"; not imported, to keep this module light
@@ -74,6 +79,8 @@ MODEL_KEYS = ("name", "fingerprint", "dim", "family")
 MODEL_OPTIONS = frozenset({"query_instruction", "document_instruction", "matryoshka_dim", "max_text_length",
                            "min_pixels", "max_pixels", "max_length", "image_buckets"})
 SHARD_KEYS = ("name", "arrow", "faiss", "rows", "arrow_sha256", "faiss_sha256", "index", "retired")
+# = shards.TEACHER_ANN's keys: all or none in a shard entry
+TEACHER_ANN_KEYS = ("teacher_faiss", "teacher_faiss_sha256", "teacher_faiss_bytes", "teacher_index")
 VECTOR_COLUMNS = ("student_vec", "teacher_vec", "projected_vec")  # = the shards' vector columns
 SPACE = re.compile(r"^(student|teacher):[^\s]+$")
 
@@ -212,6 +219,15 @@ def _check_vectors(manifest: dict[str, Any], path: Path) -> None:
                  "'teacher:<fingerprint>', dim: positive integer}")
     _require(("teacher_vec" in vectors) == (manifest.get("teacher") is not None), path,
              "vectors.teacher_vec must be present exactly when key 'teacher' is")
+    ann = vectors.get("teacher_vec", {}).get("ann")
+    if ann is not None:
+        _require(isinstance(ann, dict) and _is_int(ann.get("dim"), 1) and ann["dim"] <= vectors["teacher_vec"]["dim"],
+                 path, f"vectors.teacher_vec.ann is {ann!r:.80}, expected {{dim: 1..the teacher's dim}}")
+    for i, shard in enumerate(manifest.get("shards") or []):
+        if isinstance(shard, dict):
+            _require(("teacher_faiss" in shard) == (ann is not None), path,
+                     f"shards[{i}] {'lacks' if ann is not None else 'has'} a teacher_faiss, but vectors.teacher_vec."
+                     f"ann is {'set' if ann is not None else 'not'}: every shard has a teacher ANN index, or none")
     projected = vectors.get("projected_vec")
     if projected is not None:
         _check_model(projected.get("teacher"), "vectors.projected_vec.teacher", path)
@@ -245,6 +261,16 @@ def _check_shard(shard: Any, i: int, path: Path) -> int:
         _require(shard.get(key) is None or _is_int(shard[key]), path,
                  f"{where}.{key} is {shard.get(key)!r:.80}, expected an integer >= 0")
     _check_index_spec(shard["index"], f"{where}.index", path)
+    if any(key in shard for key in TEACHER_ANN_KEYS):
+        lacking = [k for k in TEACHER_ANN_KEYS if k not in shard]
+        _require(not lacking, path, f"{where} lacks {', '.join(lacking)}")
+        _require(shard["teacher_faiss"] == f"{name}.teacher.faiss", path,
+                 f"{where}.teacher_faiss is {shard['teacher_faiss']!r:.80}, expected {name}.teacher.faiss")
+        _require(isinstance(shard["teacher_faiss_sha256"], str) and SHA256.match(shard["teacher_faiss_sha256"]),
+                 path, f"{where}.teacher_faiss_sha256 is {shard['teacher_faiss_sha256']!r:.80}, expected 64 hex digits")
+        _require(_is_int(shard["teacher_faiss_bytes"]), path,
+                 f"{where}.teacher_faiss_bytes is {shard['teacher_faiss_bytes']!r:.80}, expected an integer >= 0")
+        _check_index_spec(shard["teacher_index"], f"{where}.teacher_index", path)
     retired = shard["retired"]
     _require(isinstance(retired, list) and all(isinstance(r, str) for r in retired), path,
              f"{where}.retired must be a list of row ids (strings)")
@@ -316,6 +342,8 @@ def listed_files(manifest: dict[str, Any]) -> set[str]:
     names = set()
     for shard in manifest["shards"]:
         names.update((shard["arrow"], shard["faiss"]))
+        if "teacher_faiss" in shard:
+            names.add(shard["teacher_faiss"])
     return names
 
 

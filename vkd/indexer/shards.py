@@ -42,6 +42,10 @@ for it).
 
 ``shard-NNNNN.faiss`` indexes ``student_vec`` (inner product; FAISS ids = row numbers) and
 can always be rebuilt from the Arrow file, which is the source of truth.
+``shard-NNNNN.teacher.faiss``, in an index whose manifest records ``vectors.teacher_vec.ann``,
+indexes the first ``ann.dim`` dimensions of ``teacher_vec`` (each prefix normalised again when
+it is shorter than the vector): the student-query search mode's ANN. Both are ``AnnFile``s:
+one way to write, check, repair and open either.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -69,6 +74,40 @@ CAPTURED_COLUMN = "captured"
 STUDENT_COLUMN = "student_vec"
 TEACHER_COLUMN = "teacher_vec"
 PROJECTED_COLUMN = "projected_vec"
+
+
+@dataclass(frozen=True)
+class AnnFile:
+    """A FAISS index a shard carries: over which vector column, in which file
+    (``<shard name>.<suffix>``) and under which keys of the manifest's shard entry."""
+
+    column: str
+    suffix: str
+    file_key: str
+    sha_key: str
+    bytes_key: str
+    spec_key: str
+
+    def file_name(self, shard: str) -> str:
+        return f"{shard}.{self.suffix}"
+
+
+STUDENT_ANN = AnnFile(STUDENT_COLUMN, "faiss", "faiss", "faiss_sha256", "faiss_bytes", "index")
+TEACHER_ANN = AnnFile(TEACHER_COLUMN, "teacher.faiss", "teacher_faiss", "teacher_faiss_sha256", "teacher_faiss_bytes",
+                      "teacher_index")
+ANN_FILES = (STUDENT_ANN, TEACHER_ANN)
+
+
+def ann_rows(view: np.ndarray, rows: np.ndarray | slice | None = None, prefix: int | None = None) -> np.ndarray:
+    """float32 [n, width]: what an ANN index over the vector ``view`` holds for ``rows`` (all when
+    None): the first ``prefix`` dimensions, normalised again when shorter than the vector (a
+    Matryoshka prefix is an embedding of its own, compared by cosine), else the vectors as stored."""
+    picked = view if rows is None else view[rows]
+    width = view.shape[1] if prefix is None else int(prefix)
+    out = np.asarray(picked[:, :width], dtype=np.float32)
+    if width < view.shape[1]:
+        out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+    return out
 
 
 def shard_name(number: int) -> str:
@@ -99,7 +138,7 @@ def shard_schema(student_dim: int, teacher_dim: int | None = None,
     return pa.schema(fields, metadata=meta)
 
 
-def _vector_array(vectors: np.ndarray, dtype: np.dtype, dim: int) -> pa.FixedSizeListArray:
+def vector_array(vectors: np.ndarray, dtype: np.dtype, dim: int) -> pa.FixedSizeListArray:
     flat = np.ascontiguousarray(vectors, dtype=dtype).reshape(-1)
     return pa.FixedSizeListArray.from_arrays(pa.array(flat), dim)
 
@@ -123,11 +162,11 @@ def make_record_batch(columns: Mapping[str, Sequence[Any]], student_vecs: np.nda
               PATH_BYTES_COLUMN: [raw for _, raw in stored]}
     arrays = [pa.array(list(values[field.name]), type=field.type) for field in schema
               if field.name in META_COLUMNS or field.name in (PATH_BYTES_COLUMN, CAPTURED_COLUMN)]
-    arrays.append(_vector_array(student_vecs, np.float32, student_dim))
+    arrays.append(vector_array(student_vecs, np.float32, student_dim))
     if teacher_vecs is not None:
-        arrays.append(_vector_array(teacher_vecs, np.float16, teacher_dim))
+        arrays.append(vector_array(teacher_vecs, np.float16, teacher_dim))
     if projected_vecs is not None:
-        arrays.append(_vector_array(projected_vecs, np.float16, projected_dim))
+        arrays.append(vector_array(projected_vecs, np.float16, projected_dim))
     lengths = {len(a) for a in arrays}
     if len(lengths) != 1:
         raise ValueError(f"shard columns have different lengths: {sorted(lengths)}")
@@ -181,8 +220,11 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def write_shard(out_dir: Path, name: str, batch: pa.RecordBatch, spec: IndexSpec) -> dict[str, Any]:
-    """Write ``name.arrow`` and ``name.faiss`` (each atomically) and return the manifest entry.
+def write_shard(out_dir: Path, name: str, batch: pa.RecordBatch, spec: IndexSpec, *,
+                teacher_spec: IndexSpec | None = None, teacher_ann_dim: int | None = None) -> dict[str, Any]:
+    """Write ``name.arrow`` and ``name.faiss`` (each atomically) and return the manifest entry;
+    with ``teacher_spec``, also ``name.teacher.faiss`` over the first ``teacher_ann_dim``
+    dimensions of ``teacher_vec`` (``write_ann``).
 
     The files are not part of the index until a manifest listing the entry is committed.
     """
@@ -190,25 +232,36 @@ def write_shard(out_dir: Path, name: str, batch: pa.RecordBatch, spec: IndexSpec
     arrow_path = out_dir / f"{name}.arrow"
     atomic_write_bytes(arrow_path, memoryview(data))
     arrow_sha = hashlib.sha256(memoryview(data)).hexdigest()
-    faiss_path, faiss_sha, faiss_size = write_faiss(
-        out_dir, name, vector_view(pa.Table.from_batches([batch]), STUDENT_COLUMN), spec)
-    return {
+    entry: dict[str, Any] = {
         "name": name,
         "arrow": arrow_path.name,
-        "faiss": faiss_path.name,
         "rows": batch.num_rows,
         "arrow_sha256": arrow_sha,
-        "faiss_sha256": faiss_sha,
         "arrow_bytes": data.size,
-        "faiss_bytes": faiss_size,
-        "index": spec.to_dict(),
         "retired": [],
         "created": now_iso(),
     }
+    table = pa.Table.from_batches([batch])
+    write_ann(out_dir, entry, table, STUDENT_ANN, spec)
+    if teacher_spec is not None:
+        write_ann(out_dir, entry, table, TEACHER_ANN, teacher_spec, teacher_ann_dim)
+    return entry
 
 
-def write_faiss(out_dir: Path, name: str, vectors: np.ndarray, spec: IndexSpec) -> tuple[Path, str, int]:
-    """Build the FAISS index ``spec`` over ``vectors`` and write ``name.faiss`` atomically.
+def write_ann(out_dir: Path, entry: dict[str, Any], table: pa.Table, ann: AnnFile, spec: IndexSpec,
+              prefix: int | None = None) -> None:
+    """Build ``ann``'s FAISS index of the shard ``entry`` over ``table``'s vectors (their first
+    ``prefix`` dimensions), write its file atomically and record file, checksum, size and spec
+    in ``entry`` (in place; committed with the manifest). How shards get their indexes, how a
+    damaged one is rebuilt, and how an index gains a teacher ANN."""
+    path, sha, size = write_faiss(out_dir, entry["name"], ann_rows(vector_view(table, ann.column), prefix=prefix),
+                                  spec, suffix=ann.suffix)
+    entry.update({ann.file_key: path.name, ann.sha_key: sha, ann.bytes_key: size, ann.spec_key: spec.to_dict()})
+
+
+def write_faiss(out_dir: Path, name: str, vectors: np.ndarray, spec: IndexSpec,
+                suffix: str = STUDENT_ANN.suffix) -> tuple[Path, str, int]:
+    """Build the FAISS index ``spec`` over ``vectors`` and write ``name.<suffix>`` atomically.
 
     Returns (path, sha256, size in bytes) for the manifest entry. Also how a missing or
     damaged FAISS file is rebuilt from its Arrow shard.
@@ -216,6 +269,6 @@ def write_faiss(out_dir: Path, name: str, vectors: np.ndarray, spec: IndexSpec) 
     import faiss
 
     faiss_data = faiss.serialize_index(build_faiss(vectors, spec))
-    faiss_path = out_dir / f"{name}.faiss"
+    faiss_path = out_dir / f"{name}.{suffix}"
     atomic_write_bytes(faiss_path, memoryview(faiss_data))
     return faiss_path, hashlib.sha256(faiss_data).hexdigest(), int(faiss_data.size)

@@ -9,7 +9,8 @@ Across shards: every id is live at most once, and the manifest's totals add up.
 
 ``repair_shards`` is what ``vkd index`` runs before every update (cheap checks: the files
 exist with the recorded sizes) and ``vkd index verify --repair`` runs with checksums: a bad
-FAISS file is rebuilt from its Arrow shard, the source of truth; a shard whose Arrow file is
+FAISS file (``shard-N.faiss``, or the teacher ANN's ``shard-N.teacher.faiss``) is rebuilt from
+its Arrow shard, the source of truth; a shard whose Arrow file is
 bad is dropped from the manifest, so the next ``vkd index`` run re-encodes its images.
 The caller holds the writer lock and commits the manifest.
 """
@@ -27,15 +28,19 @@ import pyarrow.ipc as ipc
 
 from vkd.indexer.faiss_index import IndexSpec
 from vkd.indexer.fsutil import sha256_file
-from vkd.indexer.manifest import MANIFEST_NAME, ManifestError, read_manifest
+from vkd.indexer.manifest import MANIFEST_NAME, ManifestError, read_manifest, vector_spaces
 from vkd.indexer.shards import (
+    ANN_FILES,
     CAPTURED_COLUMN,
     META_COLUMNS,
+    PROJECTED_COLUMN,
     STUDENT_COLUMN,
+    TEACHER_ANN,
     TEACHER_COLUMN,
+    AnnFile,
     open_arrow,
     vector_view,
-    write_faiss,
+    write_ann,
 )
 
 NORM_TOLERANCE = 1e-3
@@ -75,13 +80,17 @@ def verify_index(index_dir: str | os.PathLike[str]) -> list[str]:
     problems: list[str] = []
     student_dim = int(manifest["student"]["dim"])
     teacher = manifest.get("teacher")
+    vectors = vector_spaces(manifest)
+    # the dimension each FAISS file must have: the student's, the teacher ANN's prefix
+    ann_dims = {ann: ann_dim(manifest, ann) for ann in ANN_FILES}
     live_ids: dict[str, str] = {}
     total_rows = total_live = 0
     for shard in manifest["shards"]:
         name = shard["name"]
-        arrow_path, faiss_path = path / shard["arrow"], path / shard["faiss"]
+        arrow_path = path / shard["arrow"]
         sound = True
-        for file_path, key in ((arrow_path, "arrow"), (faiss_path, "faiss")):
+        files = [(arrow_path, "arrow")] + [(path / shard[a.file_key], a.file_key) for a in ANN_FILES if a.file_key in shard]
+        for file_path, key in files:
             if not file_path.is_file():
                 problems.append(f"{file_path}: listed in the manifest but missing")
                 sound = False
@@ -119,6 +128,8 @@ def verify_index(index_dir: str | os.PathLike[str]) -> list[str]:
             _check_vectors(problems, label, table, TEACHER_COLUMN, int(teacher["dim"]), 2e-2)
         elif TEACHER_COLUMN in table.column_names:
             problems.append(f"{label}: has {TEACHER_COLUMN} but the manifest records no teacher")
+        if "projected_vec" in vectors:
+            _check_vectors(problems, label, table, PROJECTED_COLUMN, int(vectors["projected_vec"]["dim"]), 2e-2)
         ids = table.column("id").to_pylist()
         if len(set(ids)) != len(ids):
             problems.append(f"{label}: duplicate ids")
@@ -134,17 +145,22 @@ def verify_index(index_dir: str | os.PathLike[str]) -> list[str]:
             live_ids[row_id] = name
         total_rows += table.num_rows
         total_live += table.num_rows - len(retired & set(ids))
-        try:
-            index = faiss.read_index(str(faiss_path))
-        except RuntimeError as error:
-            problems.append(f"{faiss_path}: not a readable FAISS index: {error}")
-            continue
-        if index.ntotal != table.num_rows:
-            problems.append(f"{faiss_path}: ntotal={index.ntotal}, the Arrow shard has {table.num_rows} rows")
-        if index.d != student_dim:
-            problems.append(f"{faiss_path}: dimension {index.d}, the student's is {student_dim}")
-        if index.metric_type != faiss.METRIC_INNER_PRODUCT:
-            problems.append(f"{faiss_path}: metric {index.metric_type}, expected inner product")
+        for ann, dim in ann_dims.items():
+            if dim is None:
+                continue
+            faiss_path = path / shard[ann.file_key]
+            try:
+                index = faiss.read_index(str(faiss_path))
+            except RuntimeError as error:
+                problems.append(f"{faiss_path}: not a readable FAISS index: {error}")
+                continue
+            if index.ntotal != table.num_rows:
+                problems.append(f"{faiss_path}: ntotal={index.ntotal}, the Arrow shard has {table.num_rows} rows")
+            if index.d != dim:
+                what = "the student's" if ann.column == STUDENT_COLUMN else "the teacher ANN's (vectors.teacher_vec.ann)"
+                problems.append(f"{faiss_path}: dimension {index.d}, {what} is {dim}")
+            if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+                problems.append(f"{faiss_path}: metric {index.metric_type}, expected inner product")
     if not problems:
         if manifest.get("rows") is not None and int(manifest["rows"]) != total_rows:
             problems.append(f"{path / MANIFEST_NAME}: rows={manifest['rows']}, shards hold {total_rows}")
@@ -181,23 +197,37 @@ def _arrow_sound(path: Path, entry: dict[str, Any], deep: bool) -> bool:
         return False
 
 
+def ann_dim(manifest: dict[str, Any], ann: AnnFile) -> int | None:
+    """The dimension of ``ann``'s FAISS files in this index; None when its shards have none."""
+    if ann.column == STUDENT_COLUMN:
+        return int(manifest["student"]["dim"])
+    if ann is TEACHER_ANN:
+        record = (vector_spaces(manifest).get("teacher_vec") or {}).get("ann")
+        return int(record["dim"]) if record else None
+    return None  # pragma: no cover - every AnnFile is one of the above
+
+
 def repair_shards(index_dir: Path, manifest: dict[str, Any], *, deep: bool = False) -> RepairResult:
-    """Rebuild bad FAISS files from their Arrow shards and drop shards whose Arrow file is bad,
-    updating ``manifest`` in place (not committed). ``deep`` compares checksums too."""
+    """Rebuild bad FAISS files (the student's and the teacher ANN's) from their Arrow shards and
+    drop shards whose Arrow file is bad, updating ``manifest`` in place (not committed).
+    ``deep`` compares checksums too. ``rebuilt_faiss`` names the files rebuilt."""
     result = RepairResult()
     kept = []
     for entry in manifest["shards"]:
-        arrow_path, faiss_path = index_dir / entry["arrow"], index_dir / entry["faiss"]
+        arrow_path = index_dir / entry["arrow"]
         if not _arrow_sound(arrow_path, entry, deep):
             result.dropped_shards.append(entry["name"])
             continue
         kept.append(entry)
-        if _file_sound(faiss_path, entry.get("faiss_bytes"), entry["faiss_sha256"] if deep else None):
-            continue
-        vectors = vector_view(open_arrow(arrow_path), STUDENT_COLUMN)
-        _, sha, size = write_faiss(index_dir, entry["name"], vectors, IndexSpec.from_dict(entry["index"]))
-        entry.update(faiss_sha256=sha, faiss_bytes=size)
-        result.rebuilt_faiss.append(entry["name"])
+        table = None
+        for ann in ANN_FILES:
+            if ann.file_key not in entry or _file_sound(index_dir / entry[ann.file_key], entry.get(ann.bytes_key),
+                                                         entry[ann.sha_key] if deep else None):
+                continue
+            table = table if table is not None else open_arrow(arrow_path)
+            prefix = ann_dim(manifest, ann) if ann is not ANN_FILES[0] else None
+            write_ann(index_dir, entry, table, ann, IndexSpec.from_dict(entry[ann.spec_key]), prefix)
+            result.rebuilt_faiss.append(entry["name"] if ann is ANN_FILES[0] else ann.file_name(entry["name"]))
     manifest["shards"] = kept
     return result
 

@@ -69,6 +69,9 @@ _NEW_FLAGS = ("and_terms", "not_terms", "image_and", "image_not", "raw", "path_g
               help="two-stage: student ANN, teacher rerank. student-query: the projected student encodes the query "
                    "against the stored teacher vectors (no teacher at query time). student-index: the teacher "
                    "encodes the query against the stored projected student vectors (index built with --projected).")
+@click.option("--scan", is_flag=True,
+              help="--mode student-query: rank every stored teacher vector (exact, linear in the index's size) "
+                   "instead of the teacher ANN index; serves indexes built before it existed.")
 @click.option("--student", default=None, metavar="MODEL",
               help="Student model (directory or ONNX export).  [default: the one the index was built with]")
 @click.option("--teacher", default=None, metavar="MODEL",
@@ -88,7 +91,7 @@ def search(query: str | None, image: str | None, and_terms: tuple[str, ...], not
            taken_after: str | None, taken_before: str | None, min_width: int | None, max_width: int | None,
            min_height: int | None, max_height: int | None, orientation: str | None, min_score: float | None,
            index_dir: str | None, k: int, candidates: int, as_json: bool, paths: bool, print0: bool,
-           html_file: str | None, no_rerank: bool, mode: str, student: str | None, teacher: str | None, prefer: str,
+           html_file: str | None, no_rerank: bool, mode: str, scan: bool, student: str | None, teacher: str | None, prefer: str,
            server: str | None, api_key: str | None, timeout: float) -> None:
     """Search an index: the student finds --candidates images by ANN, the teacher
     reranks them against its stored vectors, the best -k are printed (rank, final
@@ -208,7 +211,7 @@ def search(query: str | None, image: str | None, and_terms: tuple[str, ...], not
         warnings.simplefilter("always", UserWarning)
         try:
             retriever = Retriever(path, student=student, teacher=teacher, candidates=candidates, prefer=prefer,
-                                  rerank=not no_rerank, mode=mode)
+                                  rerank=not no_rerank, mode=mode, scan=scan)
             result = retriever.search(terms[0].query if simple else request, k=k, min_score=min_score)
         except QueryError as error:
             raise click.UsageError(str(error)) from None

@@ -5,8 +5,12 @@
   The teacher runs on every image at index time and on every query.
 * ``student-query``: the index holds teacher image vectors; the student's text (or image) tower
   encodes the query and its projection maps it into the teacher's space; the candidates come
-  from an exact scan of the teacher vectors (their Matryoshka prefix where the teacher has one,
-  each prefix normalised again) and are re-scored on the full vectors. No teacher at query time.
+  from each shard's teacher ANN index (``shard-N.teacher.faiss``: FAISS, chosen by
+  ``choose_index`` like the student's, over the teacher vectors' Matryoshka prefix where the
+  teacher has one, each prefix normalised again, else the full vectors) and are re-scored
+  exactly on the full stored vectors. No teacher at query time. An index without the teacher
+  ANN is refused with the command that adds it; ``scan=True`` (``vkd search --scan``) ranks
+  every stored teacher vector instead (``scan_candidates``: exact, linear in the corpus).
 * ``student-index``: the index holds the student's image vectors projected into the teacher's
   space (``vkd index --projected``); the teacher's text tower encodes the query. The candidates
   come from the student FAISS index searched with ``normalise(Wᵀ·q)`` (since
@@ -31,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vkd.indexer import IndexMismatchError
+from vkd.indexer.faiss_index import MATRYOSHKA_FAMILIES, MATRYOSHKA_PREFIX, teacher_ann_dim  # noqa: F401 - re-exported
 from vkd.retrieval.stages import Candidates, merge_candidates
 
 if TYPE_CHECKING:
@@ -38,9 +43,6 @@ if TYPE_CHECKING:
 
 MODES = ("two-stage", "student-query", "student-index")
 DEFAULT_MODE = "two-stage"
-#: the Matryoshka prefix student-query scans for teachers trained with one (Qwen3-VL-Embedding)
-MATRYOSHKA_PREFIX = 256
-MATRYOSHKA_FAMILIES = ("qwen3_vl", "qwen3-vl")  # model_type, and the family name
 SCAN_ROWS = 65_536  # rows per block of the exact scan: bounded memory, whatever the shard size
 
 
@@ -54,37 +56,54 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-def require_vectors(index: Index, mode: str) -> None:
-    """Refuse ``mode`` on an index without the vectors it searches, saying what to run."""
+def teacher_ann(index: Index) -> dict[str, Any] | None:
+    """The index's teacher ANN record (``vectors.teacher_vec.ann``: {"dim": prefix width}), or None."""
+    return (index.vectors.get("teacher_vec") or {}).get("ann")
+
+
+def require_vectors(index: Index, mode: str, *, scan: bool = False) -> None:
+    """Refuse ``mode`` on an index without the vectors (or, for student-query, the teacher ANN
+    index) it searches, saying what to run. ``scan``: student-query may rank every stored teacher
+    vector instead (exact, linear in the corpus), so an index without a teacher ANN serves it."""
     check_mode(mode)
     vectors = index.vectors
     images = index.manifest.get("images_root", "IMAGES")
+    student = index.student.get("name", "STUDENT")
     if mode == "student-query" and ("teacher_vec" not in vectors
                                     or not all(shard.teacher_dim for shard in index.shards)):
         raise ModeUnavailableError(
             f"{index.path}: search mode student-query ranks the stored teacher image vectors, and this index "
             f"has none; re-index with a teacher: `vkd index {images} --model STUDENT --teacher TEACHER "
             f"--out {index.path} --rebuild` (the student must be distilled with train_modes: [student-query])")
+    if mode == "student-query" and not scan and (teacher_ann(index) is None
+                                                 or not all(shard.teacher_ann for shard in index.shards)):
+        teacher = (index.teacher or {}).get("name", "TEACHER")
+        raise ModeUnavailableError(
+            f"{index.path}: search mode student-query finds its candidates in a FAISS index over the stored "
+            f"teacher vectors, and this index (written before it existed, or with --no-teacher-ann) has none; add "
+            f"it from the stored vectors (no image is encoded again): `vkd index {images} --model {student} "
+            f"--teacher {teacher} --out {index.path} --teacher-ann`, or rank every stored teacher vector instead "
+            "(exact, slower on a large index): `vkd search --mode student-query --scan`")
     if mode == "student-index" and ("projected_vec" not in vectors
                                     or not all(shard.projected_dim for shard in index.shards)):
         raise ModeUnavailableError(
             f"{index.path}: search mode student-index ranks the student's image vectors projected into the "
-            f"teacher's space, and this index has none; distil the student with train_modes: [student-index], "
-            f"then re-index: `vkd index {images} --model STUDENT --projected --out {index.path} --rebuild`")
+            f"teacher's space, and this index has none. With a student distilled with train_modes: "
+            f"[student-index], add them from the stored student vectors (no image is encoded again): "
+            f"`vkd index {images} --model {student} --projected --out {index.path}`; with another student, "
+            f"re-index: `vkd index {images} --model STUDENT --projected --out {index.path} --rebuild`")
     if mode == "two-stage" and "student_vec" not in vectors:  # pragma: no cover - every index has them
         raise ModeUnavailableError(f"{index.path}: no student vectors")
 
 
 def scan_prefix(teacher_family: str | None, dim: int, prefix: int | None = None) -> int:
     """How many leading dimensions student-query's scan reads: ``prefix`` when given, a
-    Matryoshka prefix for a teacher trained with one, else the whole vector."""
-    if prefix is not None:
-        if not 1 <= int(prefix) <= dim:
-            raise ValueError(f"prefix_dim={prefix}: must lie in [1, {dim}]")
-        return int(prefix)
-    if teacher_family in MATRYOSHKA_FAMILIES and dim > MATRYOSHKA_PREFIX:
-        return MATRYOSHKA_PREFIX
-    return dim
+    Matryoshka prefix for a teacher trained with one, else the whole vector (the same rule as
+    the teacher ANN index's, ``faiss_index.teacher_ann_dim``)."""
+    try:
+        return teacher_ann_dim(teacher_family, dim, prefix)
+    except ValueError:
+        raise ValueError(f"prefix_dim={prefix}: must lie in [1, {dim}]") from None
 
 
 def scan_candidates(index: Index, column: str, queries: np.ndarray, k: int, *, prefix: int | None = None,
@@ -149,8 +168,10 @@ def scan_candidates(index: Index, column: str, queries: np.ndarray, k: int, *, p
 class ModelCosts:
     """Measured seconds of compute, per item, of the two models (one core, or whatever unit
     ``cores`` in ``recommend_mode`` counts): image towers at index time, text towers per query.
-    ``scan_s_per_row``: student-query's exact scan of the teacher vectors, per row per query;
-    ``ann_s``: a FAISS search of the student index per query (two-stage, student-index)."""
+    ``ann_s``: a FAISS search of the student index per query (two-stage, student-index);
+    ``teacher_ann_s``: a FAISS search of the teacher ANN index per query (student-query);
+    ``scan_s_per_row``: student-query's exact scan of the teacher vectors, per row per query,
+    the cost it has on an index without a teacher ANN (``teacher_ann_s`` 0)."""
 
     student_image_s: float
     teacher_image_s: float
@@ -158,6 +179,7 @@ class ModelCosts:
     teacher_query_s: float
     scan_s_per_row: float = 0.0
     ann_s: float = 0.0
+    teacher_ann_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -193,7 +215,8 @@ def mode_costs(mode: str, corpus_size: int, costs: ModelCosts) -> tuple[float, f
         return n * (costs.student_image_s + costs.teacher_image_s), (costs.student_query_s + costs.teacher_query_s
                                                                      + costs.ann_s)
     if mode == "student-query":
-        return n * (costs.student_image_s + costs.teacher_image_s), costs.student_query_s + n * costs.scan_s_per_row
+        stage1 = costs.teacher_ann_s if costs.teacher_ann_s > 0 else n * costs.scan_s_per_row
+        return n * (costs.student_image_s + costs.teacher_image_s), costs.student_query_s + stage1
     if mode == "student-index":
         return n * costs.student_image_s, costs.teacher_query_s + costs.ann_s
     raise ValueError(f"mode={mode!r}: choose one of {', '.join(MODES)}")

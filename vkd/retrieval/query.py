@@ -294,7 +294,8 @@ def _ns(moment: datetime) -> int:
     return (delta.days * 86400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
 
 
-def search_allowed(shard: Shard, queries: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def search_allowed(shard: Shard, queries: np.ndarray, k: int, allowed: np.ndarray, *,
+                   vectors: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` of ``shard`` for each query among the ``allowed`` rows (live, matching),
     exactly: (scores [q, k] float32, rows [q, k] int64), padded with -inf / -1.
 
@@ -304,6 +305,10 @@ def search_allowed(shard: Shard, queries: np.ndarray, k: int, allowed: np.ndarra
     on an HNSW / IVF index uses FAISS with an ``IDSelectorBatch`` over the allowed rows
     (retired rows are already left out of ``allowed``), as approximate as the unfiltered
     search, then re-scores its finds exactly.
+
+    ``shard`` is anything with a shard's ``spec``, ``rows`` and ``searcher`` (a ``Shard``, or
+    one of its ``ShardAnn`` indexes); ``vectors(rows)`` gives the rows as its index holds them
+    (default: ``shard.student_vectors``).
     """
     import numpy as np
 
@@ -313,18 +318,20 @@ def search_allowed(shard: Shard, queries: np.ndarray, k: int, allowed: np.ndarra
     if k <= 0 or allowed.size == 0 or n_queries == 0:
         return scores, rows
     take = min(k, allowed.size)
+    fetch = vectors if vectors is not None else shard.student_vectors
     if shard.spec.kind == "flat" or allowed.size <= FLAT_FRACTION * shard.rows:
-        exact = queries @ shard.student_vectors(allowed).T  # [q, allowed]
+        exact = queries @ fetch(allowed).T  # [q, allowed]
         for qi in range(n_queries):
             # ties by row, as every other stage orders them
             order = np.lexsort((allowed, -exact[qi].astype(np.float64)))[:take]
             scores[qi, :take] = exact[qi, order]
             rows[qi, :take] = allowed[order]
         return scores, rows
-    return _faiss_allowed(shard, queries, k, allowed)
+    return _faiss_allowed(shard, queries, k, allowed, fetch_rows=fetch)
 
 
-def _faiss_allowed(shard: Shard, queries: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _faiss_allowed(shard: Shard, queries: np.ndarray, k: int, allowed: np.ndarray, *,
+                   fetch_rows: Any) -> tuple[np.ndarray, np.ndarray]:
     import faiss
     import numpy as np
 
@@ -344,7 +351,7 @@ def _faiss_allowed(shard: Shard, queries: np.ndarray, k: int, allowed: np.ndarra
         picked = np.sort(found[qi][found[qi] >= 0])
         if not picked.size:
             continue
-        exact = shard.student_vectors(picked) @ queries[qi]
+        exact = fetch_rows(picked) @ queries[qi]
         order = np.lexsort((picked, -exact.astype(np.float64)))[:k]
         scores[qi, : len(order)] = exact[order]
         rows[qi, : len(order)] = picked[order]

@@ -122,6 +122,7 @@ class Retriever:
         device: Any = None,
         mode: str = DEFAULT_MODE,
         prefix_dim: int | None = None,
+        scan: bool = False,
     ) -> None:
         from vkd.paths import default_index_dir
 
@@ -137,13 +138,17 @@ class Retriever:
         self._student_arg = student
         self._teacher_arg = teacher
         self.mode = check_mode(mode)
-        self.prefix_dim = prefix_dim  # student-query's scan prefix; None: Matryoshka prefix or full
+        # student-query: rank every stored teacher vector (exact, linear in the corpus) instead of the
+        # teacher ANN index; what serves an index without one. prefix_dim: the scan's prefix (None:
+        # a Matryoshka prefix or the full vector); the ANN's is the index's own
+        self.scan = bool(scan)
+        self.prefix_dim = prefix_dim
         self._lock = threading.RLock()
         self._encoder_locks: dict[int, threading.Lock] = {}
         # the asymmetric modes' query encoders and projection, keyed by what they depend on
         self._mode_cache: dict[tuple[str, str], Any] = {}
         index = Index.open(self.path)
-        require_vectors(index, self.mode)  # refused now, not at the first search
+        require_vectors(index, self.mode, scan=self.scan)  # refused now, not at the first search
         self._state = self._snapshot(index, previous=None, load_teacher=self.rerank and self.mode == DEFAULT_MODE)
 
     # -- models and snapshots -------------------------------------------------------
@@ -325,10 +330,10 @@ class Retriever:
                      n_candidates: int, do_rerank: bool, min_score: float | None) -> list[SearchResult]:
         from vkd.indexer.shards import PROJECTED_COLUMN, TEACHER_COLUMN
         from vkd.models.base import l2_normalize
-        from vkd.retrieval.modes import scan_candidates, scan_prefix
+        from vkd.retrieval.modes import scan_candidates, scan_prefix, teacher_ann
 
         index = state.index
-        require_vectors(index, mode)
+        require_vectors(index, mode, scan=self.scan)
         started = time.perf_counter()
         timings = StageTimings(batch_size=len(queries))
         encoder, projection = self._mode_models(state, mode)
@@ -340,7 +345,21 @@ class Retriever:
             timings.teacher_encode_ms = _ms(tick)
         width = n_candidates if do_rerank else k
         tick = time.perf_counter()
-        if mode == "student-query":
+        if mode == "student-query" and not self.scan:
+            ann_dim = int(teacher_ann(index)["dim"])
+            if self.prefix_dim is not None and self.prefix_dim != ann_dim:
+                raise ValueError(f"prefix_dim={self.prefix_dim}: {index.path}'s teacher ANN index holds the first "
+                                 f"{ann_dim} dimensions of the teacher vectors; leave prefix_dim out, or pass "
+                                 "scan=True (--scan) to rank every stored vector on another prefix")
+            heads = vectors[:, :ann_dim]  # what the ANN holds: the prefix, normalised again
+            heads = l2_normalize(heads) if ann_dim < vectors.shape[1] else heads
+            found = self._ann(index, np.ascontiguousarray(heads, dtype=np.float32), width,
+                              [model.filters for model in models], column=TEACHER_COLUMN)
+            rescore = True  # prefix (or IVF-PQ) scores: the full stored vectors give the final ones
+
+            def fetch(shard: int, rows: np.ndarray) -> np.ndarray:
+                return index.shards[shard].teacher_vectors(rows)
+        elif mode == "student-query":
             prefix = scan_prefix(index.teacher.get("family"), vectors.shape[1], self.prefix_dim)
             found = scan_candidates(index, TEACHER_COLUMN, vectors, width, prefix=prefix,
                                     allowed=_allowed_rows(index, models))
@@ -458,13 +477,17 @@ class Retriever:
             return self._encoder_locks.setdefault(id(encoder), threading.Lock())
 
     @staticmethod
-    def _ann(index: Index, queries: np.ndarray, k: int, filters: Sequence[Filters] | None = None) -> Candidates:
+    def _ann(index: Index, queries: np.ndarray, k: int, filters: Sequence[Filters] | None = None, *,
+             column: str = "student_vec") -> Candidates:
+        """Stage 1 over every shard's FAISS index over ``column`` (the student's, or the teacher
+        ANN for teacher_vec), filtered queries among their allowed rows, merged."""
         filters = filters or [Filters()] * len(queries)
         plain = [i for i, f in enumerate(filters) if not f.active]
         per_shard = []
         # the allowed rows of each distinct filter, computed once per shard and batch
         allowed_cache: dict[tuple[Filters, int], np.ndarray] = {}
         for position, shard in enumerate(index.shards):
+            target = shard.ann(column)
             scores = np.full((len(queries), 0), -np.inf, np.float32)
             rows = np.full((len(queries), 0), -1, np.int64)
             width = min(k, shard.live_rows)
@@ -472,15 +495,15 @@ class Retriever:
                 scores = np.full((len(queries), width), -np.inf, np.float32)
                 rows = np.full((len(queries), width), -1, np.int64)
                 if plain:
-                    scores[plain], rows[plain] = shard.search(queries[plain], width)
+                    scores[plain], rows[plain] = target.search(queries[plain], width)
                 for i, query_filter in enumerate(filters):
                     if not query_filter.active:
                         continue
                     key = (query_filter, position)
                     if key not in allowed_cache:
                         allowed_cache[key] = query_filter.allowed_rows(shard)
-                    scores[i:i + 1], rows[i:i + 1] = search_allowed(shard, queries[i:i + 1], width,
-                                                                    allowed_cache[key])
+                    scores[i:i + 1], rows[i:i + 1] = search_allowed(target, queries[i:i + 1], width,
+                                                                    allowed_cache[key], vectors=target.vectors)
             per_shard.append((scores, rows))
         return merge_candidates(per_shard, k, len(queries))
 
