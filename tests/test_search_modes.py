@@ -281,6 +281,16 @@ def test_an_index_without_the_teacher_ann_is_refused_or_scanned_on_request(disti
     run = CliRunner().invoke(cli, ["search", "two cats", "--index", str(out), "--mode", "student-query",
                                     "--prefer", "torch", "--scan", "--json", "-k", "4"])
     assert run.exit_code == 0, run.output
+    info = CliRunner().invoke(cli, ["index", "info", str(out)])
+    assert info.exit_code == 0 and "teacher ANN  none" in info.output, info.output
+    # the command the refusal names adds it from the stored vectors, and the mode then serves
+    images = Path(json.loads((out / "manifest.json").read_text())["images_root"])
+    run = CliRunner().invoke(cli, ["index", str(images), "--model", str(distilled["model"]), "--teacher",
+                                    str(distilled["teacher"]), "--out", str(out), "--teacher-ann", "--prefer", "torch",
+                                    "--device", "cpu", "--no-progress"])
+    assert run.exit_code == 0 and "the teacher ANN index" in run.output, run.output
+    served = Retriever(out, prefer="torch", device="cpu", mode="student-query").search("two cats", k=4)
+    assert [h.id for h in served] == [h.id for h in reference]
 
 
 class _Counting:
@@ -682,3 +692,48 @@ def test_student_query_scans_a_matryoshka_prefix_only_for_teachers_trained_with_
     assert scan_prefix("clip", 768, prefix=64) == 64
     with pytest.raises(ValueError):
         scan_prefix("clip", 768, prefix=1000)
+
+
+def test_the_mode_terms_weights_and_temperature() -> None:
+    """Defaults: the mean of alignment and InfoNCE; ``kd``: T²·KL of the teacher's own text → image
+    ranking of the batch against the mode's, at the teacher's scale / T."""
+    import torch
+    import torch.nn.functional as F
+
+    from vkd.distill.losses import AsymmetricModeLoss, TeacherOutput, TeacherProjections
+
+    torch.manual_seed(0)
+    n, ds, dt = 6, 8, 12
+    s_text, s_image = F.normalize(torch.randn(n, ds), dim=-1), F.normalize(torch.randn(n, ds), dim=-1)
+    t_text, t_image = F.normalize(torch.randn(n, dt), dim=-1), F.normalize(torch.randn(n, dt), dim=-1)
+    teacher = TeacherOutput(text=t_text, image=t_image, logit_scale=20.0)
+    projections = TeacherProjections(ds, [dt], learned=True)
+    p_text = projections(s_text, 0)
+    default = AsymmetricModeLoss(["student-query"], projections)(s_text, s_image, [teacher])["student-query"]
+    expected = ((p_text - t_text).pow(2).sum(-1).mean() + F.cross_entropy(20.0 * p_text @ t_image.T,
+                                                                           torch.arange(n))) / 2
+    torch.testing.assert_close(default, expected)
+    kd_only = AsymmetricModeLoss(["student-query"], projections, alignment=0.0, contrastive=0.0, kd=1.0,
+                                 temperature=2.0)(s_text, s_image, [teacher])["student-query"]
+    p = (10.0 * t_text @ t_image.T).softmax(dim=1)
+    log_q = (10.0 * p_text @ t_image.T).log_softmax(dim=1)
+    torch.testing.assert_close(kd_only, 4.0 * (p * (p.log() - log_q)).sum(1).mean())
+
+
+def test_the_sweep_chooses_on_validation_and_keeps_every_trial(distilled: dict[str, Any], tiny_clip: Path,
+                                                               tmp_path: Path) -> None:
+    from vkd.bench.modes import ModesSettings, sweep_modes
+
+    root = distilled["root"]
+    settings = ModesSettings(epochs=1, batch_size=8, learning_rate=5e-3, sweep={"mode_kd_weight": (1.0,)},
+                             sweep_epochs=1)
+    record = sweep_modes(str(tiny_clip), str(distilled["teacher"]), root / "train.jsonl", root / "val.jsonl",
+                         tmp_path / "sweep", settings)
+    saved = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert saved == json.loads(json.dumps(record)) and saved["split"].endswith("val.jsonl")
+    assert [t["settings"]["mode_kd_weight"] for t in saved["trials"]] == [0.0, 1.0]
+    best = max(saved["trials"], key=lambda t: t["score"])
+    assert saved["chosen"] == best["settings"] and saved["model"] == best["model"]
+    for trial in saved["trials"]:
+        assert set(trial["val"]) == {"student-query", "student-index"}
+        assert trial["score"] == pytest.approx(np.mean([v["overlap@8"] for v in trial["val"].values()]))

@@ -230,3 +230,10 @@ def test_general_and_target_domains_differ_in_pairs_and_wording(domains: dict[st
 def test_domain_is_checked(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="domain='web'"):
         generate(tmp_path / "x", 10, domain="web")
+
+
+def test_cli_makes_a_general_set(tmp_path: Path) -> None:
+    result = CliRunner().invoke(synth_command, ["--out", str(tmp_path / "g"), "--n", "12", "--size", str(SIZE),
+                                                "--test-frac", "0", "--domain", "general"])
+    assert result.exit_code == 0, result.output
+    assert _meta(tmp_path / "g")["domain"] == "general"

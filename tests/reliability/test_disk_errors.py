@@ -57,7 +57,9 @@ def _one_line_error(result, *words: str) -> None:
 
 def _no_partial_files(out: Path) -> None:
     manifest = Index.open(out).manifest
-    listed = {f for s in manifest["shards"] for f in (s["arrow"], s["faiss"])}
+    from vkd.indexer.manifest import listed_files
+
+    listed = listed_files(manifest)  # arrow, faiss and teacher ANN files
     leftovers = [p.name for p in out.iterdir() if ".tmp-" in p.name
                  or (p.name.startswith("shard-") and p.name not in listed)]
     assert leftovers == []

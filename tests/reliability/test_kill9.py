@@ -422,7 +422,9 @@ def check_equals_reference(world: World, out: Path) -> None:
     for row_id, vector in world.reference_student.items():
         np.testing.assert_allclose(student[row_id], vector, atol=1e-5)
         np.testing.assert_allclose(teacher[row_id], world.reference_teacher[row_id], atol=2e-3)
-    listed = {name for shard in manifest["shards"] for name in (shard["arrow"], shard["faiss"])}
+    from vkd.indexer.manifest import listed_files
+
+    listed = listed_files(manifest)  # arrow, faiss and teacher ANN files
     shard_files = {name for name in _listdir(out) if name.startswith("shard-")}
     assert shard_files == listed, f"leftovers: {sorted(shard_files - listed)}"
     assert not [name for name in _listdir(out) if TMP_MARKER in name]

@@ -373,11 +373,14 @@ def _modes(session: Session) -> Any:
             setattr(settings, name, o[key])
     if o.get("no_real"):
         settings.real_student = settings.real_teacher = None
+    if o.get("no_sweep"):
+        settings.sweep = {}
     demo = None
     if not o.get("no_demo"):
         s = session.source
         train = s.require("a training pair file", s.train_pairs, "pass --demo-dir DIR of a finished `vkd demo`")
-        demo = {"student": s.student, "teacher": s.teacher, "test_pairs": s.test_pairs, "train_pairs": train}
+        demo = {"student": s.student, "teacher": s.teacher, "test_pairs": s.test_pairs, "train_pairs": train,
+                "val_pairs": s.val_pairs}
     result = run_modes_benchmark(settings, workdir=o.get("work_dir") or _scratch(session, "modes"), demo=demo,
                                  progress=_progress)
     print_recommendations(result.results, click.echo)
@@ -584,6 +587,8 @@ def real_command(**options: Any) -> None:
                                                    "[default: clip-vit-b32; --quick: tiny-clip]")
 @click.option("--real-teacher", default=None, help="Arch for the teacher.  [default: clip-vit-l14; --quick: tiny-clip]")
 @click.option("--no-real", is_flag=True, help="Skip the real-shape part.")
+@click.option("--no-sweep", is_flag=True,
+              help="Distil with the config's mode loss settings instead of choosing them on the validation split.")
 @click.option("--qps", type=click.FloatRange(min=0), default=None,
               help="Expected queries per second for the recommendation.  [default: 10]")
 @click.option("--cores", type=click.FloatRange(min=0, min_open=True), default=None,

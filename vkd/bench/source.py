@@ -40,6 +40,7 @@ class BenchSource:
     student_ce: str | None = None
     int8_dir: Path | None = None  # ONNX export of ``student`` with INT8 towers
     train_pairs: Path | None = None
+    val_pairs: Path | None = None  # the split settings are chosen on (never the test split)
     images_dir: Path | None = None  # a folder for the index benchmark
     index_dir: Path | None = None  # an index of real images with student + teacher vectors
     notes: list[str] = field(default_factory=list)
@@ -129,6 +130,7 @@ def demo_layout(demo_dir: str | os.PathLike[str]) -> dict[str, Path]:
         "data": root / "data",
         "train": root / "data" / "train.jsonl",
         "test": root / "data" / "test.jsonl",
+        "val": root / "data" / "val.jsonl",
         "images": root / "data" / "images",
         "test_images": root / "data" / "images" / "test",
         "teacher": root / "teacher" / "model",
@@ -177,7 +179,7 @@ def demo_source(demo_dir: Path, *, quick: bool, origin: str = "demo") -> BenchSo
     return BenchSource(
         origin, Path(demo_dir), str(layout["teacher"]), str(layout["student"]), layout["test"],
         student_raw=str(raw) if raw else None, student_ce=str(ce) if ce else None,
-        int8_dir=_int8_dir(str(layout["student"])), train_pairs=optional("train"),
+        int8_dir=_int8_dir(str(layout["student"])), train_pairs=optional("train"), val_pairs=optional("val"),
         images_dir=images, index_dir=optional("index"),
     )
 

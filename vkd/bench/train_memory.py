@@ -30,7 +30,7 @@ ARCH = "qwen3-vl-embedding-2b"
 
 
 def measure_step(student: str, teacher: str, data: str, out: str, *, batch: int, chunk: int | None,
-                 steps: int) -> dict[str, Any]:
+                 steps: int, mixed_precision: str = "no") -> dict[str, Any]:
     """One training run of ``steps`` steps in this process; RSS after loading and at the peak."""
     import torch
 
@@ -44,7 +44,7 @@ def measure_step(student: str, teacher: str, data: str, out: str, *, batch: int,
         "output_dir": out, "batch_size": batch, "epochs": 1, "max_steps": steps, "logging_steps": 1,
         "eval_strategy": "no", "use_lora": True, "lora_r": 16, "lora_alpha": 32,
         "use_gradient_cache": chunk is not None, "gradient_cache_chunk_size": chunk or batch,
-        "distillation_loss_type": ["kl_divergence", "icl"], "teacher_cache": False, "mixed_precision": "no",
+        "distillation_loss_type": ["kl_divergence", "icl"], "teacher_cache": False, "mixed_precision": mixed_precision,
         "max_text_length": 77,
     })
     trainer = Trainer(config)
@@ -64,7 +64,8 @@ def measure_step(student: str, teacher: str, data: str, out: str, *, batch: int,
             trainer.train_step(batch_data)
     return {"rss_loaded_bytes": loaded, "rss_peak_bytes": peak.peak_bytes, "step_peak_over_loaded": peak.peak_bytes - loaded,
             "lora_parameters": lora, "student_parameters": sum(p.numel() for p in trainer.student.model.parameters()),
-            "tokens": tokens, "seconds": time.perf_counter() - started, "batch": batch, "chunk": chunk}
+            "tokens": tokens, "seconds": time.perf_counter() - started, "batch": batch, "chunk": chunk,
+            "mixed_precision": mixed_precision}
 
 
 def _worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -78,7 +79,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(work: Path, *, batch: int = 8, chunk: int = 4, image_size: int = 384, steps: int = 2,
-        progress: Any = print) -> dict[str, Any]:
+        mixed_precision: str = "no", without_cache: bool = True, progress: Any = print) -> dict[str, Any]:
     from vkd.bench.real import arch_info, build_copy
     from vkd.data.synth import generate
     from vkd.models.tiny import build_tiny
@@ -94,14 +95,15 @@ def run(work: Path, *, batch: int = 8, chunk: int = 4, image_size: int = 384, st
         generate(data, 4 * batch * steps, seed=0, size=image_size, val_frac=0.0, test_frac=0.0)
     runs = []
     for layers, student in copies.items():
-        for cached in (chunk, None):
+        for cached in (chunk, None) if without_cache else (chunk,):
             progress(f"train memory: {layers} layer(s) per stack, batch {batch}, "
                      f"{'gradient cache chunk ' + str(cached) if cached else 'no gradient cache'}")
             result = _worker({"student": str(student), "teacher": str(teacher), "data": str(data / "train.jsonl"),
-                              "out": str(work / f"run-{layers}-{cached}"), "batch": batch, "chunk": cached,
-                              "steps": steps})
+                              "out": str(work / f"run-{layers}-{cached}-{mixed_precision}"), "batch": batch,
+                              "chunk": cached, "steps": steps, "mixed_precision": mixed_precision})
             runs.append({"layers_per_stack": layers, **result})
-    return {"arch": ARCH, "device": "cpu", "dtype": "float32", "image_size": image_size, "runs": runs}
+    return {"arch": ARCH, "device": "cpu", "weights": "float32 (the trainer loads the student so)",
+            "mixed_precision": mixed_precision, "image_size": image_size, "runs": runs}
 
 
 @click.command()
@@ -110,9 +112,13 @@ def run(work: Path, *, batch: int = 8, chunk: int = 4, image_size: int = 384, st
 @click.option("--batch", type=int, default=8, show_default=True)
 @click.option("--chunk", type=int, default=4, show_default=True)
 @click.option("--image-size", type=int, default=384, show_default=True)
-def main(work: Path, out: Path, batch: int, chunk: int, image_size: int) -> None:
+@click.option("--mixed-precision", type=click.Choice(["no", "bf16"]), default="no", show_default=True)
+@click.option("--only-cached", is_flag=True, help="Skip the runs without gradient caching.")
+def main(work: Path, out: Path, batch: int, chunk: int, image_size: int, mixed_precision: str,
+         only_cached: bool) -> None:
     """Measure the student's training-step memory at 1 and 2 layers per stack (see the module docstring)."""
-    result = run(work, batch=batch, chunk=chunk, image_size=image_size)
+    result = run(work, batch=batch, chunk=chunk, image_size=image_size, mixed_precision=mixed_precision,
+                 without_cache=not only_cached)
     out.write_text(json.dumps(result, indent=2))
     click.echo(json.dumps(result, indent=2))
 

@@ -444,6 +444,8 @@ def _upgrade_shards(index_dir: Path, manifest: dict[str, Any], *, projection: An
     add_ann = teacher_prefix is not None and not (vectors.get("teacher_vec") or {}).get("ann")
     if not (reproject or add_ann):
         return []
+    # with no committed shard the loop is empty and only the record changes: the shards this run
+    # writes carry the new vectors, and its commits publish the record with them
     next_number = int(manifest["next_shard"])
     shards, upgraded = [], []
     for entry in manifest["shards"]:

@@ -302,6 +302,12 @@ def info_command(index_dir: Path, as_json: bool) -> None:
     click.echo(f"search modes {', '.join(info['search_modes'])}"
                + ("" if "student-index" in info["search_modes"] else
                   " (student-index: index with --projected a student distilled with train_modes)"))
+    teacher_vec = info["vectors"].get("teacher_vec") or {}
+    if teacher_vec:
+        ann = teacher_vec.get("ann")
+        click.echo("teacher ANN  " + (f"first {ann['dim']} of {teacher_vec['dim']} dimensions" if ann else
+                                      "none (student-query needs `vkd search --scan`, or add it: vkd index ... "
+                                      "--teacher-ann)"))
     click.echo(f"on disk      {_human(info['bytes_on_disk'])}")
     click.echo(f"skipped      {info['skipped']}" + (" (see skipped.jsonl)" if info["skipped"] else ""))
     click.echo(f"updated      {info['updated']}")
