@@ -81,3 +81,16 @@ def test_fsdp_and_ddp_configs_train_as_one_process(tmp_path: Path, data_dir: Pat
     assert ddp["teachers"][0]["sharded"] is False
     assert ddp["teachers"][0]["local_parameters"] == ddp["teachers"][0]["parameters"]
     assert _losses(tmp_path / "ddp") == pytest.approx(reference, abs=1e-5)
+
+
+def test_fsdp_shards_a_qwen3vl_teacher(tmp_path: Path, data_dir: Path, tiny_qwen3vl: Path) -> None:
+    """Qwen3-VL's encoder calls forward() (which calls get_image_features inside): the sharded
+    teacher must gather its root weights for the whole forward, and train as one process does."""
+    config = _config(tmp_path / "c.yaml", data_dir, tiny_qwen3vl, tiny_qwen3vl)
+    one = tmp_path / "one"
+    result = CliRunner().invoke(cli, ["distill", str(config), "--set", f"output_dir={one}", "batch_size=8"])
+    assert result.exit_code == 0, result.output
+    fsdp = _launch("fsdp.yaml", config, tmp_path / "fsdp")
+    (teacher,) = fsdp["teachers"]
+    assert teacher["sharded"] is True and teacher["local_parameters"] <= 0.505 * teacher["parameters"]
+    assert _losses(tmp_path / "fsdp") == pytest.approx(_losses(one), abs=1e-5)

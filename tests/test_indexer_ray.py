@@ -73,6 +73,10 @@ def assert_same_index(local: Path, other: Path) -> None:
     skipped_b = sorted(json.loads(line)["path"] for line in (other / "skipped.jsonl").read_text().splitlines())
     assert skipped_a == skipped_b
     assert len(Index.open(other)) == len(Index.open(local))
+    # the same vector spaces recorded (the teacher ANN of a new index with a teacher included), and
+    # every shard carries the FAISS files its manifest entry names
+    vectors = [json.loads((d / "manifest.json").read_text()).get("vectors") for d in (local, other)]
+    assert vectors[0] == vectors[1]
 
 
 def test_ray_engine_matches_local_incremental(local_ray: Any, tmp_path: Path, tiny_clip: Path,

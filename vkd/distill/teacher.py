@@ -311,10 +311,13 @@ def shard_teacher(encoder: TorchEncoder) -> int:
     # scalars (CLIP's logit scale and bias) cannot be sharded, and weigh nothing: kept whole
     scalars = {p for p in model.parameters() if p.ndim == 0}
     fully_shard(model, mesh=mesh, reshard_after_forward=True, ignored_params=scalars or None)
-    # the encoders call these rather than forward(): they must gather the root's own weights too
-    for method in ("get_text_features", "get_image_features"):
-        if hasattr(model, method):
-            register_fsdp_forward_method(model, method)
+    # dual encoders (CLIP, SigLIP) call these rather than forward(): they must gather the root's
+    # own weights too. Qwen3-VL's encoder calls forward(), which itself calls get_image_features:
+    # hooked, that inner call would free the root's weights halfway through the forward.
+    if encoder.family != "qwen3_vl":
+        for method in ("get_text_features", "get_image_features"):
+            if hasattr(model, method):
+                register_fsdp_forward_method(model, method)
     return sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
 
 

@@ -40,11 +40,14 @@ import numpy as np
 
 from vkd.indexer.build import (
     BuildResult,
+    IndexMismatchError,
+    _ann_specs,
     _check_compatible,
     _check_out_dir,
     _recorded_options,
     _remove_uncommitted,
     _share,
+    _teacher_ann_of,
     default_out_dir,
     parse_bytes,
     plan_run,
@@ -61,6 +64,7 @@ from vkd.indexer.manifest import (
     read_manifest,
     read_skipped,
     remove_unlisted,
+    vector_spaces,
     write_skipped,
 )
 from vkd.indexer.scan import FileEntry, SkipRecord, file_id, scan_images
@@ -162,7 +166,7 @@ class EncodeActor:
 
 
 def write_task(batch: Mapping[str, Any], *, index_dir: str, first_number: int, metadata: dict[str, str],
-               share: int | None, index_type: str) -> dict[str, list[Any]]:
+               share: int | None, index_type: str, teacher_prefix: int | None = None) -> dict[str, list[Any]]:
     """Write stage: the encoded rows as one shard (the local writer's functions), and what the
     driver needs to commit it: the manifest entry, every path this shard settles, the skips."""
     seqs = [int(s) for s in batch["seq"]]
@@ -179,9 +183,11 @@ def write_task(batch: Mapping[str, Any], *, index_dir: str, first_number: int, m
         student = np.asarray(batch["student_vec"], dtype=np.float32)[ok]
         teacher = np.asarray(batch["teacher_vec"], dtype=np.float16)[ok] if "teacher_vec" in batch else None
         record_batch = make_record_batch(columns, student, teacher, metadata)
-        spec = choose_index(len(ok), student.shape[1], share, index_type)
+        # the local writer's rule for the shard's FAISS indexes (and the teacher ANN, when the index has one)
+        spec, teacher_spec = _ann_specs(len(ok), student.shape[1], teacher_prefix, share, index_type)
         _limit_faiss_threads()
-        entry = write_shard(Path(index_dir), shard_name(first_number + min(seqs)), record_batch, spec)
+        entry = write_shard(Path(index_dir), shard_name(first_number + min(seqs)), record_batch, spec,
+                            teacher_spec=teacher_spec, teacher_ann_dim=teacher_prefix)
     return {"entry": [pickle.dumps(entry)], "paths": [pickle.dumps(paths)], "skips": [pickle.dumps(skips)]}
 
 
@@ -350,6 +356,13 @@ def _run(ray: Any, root: Path, index_dir: Path, student: str, teacher: str | Non
         result.removed_leftovers = remove_unlisted(index_dir, committed)
         if committed is not None and not rebuild:
             _check_compatible(index_dir, committed, root, student_info, teacher_info)
+            if vector_spaces(committed).get("projected_vec") is not None:
+                raise IndexMismatchError(
+                    f"{index_dir}: this index holds projected student vectors (--projected); --engine ray does "
+                    "not write them yet: add to it without --engine ray, or pass --rebuild")
+        # as a local run: a new index with a teacher gets the teacher ANN, an existing one keeps its choice
+        teacher_prefix = _teacher_ann_of(index_dir, committed, teacher_info, None, None, rebuild)
+        if committed is not None and not rebuild:
             manifest = committed
             repaired = repair_shards(index_dir, manifest)
             result.repaired = repaired.rebuilt_faiss + repaired.dropped_shards
@@ -357,6 +370,8 @@ def _run(ray: Any, root: Path, index_dir: Path, student: str, teacher: str | Non
                 commit_manifest(index_dir, manifest)
         else:
             manifest = new_manifest(root, student_info, teacher_info, build_params)
+            if teacher_prefix is not None:
+                manifest["vectors"]["teacher_vec"]["ann"] = {"dim": int(teacher_prefix)}
             if committed is not None:
                 manifest["next_shard"] = int(committed.get("next_shard", 0))
         manifest["build"] = build_params
@@ -432,7 +447,7 @@ def _run(ray: Any, root: Path, index_dir: Path, student: str, teacher: str | Non
                         num_gpus=gpus_per_worker or None, num_cpus=cpus_per_worker)
                     .map_batches(write_task, fn_kwargs={
                         "index_dir": str(index_dir), "first_number": first_number, "metadata": metadata,
-                        "share": share, "index_type": index_type},
+                        "share": share, "index_type": index_type, "teacher_prefix": teacher_prefix},
                         batch_size=shard_size, batch_format="numpy", num_cpus=1)
                 )
                 for out in dataset.iter_batches(batch_size=None, batch_format="numpy"):
