@@ -55,7 +55,8 @@ EXAMPLE_QUERIES = ("a dog on a beach", "two red cars on a road at night", "a sma
 
 @dataclass(frozen=True)
 class DemoPlan:
-    """Sizes and schedules. FULL fits ~5 minutes on 2 quiet CPU cores; QUICK ~1 minute."""
+    """Sizes and schedules. FULL aims at ~5 minutes on 2 quiet CPU cores (about 260 s of CPU time a
+    run when measured; 434–535 s wall on a shared, loaded 2-core machine); QUICK at under a minute."""
 
     n_general: int
     n_target: int

@@ -193,15 +193,13 @@ def build_command(images_dir: Path, student: str, teacher: str | None, out_dir: 
                   "teacher_options": instructions, "prefer": prefer}
         if engine == "ray" and projected:
             raise click.UsageError("--projected is not supported with --engine ray yet; index with --engine local")
-        if engine == "ray" and (teacher_ann or teacher_ann_dim is not None or _has_teacher_ann(out_dir, images_dir)):
-            # the Ray writers build the student FAISS index only: a teacher ANN index would miss their shards
-            raise click.UsageError("--engine ray does not build the teacher ANN index (student-query search) yet; "
-                                   "index with --engine local, or pass --no-teacher-ann to a new index")
         if engine == "ray":
             from vkd.indexer.ray_engine import build_index_ray  # imports ray only when asked for
 
+            # the Ray writers build each shard's teacher ANN index with the local writer's functions
             result = build_index_ray(images_dir, out_dir, ray_address=ray_address, num_workers=num_workers,
-                                     gpus_per_worker=gpus_per_worker, **common)
+                                     gpus_per_worker=gpus_per_worker, teacher_ann=teacher_ann,
+                                     teacher_ann_dim=teacher_ann_dim, **common)
         else:
             if ray_address is not None or num_workers is not None or gpus_per_worker:
                 raise click.UsageError("--ray-address, --num-workers and --gpus-per-worker apply to --engine ray; "
@@ -232,18 +230,6 @@ def build_command(images_dir: Path, student: str, teacher: str | None, out_dir: 
     if result.added - result.reused > 0:
         click.echo(f"encoded with: student {result.student_backend}"
                    + (f", teacher {result.teacher_backend}" if result.teacher_backend else ""))
-
-
-def _has_teacher_ann(out_dir: Path | None, images_dir: Path) -> bool:
-    """Whether the index a run would write to has a teacher ANN index (False when none exists yet)."""
-    from vkd.indexer.build import default_out_dir
-    from vkd.indexer.manifest import ManifestError, read_manifest, vector_spaces
-
-    target = Path(out_dir) if out_dir is not None else default_out_dir(images_dir)
-    try:
-        return bool((vector_spaces(read_manifest(target)).get("teacher_vec") or {}).get("ann"))
-    except (ManifestError, OSError):
-        return False
 
 
 def _vector_names(index: Any) -> list[str]:

@@ -250,6 +250,8 @@ def build_index_ray(
     decode_rows: int | None = None,
     num_cpus: int | None = None,
     on_commit: Callable[[dict[str, Any]], None] | None = None,
+    teacher_ann: bool | None = None,
+    teacher_ann_dim: int | None = None,
 ) -> BuildResult:
     """``build.build_index`` on Ray Data: same arguments, same plan, same files on disk.
 
@@ -305,7 +307,8 @@ def build_index_ray(
                     max_pixels=max_pixels, device=device, follow_links=follow_links,
                     student_options=student_options, teacher_options=teacher_options, prefer=prefer,
                     num_workers=num_workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
-                    decode_rows=decode_rows or batch_size, on_commit=on_commit)
+                    decode_rows=decode_rows or batch_size, on_commit=on_commit, teacher_ann=teacher_ann,
+                    teacher_ann_dim=teacher_ann_dim)
     finally:
         if started_ray:
             ray.shutdown()
@@ -323,7 +326,8 @@ def _run(ray: Any, root: Path, index_dir: Path, student: str, teacher: str | Non
          shard_size: int, index_type: str, budget: int | None, rebuild: bool, show_progress: bool, max_pixels: int,
          device: Any, follow_links: bool, student_options: dict[str, Any] | None,
          teacher_options: dict[str, Any] | None, prefer: str | None, num_workers: int | None, gpus_per_worker: float,
-         cpus_per_worker: float, decode_rows: int, on_commit: Callable[[dict[str, Any]], None] | None) -> BuildResult:
+         cpus_per_worker: float, decode_rows: int, on_commit: Callable[[dict[str, Any]], None] | None,
+         teacher_ann: bool | None = None, teacher_ann_dim: int | None = None) -> BuildResult:
     import pyarrow as pa
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -361,7 +365,14 @@ def _run(ray: Any, root: Path, index_dir: Path, student: str, teacher: str | Non
                     f"{index_dir}: this index holds projected student vectors (--projected); --engine ray does "
                     "not write them yet: add to it without --engine ray, or pass --rebuild")
         # as a local run: a new index with a teacher gets the teacher ANN, an existing one keeps its choice
-        teacher_prefix = _teacher_ann_of(index_dir, committed, teacher_info, None, None, rebuild)
+        teacher_prefix = _teacher_ann_of(index_dir, committed, teacher_info, teacher_ann, teacher_ann_dim, rebuild)
+        if (committed is not None and not rebuild and teacher_prefix is not None
+                and not (vector_spaces(committed).get("teacher_vec") or {}).get("ann")):
+            # a local run rewrites the committed shards to add it (build._upgrade_shards); the Ray
+            # engine does not, and new shards alone would leave the old ones out of the teacher ANN
+            raise IndexMismatchError(
+                f"{index_dir}: adding a teacher ANN index to an existing index rewrites its shards: run it once "
+                "without --engine ray, or pass --rebuild")
         if committed is not None and not rebuild:
             manifest = committed
             repaired = repair_shards(index_dir, manifest)
