@@ -113,9 +113,9 @@ def given_source(
     if images is None:
         images = test_split_folder(Path(data), workdir / "test-images")
         notes.append(f"index benchmark input: links to the {data} images in {images}")
-    return BenchSource("given", None, teacher, student, Path(data), student_raw, student_ce, int8_dir,
-                       Path(train_data) if train_data else None, Path(images), Path(index) if index else None,
-                       notes)
+    return BenchSource("given", None, teacher, student, Path(data), student_raw=student_raw, student_ce=student_ce,
+                       int8_dir=int8_dir, train_pairs=Path(train_data) if train_data else None,
+                       images_dir=Path(images), index_dir=Path(index) if index else None, notes=notes)
 
 
 def demo_layout(demo_dir: str | os.PathLike[str]) -> dict[str, Path]:
