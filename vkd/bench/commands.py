@@ -516,7 +516,7 @@ def real_options(function: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--archs", default=None,
                      help="Comma-separated archs of `vkd model random` (clip-vit-b32, clip-vit-b16, clip-vit-l14, "
                           "siglip-base-patch16-224, qwen3-vl-embedding-2b, qwen3-vl-embedding-8b).  [default: "
-                          "clip-vit-b32,clip-vit-l14,qwen3-vl-embedding-2b,qwen3-vl-embedding-8b; --quick: "
+                          "every arch above; --quick: "
                           "clip-vit-b32]"),
         click.option("--backends", default=None,
                      help="Comma-separated of torch-fp32, torch-bf16, onnx-fp32, onnx-int8.  [default: all four, "

@@ -47,7 +47,9 @@ from vkd.bench.timing import (
 
 GIB = 1024.0**3
 BACKENDS = ("torch-fp32", "torch-bf16", "onnx-fp32", "onnx-int8")
-DEFAULT_ARCHS = ("clip-vit-b32", "clip-vit-l14", "qwen3-vl-embedding-2b", "qwen3-vl-embedding-8b")
+#: every arch of `vkd model random`: both towers of each, INT8 included, at every real size
+DEFAULT_ARCHS = ("clip-vit-b32", "clip-vit-b16", "siglip-base-patch16-224", "clip-vit-l14", "qwen3-vl-embedding-2b",
+                 "qwen3-vl-embedding-8b")
 QUICK_ARCHS = ("clip-vit-b32",)
 #: archs cheap enough to time at their real depth on two cores (a batch of 32 images in ~1 s)
 FULL_DEPTH_ARCHS = ("clip-vit-b32",)
@@ -101,8 +103,8 @@ def known_archs() -> list[str]:
 @dataclass
 class RealSettings:
     """What the run measures. The defaults fit about 20 minutes on two cores (see
-    ``expected_minutes`` and the README): four archs (B/32 at its real depth, L/14 and both
-    Qwen3-VL models as copies of 1 and 2 layers per stack), 3 rounds, 224 × 224 images,
+    ``expected_minutes`` and the README): six archs (B/32 at its real depth; B/16, SigLIP
+    base, L/14 and both Qwen3-VL models as copies of 1 and 2 layers per stack), 3 rounds, 224 × 224 images,
     1M vectors per pairing, 64 images to index."""
 
     archs: tuple[str, ...] = DEFAULT_ARCHS
