@@ -295,9 +295,14 @@ class PeakMemory:
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
 
+    def sample(self) -> None:
+        """Record the RSS now: a caller that knows when its peak is (a buffer still held) need not
+        rely on the background thread being scheduled at that moment."""
+        self.peak_bytes = max(self.peak_bytes, rss_bytes())
+
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self.peak_bytes = max(self.peak_bytes, rss_bytes())
+            self.sample()
             self._stop.wait(self.interval)
 
     def __enter__(self) -> PeakMemory:
