@@ -565,6 +565,40 @@ def _recorded_options(index_dir: Path, role: str, model: Any, given: dict[str, A
     return {**(recorded.get("options") or {}), **{k: v for k, v in (given or {}).items() if v is not None}}
 
 
+@dataclass
+class RunStart:
+    plan: _Plan
+    skips: list[SkipRecord]  # kept from earlier runs + found by this scan; encoding adds more
+    scan_skips: list[SkipRecord]
+    previous_skips: list[SkipRecord]  # skipped.jsonl as committed (empty on a rebuild)
+    share: int | None  # memory budget share of each shard's ANN indexes
+
+
+def prepare_run(index_dir: Path, root: Path, manifest: dict[str, Any], result: BuildResult, *, rebuild: bool,
+                follow_links: bool, max_pixels: int, budget: int | None, shard_size: int, student_dim: int,
+                teacher_prefix: int | None, index_type: str) -> RunStart:
+    """List the folder, plan the run (``plan_run``), check the memory budget and fill
+    ``result``'s counts. Every engine starts here, so the local and the Ray indexer plan and
+    check budgets identically."""
+    entries, scan_skips = scan_images(root, exclude=[index_dir], follow_links=follow_links)
+    previous_skips = [] if rebuild else read_skipped(index_dir)
+    plan = plan_run(index_dir, manifest, entries, max_pixels, previous_skips)
+    result.scanned, result.unchanged, result.to_encode = len(entries), plan.unchanged, len(plan.todo)
+    expected_rows = plan.unchanged + len(plan.todo)
+    skips: list[SkipRecord] = plan.kept_skips + scan_skips
+    share = None if budget is None else _share(budget, shard_size, expected_rows)
+    if share is not None and plan.todo:  # fail now, not after encoding a whole shard
+        first = min(shard_size, len(plan.todo))
+        try:
+            _ann_specs(first, student_dim, teacher_prefix, share, index_type)
+        except BudgetTooSmallError as error:
+            total = -(-error.needed * expected_rows // min(shard_size, expected_rows))
+            raise BudgetTooSmallError(
+                f"--memory-budget {budget} bytes over {expected_rows} rows leaves {share} bytes for a "
+                f"shard of {first} rows; {error}: use --memory-budget {total} or more", total) from None
+    return RunStart(plan, skips, scan_skips, previous_skips, share)
+
+
 def build_index(
     images_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str] | None = None,
@@ -695,22 +729,10 @@ def build_index(
         manifest["build"] = build_params
         publish_each_shard = not (rebuild and committed is not None)
 
-        entries, scan_skips = scan_images(root, exclude=[index_dir], follow_links=follow_links)
-        previous_skips = [] if rebuild else read_skipped(index_dir)
-        plan = plan_run(index_dir, manifest, entries, max_pixels, previous_skips)
-        result.scanned, result.unchanged, result.to_encode = len(entries), plan.unchanged, len(plan.todo)
-        expected_rows = plan.unchanged + len(plan.todo)
-        skips: list[SkipRecord] = plan.kept_skips + scan_skips
-        share = None if budget is None else _share(budget, shard_size, expected_rows)
-        if share is not None and plan.todo:  # fail now, not after encoding a whole shard
-            first = min(shard_size, len(plan.todo))
-            try:
-                _ann_specs(first, int(student_info["dim"]), teacher_prefix, share, index_type)
-            except BudgetTooSmallError as error:
-                total = -(-error.needed * expected_rows // min(shard_size, expected_rows))
-                raise BudgetTooSmallError(
-                    f"--memory-budget {budget} bytes over {expected_rows} rows leaves {share} bytes for a "
-                    f"shard of {first} rows; {error}: use --memory-budget {total} or more", total) from None
+        run_start = prepare_run(index_dir, root, manifest, result, rebuild=rebuild, follow_links=follow_links,
+                            max_pixels=max_pixels, budget=budget, shard_size=shard_size,
+                            student_dim=int(student_info["dim"]), teacher_prefix=teacher_prefix, index_type=index_type)
+        plan, skips, share = run_start.plan, run_start.skips, run_start.share
         pending_retire: dict[str, list[str]] = {k: list(v) for k, v in plan.deleted.items()}
         sources = reuse_sources(index_dir, manifest, plan.todo) if plan.todo else {}
         source_tables: dict[str, pa.Table] = {}  # memory-mapped, opened on the first copy from each shard
@@ -822,7 +844,7 @@ def build_index(
                     pending_retire = {}
             if in_flight is not None:
                 in_flight.result()
-            skips_changed = sorted(r.path for r in skips) != sorted(r.path for r in previous_skips)
+            skips_changed = sorted(r.path for r in skips) != sorted(r.path for r in run_start.previous_skips)
             left_by_earlier_run = committed is not None and "unfinished_run" in committed
             if unfinished is not None or left_by_earlier_run or pending_retire or skips_changed:
                 manifest.pop("unfinished_run", None)
@@ -837,7 +859,7 @@ def build_index(
                 _remove_uncommitted(index_dir)
         if not publish_each_shard:
             remove_unlisted(index_dir, manifest)  # the old shards: open snapshots keep their handles
-        result.new_skips = len(skips) - len(plan.kept_skips) - len(scan_skips)
+        result.new_skips = len(skips) - len(plan.kept_skips) - len(run_start.scan_skips)
         result.skipped = len(skips)
     result.seconds = time.perf_counter() - started
     return result

@@ -46,14 +46,13 @@ from vkd.indexer.build import (
     _check_out_dir,
     _recorded_options,
     _remove_uncommitted,
-    _share,
     _teacher_ann_of,
     default_out_dir,
     parse_bytes,
-    plan_run,
+    prepare_run,
 )
 from vkd.indexer.decode import DEFAULT_MAX_PIXELS, Decoded, decode_file, pixel_guard
-from vkd.indexer.faiss_index import INDEX_TYPES, BudgetTooSmallError, choose_index
+from vkd.indexer.faiss_index import INDEX_TYPES
 from vkd.indexer.fsutil import writer_lock
 from vkd.indexer.manifest import (
     MANIFEST_NAME,
@@ -62,12 +61,11 @@ from vkd.indexer.manifest import (
     model_record,
     new_manifest,
     read_manifest,
-    read_skipped,
     remove_unlisted,
     vector_spaces,
     write_skipped,
 )
-from vkd.indexer.scan import FileEntry, SkipRecord, file_id, scan_images
+from vkd.indexer.scan import FileEntry, SkipRecord, file_id
 from vkd.indexer.shards import make_record_batch, now_iso, shard_name, write_shard
 from vkd.indexer.verify import repair_shards
 
@@ -388,22 +386,10 @@ def _run(ray: Any, root: Path, index_dir: Path, student: str, teacher: str | Non
         manifest["build"] = build_params
         publish_each_shard = not (rebuild and committed is not None)
 
-        entries, scan_skips = scan_images(root, exclude=[index_dir], follow_links=follow_links)
-        previous_skips = [] if rebuild else read_skipped(index_dir)
-        plan = plan_run(index_dir, manifest, entries, max_pixels, previous_skips)
-        result.scanned, result.unchanged, result.to_encode = len(entries), plan.unchanged, len(plan.todo)
-        expected_rows = plan.unchanged + len(plan.todo)
-        skips: list[SkipRecord] = plan.kept_skips + scan_skips
-        share = None if budget is None else _share(budget, shard_size, expected_rows)
-        if share is not None and plan.todo:
-            first = min(shard_size, len(plan.todo))
-            try:
-                choose_index(first, int(student_info["dim"]), share, index_type)
-            except BudgetTooSmallError as error:
-                total = -(-error.needed * expected_rows // min(shard_size, expected_rows))
-                raise BudgetTooSmallError(
-                    f"--memory-budget {budget} bytes over {expected_rows} rows leaves {share} bytes for a "
-                    f"shard of {first} rows; {error}: use --memory-budget {total} or more", total) from None
+        run_start = prepare_run(index_dir, root, manifest, result, rebuild=rebuild, follow_links=follow_links,
+                            max_pixels=max_pixels, budget=budget, shard_size=shard_size,
+                            student_dim=int(student_info["dim"]), teacher_prefix=teacher_prefix, index_type=index_type)
+        plan, skips, share = run_start.plan, run_start.skips, run_start.share
         pending_retire: dict[str, list[str]] = {k: list(v) for k, v in plan.deleted.items()}
 
         first_number = int(manifest["next_shard"])
@@ -479,7 +465,7 @@ def _run(ray: Any, root: Path, index_dir: Path, student: str, teacher: str | Non
                     # one commit for every shard that arrived together: the periodic commit
                     commit(pending_retire)
                     pending_retire = {}
-            skips_changed = sorted(r.path for r in skips) != sorted(r.path for r in previous_skips)
+            skips_changed = sorted(r.path for r in skips) != sorted(r.path for r in run_start.previous_skips)
             left_by_earlier_run = committed is not None and "unfinished_run" in committed
             if unfinished is not None or left_by_earlier_run or pending_retire or skips_changed:
                 manifest.pop("unfinished_run", None)
@@ -490,7 +476,7 @@ def _run(ray: Any, root: Path, index_dir: Path, student: str, teacher: str | Non
                 _remove_uncommitted(index_dir)
         if not publish_each_shard:
             remove_unlisted(index_dir, manifest)
-        result.new_skips = len(skips) - len(plan.kept_skips) - len(scan_skips)
+        result.new_skips = len(skips) - len(plan.kept_skips) - len(run_start.scan_skips)
         result.skipped = len(skips)
     result.seconds = time.perf_counter() - started
     return result
