@@ -396,6 +396,9 @@ def test_page_login_with_api_key(page_index: Path, open_page: Any, tmp_path: Pat
         assert get_json(base + "/search?q=dog")[0] == 401
         page = open_page(1280, 800)
         page.goto(base + "/")
+        # Chromium applies autofocus at its first rendering update, which can come after the load
+        # event that goto() waits for: keys typed before it are lost (CI once lost the leading "a ")
+        page.wait_for_function("() => document.activeElement.id === 'q'")
         page.keyboard.type(QUERY)
         page.keyboard.press("Enter")
         login = page.locator("#login")
