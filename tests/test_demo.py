@@ -98,8 +98,12 @@ def test_difference_statement_says_when_a_gap_is_within_the_spread() -> None:
 
 @pytest.mark.slow
 def test_sweep_runs_on_a_tiny_budget(tmp_path: Path) -> None:
-    result = run_sweep(tmp_path / "work", quick=True, grid=TINY_GRID, results_dir=tmp_path / "bench")
+    # two workers: the sweep's first batch (both KD settings and the CE baseline) trains side by side
+    result = run_sweep(tmp_path / "work", quick=True, grid=TINY_GRID, results_dir=tmp_path / "bench", workers=2)
     assert [run["kd"] for run in result["runs"]] == [True, True, False]  # two KD settings, the CE baseline
+    assert {run["runs_in_batch"] for run in result["runs"]} == {3}
+    for run in result["runs"]:  # each side-by-side training wrote its own log, progress bar included
+        assert "distill" in (tmp_path / "work" / "logs" / f"{run['label']}.log").read_text()
     assert result["chosen"]["distillation_weight"] in TINY_GRID["distillation_weight"]
     assert (tmp_path / "bench" / "demo_sweep.json").is_file()
     text = (tmp_path / "bench" / "demo_sweep.md").read_text()
