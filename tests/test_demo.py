@@ -18,6 +18,7 @@ from vkd.demo import (
     difference_statement,
     format_table,
     run_sweep,
+    run_trainings,
     seeds_markdown,
     verdict,
 )
@@ -108,3 +109,16 @@ def test_sweep_runs_on_a_tiny_budget(tmp_path: Path) -> None:
     assert (tmp_path / "bench" / "demo_sweep.json").is_file()
     text = (tmp_path / "bench" / "demo_sweep.md").read_text()
     assert "vkd demo --sweep --quick" in text and "| CE only |" in text
+
+
+@pytest.mark.slow
+def test_a_failing_side_by_side_training_names_itself_and_its_log(tmp_path: Path) -> None:
+    from vkd.data.synth import generate
+
+    generate(tmp_path / "data", 8, seed=0, size=32, val_frac=0.0, test_frac=0.0)
+    pairs = tmp_path / "data" / "train.jsonl"
+    run = {"plan": QUICK, "model": str(tmp_path / "no-such-model"), "data": pairs, "val": pairs, "epochs": 1,
+           "lr": 1e-3, "use_lora": False, "seed": 0}
+    with pytest.raises(RuntimeError, match=r"demo training '(first|second)' failed: .*its log: .*\.log"):
+        run_trainings({"first": [{**run, "out_dir": tmp_path / "first"}],
+                       "second": [{**run, "out_dir": tmp_path / "second"}]}, 2, tmp_path / "logs")

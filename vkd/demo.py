@@ -9,16 +9,19 @@ teacher was fine-tuned on.
    wording, target-only words and pairs; train / val / test, test-only pairs);
 2. the teacher (the larger CLIP): pre-trained on general, then fine-tuned on the target train
    split; and the student (a smaller CLIP): pre-trained on general with the same schedule, the
-   raw student;
-3. from the raw student, two LoRA fine-tunes on the target train split, same steps and seed:
-   CE only, and CE + KD from the teacher; merged;
+   raw student, then its CE-only LoRA fine-tune on the target train split;
+3. from the same raw student, the CE + KD LoRA fine-tune with the CE-only arm's steps and seed;
+   both merged;
 4. export the distilled student to ONNX INT8;
 5. index the target test images with the student, teacher vectors stored;
 6. run example searches;
 7. measure every model on the target test split and write the table.
 
-Trainings that do not depend on each other (steps 2 and 3, the sweep's runs) run side by side in
-two processes when there are two CPUs (``DemoPlan.workers``); each writes its output to ``logs/``.
+Trainings that do not depend on each other run side by side in two processes of one thread each
+when there are two CPUs (``DemoPlan.workers``), each with its output in ``logs/``: in step 2 the
+teacher's chain and the student's (the CE-only arm needs no teacher, so it trains while the
+teacher, the longer chain, still does), and in ``--sweep`` the runs of each round. Step 3 is
+alone: it trains here, with a data-loader process on the second core.
 
 Every training step is ``vkd distill``'s own (``vkd.distill.distill`` with a DistillConfig).
 The fine-tuning hyper-parameters were chosen on the target val split by ``vkd demo --sweep``
@@ -132,7 +135,8 @@ def _step(number: int, title: str) -> None:
 
 @dataclass(frozen=True)
 class Prepared:
-    """What every fine-tune starts from: the data sets, the fine-tuned teacher, the raw student."""
+    """What every fine-tune starts from: the data sets, the fine-tuned teacher, the raw student
+    (and the CE-only arm, when ``prepare`` was asked to train it alongside)."""
 
     general: Path
     target: Path
@@ -141,12 +145,13 @@ class Prepared:
     raw: Path
     heldout: list[tuple[str, str]]
     target_only: list[tuple[str, str]]
+    ce: Path | None = None
 
 
 def _train(out_dir: Path, *, plan: DemoPlan, model: str, data: Path, val: Path, epochs: int, lr: float,
            teacher: str | None = None, use_lora: bool, seed: int,
            temperature: float | None = None, weight: float | None = None,
-           loss: Sequence[str] | None = None) -> Path:
+           loss: Sequence[str] | None = None, num_workers: int = 0) -> Path:
     from vkd.config import DistillConfig
     from vkd.distill import distill
 
@@ -176,6 +181,7 @@ def _train(out_dir: Path, *, plan: DemoPlan, model: str, data: Path, val: Path, 
         eval_strategy="epoch",
         seed=seed,
         mixed_precision="no",
+        num_workers=num_workers,
     ).validated()
     return distill(config).model_dir
 
@@ -253,32 +259,40 @@ def run_trainings(chains: dict[str, Sequence[dict[str, Any]]], workers: int, log
     total = sum(_chain_steps(steps) for steps in chains.values())
     click.echo(f"  {len(chains)} trainings side by side in {workers} processes; their logs: {logs}/")
     # spawn, not fork: a forked child of a process whose torch already ran OpenMP threads can hang
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
+    try:
         futures = {name: pool.submit(_worker_chain, list(steps), str(logs / f"{name}.log"))
                    for name, steps in chains.items()}
-        with tqdm(total=total, desc="train " + (" + ".join(chains) if len(chains) <= 2 else f"{len(chains)} runs"), unit="step", dynamic_ncols=True) as bar:
+        with tqdm(total=total, desc="train " + (" + ".join(chains) if len(chains) <= 2 else f"{len(chains)} runs"),
+                  unit="step", dynamic_ncols=True) as bar:
             pending = set(futures.values())
             while pending:
                 _, pending = wait(pending, timeout=1.0, return_when=FIRST_EXCEPTION)
                 done = sum(_chain_steps(chains[name]) if future.done() else _steps_done(chains[name])
                            for name, future in futures.items())
                 bar.update(max(0, min(total, done) - bar.n))
-                if any(future.done() and future.exception() for future in futures.values()):
-                    break
-        results = {}
-        for name, future in futures.items():
-            error = future.exception() if future.done() else None
-            if error is not None:
-                for other in futures.values():
-                    other.cancel()
-                raise RuntimeError(f"demo training {name!r} failed: {error}; its log: {logs / (name + '.log')}") \
-                    from error
-            results[name] = Path(future.result())
-    return results
+                failed = [(name, future) for name, future in futures.items()
+                          if future.done() and future.exception() is not None]
+                if failed:
+                    name, future = failed[0]
+                    raise RuntimeError(f"demo training {name!r} failed: {future.exception()}; its log: "
+                                       f"{logs / (name + '.log')}") from future.exception()
+        return {name: Path(future.result()) for name, future in futures.items()}
+    except BaseException:
+        # a failed (or interrupted) run stops the other trainings now rather than after they finish;
+        # the executor has no public way to stop a running task, so its worker processes are ended
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.terminate()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
-def prepare(out: Path, plan: DemoPlan, *, lap: Callable[[str, float], None] | None = None) -> Prepared:
-    """Steps 1–2: data; the teacher (general, then target) and the raw student (general)."""
+def prepare(out: Path, plan: DemoPlan, *, lap: Callable[[str, float], None] | None = None,
+            ce_out: Path | None = None) -> Prepared:
+    """Steps 1–2: data; the teacher (general, then target) and the raw student (general). With
+    ``ce_out``, the CE-only fine-tune too: it needs only the raw student, so it trains while the
+    teacher (the longer chain) is still training."""
     from vkd.data.pairs import read_pairs
     from vkd.data.synth import generate
     from vkd.models.tiny import build_tiny
@@ -301,22 +315,32 @@ def prepare(out: Path, plan: DemoPlan, *, lap: Callable[[str, float], None] | No
     lap("data", t)
 
     _step(2, "Teacher: pre-training on the general set, then fine-tuning on the target train split; "
-             "student: pre-training on the general set (the raw student)")
+             "student: pre-training on the general set (the raw student)"
+             + (", then its CE-only LoRA fine-tune on the target train split" if ce_out else ""))
     t = time.perf_counter()
     teacher_init = build_tiny("clip", out / "init" / "teacher", seed=seed, corpus=corpus, overrides=plan.teacher)
     student_init = build_tiny("clip", out / "init" / "student", seed=seed + 1, corpus=corpus,
                               overrides=plan.student)
     general_run = {"plan": plan, "data": g / "train.jsonl", "val": g / "val.jsonl", "epochs": plan.general_epochs,
                    "lr": plan.general_lr, "use_lora": False, "seed": seed}
-    models = run_trainings({
+    # No data-loader processes here: with both cores training, one made the teacher's chain slower
+    # (pre-training 194 s against 157 s), not the student's.
+    chains: dict[str, list[dict[str, Any]]] = {
         "teacher": [{**general_run, "out_dir": out / "teacher-general", "model": str(teacher_init)},
                     {**general_run, "out_dir": out / "teacher", "model": PREVIOUS, "data": tg / "train.jsonl",
                      "val": tg / "val.jsonl", "epochs": plan.teacher_target_epochs, "lr": plan.teacher_target_lr}],
         "student-raw": [{**general_run, "out_dir": out / "student-raw", "model": str(student_init)}],
-    }, plan.workers, out / "logs")
-    lap("pretrain", t)
-    return Prepared(g, tg, out / "teacher-general" / "model", models["teacher"], models["student-raw"],
-                    list(target.heldout), list(target.target_only))
+    }
+    # where each chain will leave its models (a distill run writes OUT_DIR/model)
+    prepared = Prepared(g, tg, out / "teacher-general" / "model", out / "teacher" / "model",
+                        out / "student-raw" / "model", list(target.heldout), list(target.target_only))
+    if ce_out is not None:
+        chains["student-raw"].append(finetune_run(ce_out, prepared, plan, kd=False))
+    models = run_trainings(chains, plan.workers, out / "logs")
+    lap("pretrain" if ce_out is None else "pretrain_and_ce", t)
+    if ce_out is not None:
+        return replace(prepared, ce=models["student-raw"])
+    return prepared
 
 
 def finetune_run(out_dir: Path, prepared: Prepared, plan: DemoPlan, *, kd: bool, epochs: int | None = None,
@@ -426,18 +450,29 @@ def run_demo(out_dir: str | os.PathLike[str] | None = None, *, quick: bool = Fal
     def lap(name: str, since: float) -> None:
         timings[name] = round(time.perf_counter() - since, 1)
 
-    prepared = prepare(out, plan, lap=lap)
-    teacher_dir, raw_dir = prepared.teacher, prepared.raw
+    prepared = prepare(out, plan, lap=lap, ce_out=out / "student-ce")
+    teacher_dir, raw_dir, ce_dir = prepared.teacher, prepared.raw, prepared.ce
+    assert ce_dir is not None
     test_pairs = prepared.target / "test.jsonl"
 
-    _step(3, "Fine-tuning the raw student with LoRA on the target train split: CE only, and CE + KD "
-             "(same steps, seed)")
+    _step(3, "Fine-tuning the raw student with LoRA on the target train split with CE + KD (the CE-only "
+             "arm's steps and seed)")
     t = time.perf_counter()
-    tuned = run_trainings({"student-ce": [finetune_run(out / "student-ce", prepared, plan, kd=False)],
-                           "student-kd": [finetune_run(out / "student-kd", prepared, plan, kd=True)]},
-                          plan.workers, out / "logs")
-    ce_dir, kd_dir = tuned["student-ce"], tuned["student-kd"]
-    lap("finetune", t)
+    kd_run = finetune_run(out / "student-kd", prepared, plan, kd=True)
+    if plan.workers > 1:
+        # Alone now: one torch thread for the steps (a second one does not speed up models this
+        # small) and the other core for a data-loader process decoding the next batches: 62 s
+        # against 90 s with two torch threads, the same weights (the batches are fixed lists)
+        kd_run["num_workers"] = 1
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            kd_dir = _run_chain([kd_run])
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        kd_dir = _run_chain([kd_run])
+    lap("finetune_kd", t)
 
     _step(4, "Exporting the distilled student to ONNX INT8")
     t = time.perf_counter()
