@@ -83,10 +83,11 @@ class DemoPlan:
     loss: tuple[str, ...] = ("kl_divergence",)
     lora_r: int = 16
     seed: int = 0
-    # Trainings that do not depend on each other (teacher and student pre-training; the CE and KD
-    # fine-tunes; the sweep's runs) run side by side in this many processes of one torch thread
-    # each: the demo's models are too small for a second thread to speed up a step, so on 2 cores
-    # two processes do twice the work of one. 1 runs them in turn, in this process.
+    # Trainings that do not depend on each other (the teacher's chain and the student's, whose
+    # CE-only arm needs no teacher; each round of the sweep) run side by side in this many
+    # processes of one torch thread each: the demo's models are too small for a second thread to
+    # speed up a step, so on 2 cores two processes do twice the work of one. 1 runs them in turn,
+    # in this process.
     workers: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -256,7 +257,8 @@ def run_trainings(chains: dict[str, Sequence[dict[str, Any]]], workers: int, log
     if workers <= 1:
         return {name: _run_chain(steps) for name, steps in chains.items()}
     logs.mkdir(parents=True, exist_ok=True)
-    total = sum(_chain_steps(steps) for steps in chains.values())
+    totals = {name: _chain_steps(steps) for name, steps in chains.items()}
+    total = sum(totals.values())
     click.echo(f"  {len(chains)} trainings side by side in {workers} processes; their logs: {logs}/")
     # spawn, not fork: a forked child of a process whose torch already ran OpenMP threads can hang
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
@@ -268,7 +270,7 @@ def run_trainings(chains: dict[str, Sequence[dict[str, Any]]], workers: int, log
             pending = set(futures.values())
             while pending:
                 _, pending = wait(pending, timeout=1.0, return_when=FIRST_EXCEPTION)
-                done = sum(_chain_steps(chains[name]) if future.done() else _steps_done(chains[name])
+                done = sum(totals[name] if future.done() else _steps_done(chains[name])
                            for name, future in futures.items())
                 bar.update(max(0, min(total, done) - bar.n))
                 failed = [(name, future) for name, future in futures.items()
