@@ -357,11 +357,6 @@ def finetune_run(out_dir: Path, prepared: Prepared, plan: DemoPlan, *, kd: bool,
             "loss": loss}
 
 
-def finetune(out_dir: Path, prepared: Prepared, plan: DemoPlan, *, kd: bool, **settings: Any) -> Path:
-    """One arm of step 3, trained here (``finetune_run`` for its settings)."""
-    return _run_chain([finetune_run(out_dir, prepared, plan, kd=kd, **settings)])
-
-
 def recall(model_dir: Path, pairs: Path) -> dict[str, float]:
     """Text → image Recall@K of a model on a pair file."""
     from vkd.data.pairs import read_pairs
@@ -461,19 +456,17 @@ def run_demo(out_dir: str | os.PathLike[str] | None = None, *, quick: bool = Fal
              "arm's steps and seed)")
     t = time.perf_counter()
     kd_run = finetune_run(out / "student-kd", prepared, plan, kd=True)
+    threads = torch.get_num_threads()
     if plan.workers > 1:
         # Alone now: one torch thread for the steps (a second one does not speed up models this
         # small) and the other core for a data-loader process decoding the next batches: 62 s
         # against 90 s with two torch threads, the same weights (the batches are fixed lists)
         kd_run["num_workers"] = 1
-        threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        try:
-            kd_dir = _run_chain([kd_run])
-        finally:
-            torch.set_num_threads(threads)
-    else:
+    try:
         kd_dir = _run_chain([kd_run])
+    finally:
+        torch.set_num_threads(threads)
     lap("finetune_kd", t)
 
     _step(4, "Exporting the distilled student to ONNX INT8")
@@ -615,38 +608,34 @@ def run_sweep(out_dir: str | os.PathLike[str] | None = None, *, quick: bool = Fa
     started = time.perf_counter()
     prepared = prepare(out, plan)
     val = prepared.target / "val.jsonl"
-    runs: list[dict[str, Any]] = []
+    trained: dict[tuple, dict[str, Any]] = {}  # a point's key -> its run, in training order
 
     def key(kd: bool, epochs: int, weight: float, temperature: float, loss: list[str]) -> tuple:
         return (kd, epochs, weight, temperature, tuple(loss)) if kd else (kd, epochs)
 
     def train(points: Sequence[tuple[bool, int, float, float, list[str]]]) -> list[dict[str, Any]]:
         """Each point's run (trained once: the coordinate search revisits points), side by side."""
-        done = {key(*run["point"]): run for run in runs}
-        todo = {}
-        for point in points:
-            kd, epochs, weight, temperature, loss = point
-            if key(*point) in done or any(key(*p) == key(*point) for p in todo.values()):
-                continue
-            label = f"kd-w{weight}-T{temperature}-{'+'.join(loss)}-e{epochs}" if kd else f"ce-e{epochs}"
-            todo[label] = point
+        todo = {key(*point): point for point in points if key(*point) not in trained}
         if todo:
-            click.secho(f"\n[sweep] {', '.join(todo)}", bold=True)
+            labels = {k: f"kd-w{weight}-T{temperature}-{'+'.join(loss)}-e{epochs}" if kd else f"ce-e{epochs}"
+                      for k, (kd, epochs, weight, temperature, loss) in todo.items()}
+            click.secho(f"\n[sweep] {', '.join(labels.values())}", bold=True)
             t = time.perf_counter()
-            models = run_trainings({label: [finetune_run(out / "sweep" / label, prepared, plan, kd=kd, epochs=epochs,
-                                                         temperature=temperature, weight=weight, loss=loss)]
-                                    for label, (kd, epochs, weight, temperature, loss) in todo.items()},
+            models = run_trainings({labels[k]: [finetune_run(out / "sweep" / labels[k], prepared, plan, kd=kd,
+                                                             epochs=epochs, temperature=temperature, weight=weight,
+                                                             loss=loss)]
+                                    for k, (kd, epochs, weight, temperature, loss) in todo.items()},
                                    plan.workers, out / "logs")
             seconds = round(time.perf_counter() - t, 1)
-            for label, (kd, epochs, weight, temperature, loss) in todo.items():
-                entry = {"label": label, "kd": kd, "epochs": epochs, "distillation_weight": weight if kd else None,
-                         "temperature": temperature if kd else None, "loss": loss if kd else None,
-                         "val": recall(models[label], val), "batch_seconds": seconds, "runs_in_batch": len(todo),
-                         "point": [kd, epochs, weight, temperature, loss]}
-                runs.append(entry)
-                done[key(kd, epochs, weight, temperature, loss)] = entry
+            for k, (kd, epochs, weight, temperature, loss) in todo.items():
+                label = labels[k]
+                trained[k] = {"label": label, "kd": kd, "epochs": epochs,
+                              "distillation_weight": weight if kd else None,
+                              "temperature": temperature if kd else None, "loss": loss if kd else None,
+                              "val": recall(models[label], val), "batch_seconds": seconds, "runs_in_batch": len(todo),
+                              "point": [kd, epochs, weight, temperature, loss]}
                 shutil.rmtree(out / "sweep" / label, ignore_errors=True)  # only the figures are kept
-        return [done[key(*point)] for point in points]
+        return [trained[key(*point)] for point in points]
 
     def best_of(entries: list[dict[str, Any]]) -> dict[str, Any]:
         return max(entries, key=lambda e: _val_score(e["val"]))
@@ -662,6 +651,7 @@ def run_sweep(out_dir: str | os.PathLike[str] | None = None, *, quick: bool = Fa
                           for mix in grid["loss"]]))
     best = best_of(train([(True, epochs, best["distillation_weight"], best["temperature"], best["loss"])
                           for epochs in epoch_counts]))
+    runs = list(trained.values())
     ce = {entry["epochs"]: entry for entry in runs if not entry["kd"]}
     references = {"teacher": recall(prepared.teacher, val), "raw": recall(prepared.raw, val)}
     chosen = {"distillation_weight": best["distillation_weight"], "temperature": best["temperature"],

@@ -387,8 +387,9 @@ def _run(ray: Any, root: Path, index_dir: Path, student: str, teacher: str | Non
         publish_each_shard = not (rebuild and committed is not None)
 
         run_start = prepare_run(index_dir, root, manifest, result, rebuild=rebuild, follow_links=follow_links,
-                            max_pixels=max_pixels, budget=budget, shard_size=shard_size,
-                            student_dim=int(student_info["dim"]), teacher_prefix=teacher_prefix, index_type=index_type)
+                                max_pixels=max_pixels, budget=budget, shard_size=shard_size,
+                                student_dim=int(student_info["dim"]), teacher_prefix=teacher_prefix,
+                                index_type=index_type)
         plan, skips, share = run_start.plan, run_start.skips, run_start.share
         pending_retire: dict[str, list[str]] = {k: list(v) for k, v in plan.deleted.items()}
 
